@@ -1,0 +1,171 @@
+"""The ``consa`` attention function, registered with transformers' ``AttentionInterface``.
+
+Each attention module that consa attaches to carries a :class:`LayerPlan` (a plain attribute, not a
+submodule, so state dicts stay the model's own). The function reads it and either
+
+* **gate mode** (search): computes full-causal and sliding-window outputs for every head from the
+  same q, k, v and mixes them per KV head with the current gate values z:
+  ``out = z·FA + (1 − z)·SWA`` (z of a KV head is shared by its query group);
+* **fixed mode** (eval/serving): runs FA heads with the causal kernel and SWA heads with the windowed
+  kernel, each on its own head group (contiguous after ``models.reorder_heads``), over either a plain
+  key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns.
+
+A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
+Padding survives because the mask interface registered under the same name is transformers' own
+SDPA mask (boolean, or None when plain causal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from .kernels import KeySlots, attention
+
+NAME = "consa"
+
+
+@dataclass
+class SplitKV:
+    """Keys (or values) of one layer held apart by head group: FA heads keep every slot, SWA heads
+    only what a future query can still see, at ``swa_slots``. Returned by the hybrid cache."""
+
+    fa: torch.Tensor  # [B, n_fa, T, D]
+    swa: torch.Tensor  # [B, n_swa, m, D]
+    swa_slots: KeySlots
+
+
+class GateMix:
+    """Gate values shared by all layers during search: ``z`` is [num_layers, num_kv_heads]."""
+
+    def __init__(self) -> None:
+        self.z: torch.Tensor | None = None
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    num_kv_heads: int
+    window: int
+    sinks: int = 0
+    mode: str = "fixed"  # "fixed" | "gate" | "full"
+    fa_kv: list[int] = field(default_factory=list)
+    gate_mix: GateMix | None = None
+    backend: str = "auto"
+
+    @property
+    def swa_kv(self) -> list[int]:
+        fa = set(self.fa_kv)
+        return [h for h in range(self.num_kv_heads) if h not in fa]
+
+
+def _heads(idx: list[int], group: int, n_total_kv: int):
+    """Query-head selector for a list of KV heads: a slice when contiguous (a view), else an index."""
+    if not idx:
+        return None
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0] * group, (idx[-1] + 1) * group), slice(idx[0], idx[-1] + 1)
+    q_idx = torch.tensor([h * group + j for h in idx for j in range(group)])
+    return q_idx, torch.tensor(idx)
+
+
+def _take(x: torch.Tensor, sel) -> torch.Tensor:
+    return x[:, sel] if isinstance(sel, slice) else x.index_select(1, sel.to(x.device))
+
+
+def consa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key,
+    value,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    if softcap is not None:
+        raise NotImplementedError("consa attention does not support attention logit soft-capping")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise TypeError("consa attention expects a boolean mask (its registered mask function provides one)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dropout = dropout if module.training else 0.0
+    plan: LayerPlan | None = getattr(module, "consa_plan", None)
+
+    if isinstance(key, SplitKV):
+        if plan is None or plan.mode != "fixed":
+            raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
+        out = _fixed_split(plan, query, key, value, attention_mask, scale)
+    elif plan is None or plan.mode == "full" or (plan.mode == "fixed" and not plan.swa_kv):
+        out = attention(query, key, value, scale=scale, mask=attention_mask, dropout=dropout)
+    elif plan.mode == "gate":
+        out = _gate_mix(plan, query, key, value, attention_mask, scale, dropout)
+    else:
+        out = _fixed(plan, query, key, value, attention_mask, scale, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _gate_mix(plan, q, k, v, mask, scale, dropout):
+    z = plan.gate_mix.z[plan.layer]  # [H_kv]
+    group = q.shape[1] // k.shape[1]
+    zq = z.repeat_interleave(group).to(q.dtype).view(1, -1, 1, 1)
+    full = attention(q, k, v, scale=scale, mask=mask, dropout=dropout)
+    swa = attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend)
+    return zq * full + (1 - zq) * swa
+
+
+def _fixed(plan, q, k, v, mask, scale, dropout):
+    group = q.shape[1] // k.shape[1]
+    if not plan.fa_kv:
+        return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend)
+    fa_q, fa_k = _heads(plan.fa_kv, group, k.shape[1])
+    sw_q, sw_k = _heads(plan.swa_kv, group, k.shape[1])
+    out_fa = attention(_take(q, fa_q), _take(k, fa_k), _take(v, fa_k), scale=scale, mask=mask, dropout=dropout)
+    out_sw = attention(
+        _take(q, sw_q), _take(k, sw_k), _take(v, sw_k), scale=scale, mask=mask,
+        window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend,
+    )
+    return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
+    group = q.shape[1] // (k.fa.shape[1] + k.swa.shape[1])
+    fa_q, _ = _heads(plan.fa_kv, group, plan.num_kv_heads) or (None, None)
+    sw_q, _ = _heads(plan.swa_kv, group, plan.num_kv_heads) or (None, None)
+    out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None
+    out_sw = None
+    if sw_q is not None:
+        out_sw = attention(
+            _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
+            slots=k.swa_slots, backend=plan.backend,
+        )
+    if out_fa is None:
+        return out_sw
+    if out_sw is None:
+        return out_fa
+    return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _merge(q, fa_q, out_fa, sw_q, out_sw):
+    if isinstance(fa_q, slice) and isinstance(sw_q, slice) and fa_q.stop == sw_q.start:
+        return torch.cat([out_fa, out_sw], dim=1)
+    out = torch.empty(q.shape[:-1] + (out_fa.shape[-1],), dtype=out_fa.dtype, device=out_fa.device)
+    for sel, part in ((fa_q, out_fa), (sw_q, out_sw)):
+        if isinstance(sel, slice):
+            out[:, sel] = part
+        else:
+            out.index_copy_(1, sel.to(out.device), part)
+    return out
+
+
+def register() -> None:
+    """Register the attention and mask functions under the name ``consa`` (idempotent)."""
+    AttentionInterface.register(NAME, consa_attention)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+register()

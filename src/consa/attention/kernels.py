@@ -1,0 +1,161 @@
+"""Attention kernels over explicit cache slots: full causal and sliding window, with GQA.
+
+Every path computes softmax(q·kᵀ·scale + mask)·v where the mask is the composition of
+``masks.causal_mask_mod`` / ``masks.sliding_window_mask_mod`` with the model's padding mask. The
+choice of kernel is a speed decision only:
+
+* SDPA (flash / efficient / math, chosen by torch) whenever the pattern is plain causal or needs no
+  mask at all (decode over a cache that holds only visible keys);
+* FlexAttention with a cached block mask for sliding-window prefill on CUDA (``backend="flex"``);
+* SDPA with a dense boolean mask otherwise (CPU, padding, chunked prefill).
+
+``reference_attention`` is the dense float64 reference that tests hold every path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .masks import sliding_window_mask_mod
+
+
+@dataclass(frozen=True)
+class KeySlots:
+    """Cache slots of a key tensor: the first ``num_sinks`` keys sit at slots 0…S−1, the rest at
+    ``offset``, ``offset``+1, … . Plain keys are ``KeySlots()`` (slot j for key j). Plain ints, so
+    kernel choice never needs a device sync."""
+
+    num_sinks: int = 0
+    offset: int = 0
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        idx = torch.arange(length, device=device)
+        return torch.where(idx < self.num_sinks, idx, idx - self.num_sinks + self.offset)
+
+    def is_identity(self) -> bool:
+        return self.num_sinks == 0 and self.offset == 0
+
+
+def select_mask_columns(mask: torch.Tensor, slots: KeySlots, length: int) -> torch.Tensor:
+    """Pick the padding-mask columns that belong to the keys actually held."""
+    if slots.is_identity() and mask.shape[-1] == length:
+        return mask
+    parts = []
+    if slots.num_sinks:
+        parts.append(mask[..., : slots.num_sinks])
+    rest = length - slots.num_sinks
+    parts.append(mask[..., slots.offset : slots.offset + rest])
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _sdpa(q, k, v, mask, is_causal, scale, dropout):
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout, enable_gqa=gqa
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    sinks: int = 0,
+    mask: torch.Tensor | None = None,
+    slots: KeySlots = KeySlots(),
+    dropout: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal (``window=None``) or sliding-window attention of q [B,Hq,Tq,D] over k, v [B,Hk,Tk,D].
+
+    Queries are the last Tq slots of the sequence (``q_offset = total − Tq``, where total is the
+    number of slots the padding mask spans, or the last key slot + 1). ``mask`` is transformers'
+    boolean padding+causal mask over all slots [B,1,Tq,total] or None (no padding).
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    total = mask.shape[-1] if mask is not None else slots.offset + (tk - slots.num_sinks)
+    q_off = total - tq
+    if mask is not None:
+        mask = select_mask_columns(mask, slots, tk)
+
+    if window is None:
+        if mask is None:
+            if tq == 1:
+                return _sdpa(q, k, v, None, False, scale, dropout)
+            if tq == tk and slots.is_identity():
+                return _sdpa(q, k, v, None, True, scale, dropout)
+        # transformers' mask already holds causality; build the band only when there is no mask.
+        band = None if mask is not None else _band(q_off, tq, tk, slots, None, 0, q.device)
+    else:
+        # Decode over a cache that holds only visible keys needs no mask at all.
+        regular_visible = tk == slots.num_sinks or slots.offset >= q_off - window + 1
+        if tq == 1 and regular_visible and slots.num_sinks <= sinks:
+            band = None
+            if mask is None:
+                return _sdpa(q, k, v, None, False, scale, dropout)
+        elif backend in ("auto", "flex") and mask is None and tq == tk and slots.is_identity() and _flex_ok(q, backend):
+            return flex_sliding(q, k, v, window, sinks, scale)
+        else:
+            band = _band(q_off, tq, tk, slots, window, sinks, q.device)
+    if band is not None:
+        mask = band if mask is None else (mask & band)
+    return _sdpa(q, k, v, mask, False, scale, dropout)
+
+
+def _band(q_off, tq, tk, slots, window, sinks, device):
+    q_pos = torch.arange(q_off, q_off + tq, device=device)
+    k_pos = slots.positions(tk, device)
+    if window is None:
+        return q_pos[:, None] >= k_pos[None, :]
+    return sliding_window_mask_mod(window, sinks)(None, None, q_pos[:, None], k_pos[None, :])
+
+
+# ---- FlexAttention (CUDA) ------------------------------------------------------------------------
+def _flex_ok(q: torch.Tensor, backend: str) -> bool:
+    if not q.is_cuda:
+        return False
+    if backend == "flex":
+        return True
+    return q.shape[-2] >= 1024  # below that the dense-mask SDPA is as fast and compiles nothing
+
+
+@lru_cache(maxsize=64)
+def _sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(sliding_window_mask_mod(window, sinks), None, None, q_len, kv_len, device=device)
+
+
+_compiled_flex = None
+
+
+def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor:
+    """Sliding-window prefill with FlexAttention; the block mask is built once per shape and cached."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device))
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ---- dense reference -----------------------------------------------------------------------------
+def reference_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float64 softmax attention under an explicit boolean mask broadcastable to [B,Hq,Tq,Tk].
+
+    Rows with no visible key return zeros. GQA by repeating KV heads.
+    """
+    g = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(g, dim=1)
+    v = v.double().repeat_interleave(g, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v).to(q.dtype)

@@ -1,0 +1,46 @@
+"""The ``consa`` command line. Each subcommand lives in ``consa/commands/<name>.py`` and exposes
+``register(subparsers)``; bad input of any kind ends as one ``consa: error: …`` line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ConsaError
+
+COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consa", description="Learn where a decoder LLM needs full attention (ConSA).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"consa.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"consa.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (ConsaError, FileNotFoundError) as e:
+        print(f"consa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("consa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Hard-concrete L0 gates (Louizos et al., 2018), one per attention unit.
+
+z_u = 1 keeps unit u on full attention, z_u = 0 switches it to sliding-window attention. log α is kept in
+fp32 whatever the model dtype, so tiny gradient steps are not rounded away in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BETA = 2.0 / 3.0
+GAMMA = -0.1
+ZETA = 1.1
+EPS = 1e-6
+
+
+class HardConcreteGates(nn.Module):
+    """A vector of hard-concrete gates over ``num_units`` units."""
+
+    def __init__(self, num_units: int, init_log_alpha: float = 3.0, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA):
+        super().__init__()
+        if num_units < 1:
+            raise ValueError("need at least one gate")
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self.log_alpha = nn.Parameter(torch.full((num_units,), float(init_log_alpha), dtype=torch.float32))
+
+    @property
+    def num_units(self) -> int:
+        return self.log_alpha.numel()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample z in [0, 1] (differentiable in log α)."""
+        u = torch.rand(self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=torch.float32)
+        u = u.clamp(EPS, 1.0 - EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        """The eval-time gate: the same value every call."""
+        s = torch.sigmoid(self.log_alpha)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(generator) if self.training else self.deterministic()
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """P(z_u ≠ 0) = σ(log α − β·log(−γ/ζ)): the probability that unit u keeps any full attention."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """ŝ = 1 − mean_u P(z_u ≠ 0): the expected share of SWA units."""
+        return 1.0 - self.prob_nonzero().mean()
+
+
+def topk_swa(scores: torch.Tensor, num_swa: int) -> list[bool]:
+    """Global cut: the ``num_swa`` lowest-scoring units become SWA; returns per-unit FA bits.
+
+    Ties are broken by unit index (lower index goes SWA first), so the count is exact whatever the
+    scores, constant vectors included.
+    """
+    n = scores.numel()
+    if not 0 <= num_swa <= n:
+        raise ValueError(f"cannot make {num_swa} of {n} units SWA")
+    values = scores.detach().double().cpu().flatten().tolist()
+    order = sorted(range(n), key=lambda i: (values[i], i))
+    fa = [True] * n
+    for i in order[:num_swa]:
+        fa[i] = False
+    return fa
