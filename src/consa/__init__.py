@@ -7,6 +7,20 @@ from .allocation import Allocation, AllocationError, ModelShape
 from .attention import hybrid as _hybrid  # noqa: F401  (registers attn_implementation="consa")
 from .models import UnsupportedModelError, apply_allocation, attach_gates, detach, model_shape, reorder_heads
 
+
+def load(path, **kwargs):
+    """Load a consa export (native or head-wise) ready to serve; see :func:`consa.export.load`."""
+    from .export import load as _load
+
+    return _load(path, **kwargs)
+
+
+def generate(model, input_ids, **kwargs):
+    """``model.generate`` with a fresh per-head hybrid KV cache; see :func:`consa.attention.cache.generate`."""
+    from .attention.cache import generate as _generate
+
+    return _generate(model, input_ids, **kwargs)
+
 __version__ = "0.1.0"
 __all__ = [
     "Allocation",
@@ -16,6 +30,8 @@ __all__ = [
     "apply_allocation",
     "attach_gates",
     "detach",
+    "generate",
+    "load",
     "model_shape",
     "reorder_heads",
 ]

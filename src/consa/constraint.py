@@ -35,7 +35,7 @@ class ControllerConfig:
     lambda2: float = 10.0  # quadratic penalty coefficient (fixed: a growing λ2 makes the problem stiff)
     dual_lr: float = 0.5  # method-of-multipliers step on λ1
     dual_decay: float = 0.02  # leak on λ1: damps the integral so it cannot wind up
-    max_shift: float = 0.05  # largest common log α correction per step (lagrangian mode), after warm-up
+    max_shift: float = 1.0  # largest common log α correction per step (lagrangian mode), after warm-up
     correct_after_warmup: bool = True
 
 
@@ -69,8 +69,9 @@ class SparsityController:
             self.last_shift = project_to_sparsity(gates, target)
             return
         err = float(gates.expected_sparsity()) - target
-        # Damped dual ascent: λ1 grows while ŝ sits below the target (pushing it up), with a leak.
-        self.lambda1 = (1.0 - self.cfg.dual_decay) * self.lambda1 - self.cfg.dual_lr * err
+        # Damped dual ascent (∂/∂λ1 of the penalty is ŝ − t): λ1 goes negative while ŝ sits below the
+        # target, which makes raising ŝ pay; the leak keeps the integral from winding up.
+        self.lambda1 = (1.0 - self.cfg.dual_decay) * self.lambda1 + self.cfg.dual_lr * err
         self.last_shift = 0.0
         if self.cfg.correct_after_warmup and step >= self.cfg.warmup_steps:
             shift = solve_shift(gates, target)

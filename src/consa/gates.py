@@ -33,8 +33,10 @@ class HardConcreteGates(nn.Module):
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised sample z in [0, 1] (differentiable in log α)."""
-        u = torch.rand(self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=torch.float32)
-        u = u.clamp(EPS, 1.0 - EPS)
+        # Noise is drawn on the generator's device (CPU by default) so runs are reproducible anywhere.
+        dev = generator.device if generator is not None else self.log_alpha.device
+        u = torch.rand(self.log_alpha.shape, generator=generator, device=dev, dtype=torch.float32)
+        u = u.to(self.log_alpha.device).clamp(EPS, 1.0 - EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 

@@ -23,6 +23,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from . import kernels
 from .kernels import KeySlots, attention
 
 NAME = "consa"
@@ -101,12 +102,13 @@ def consa_attention(
             raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
         out = _fixed_split(plan, query, key, value, attention_mask, scale)
     elif plan is None or plan.mode == "full" or (plan.mode == "fixed" and not plan.swa_kv):
-        out = attention(query, key, value, scale=scale, mask=attention_mask, dropout=dropout)
+        out = attention(query, key, value, scale=scale, mask=attention_mask, dropout=dropout).transpose(1, 2)
     elif plan.mode == "gate":
-        out = _gate_mix(plan, query, key, value, attention_mask, scale, dropout)
+        out = _gate_mix(plan, query, key, value, attention_mask, scale, dropout).transpose(1, 2)
     else:
         out = _fixed(plan, query, key, value, attention_mask, scale, dropout)
-    return out.transpose(1, 2).contiguous(), None
+    # Paths return [B, T, H, D]; when the merge already wrote that layout, contiguous() is free.
+    return out.contiguous(), None
 
 
 def _gate_mix(plan, q, k, v, mask, scale, dropout):
@@ -121,7 +123,7 @@ def _gate_mix(plan, q, k, v, mask, scale, dropout):
 def _fixed(plan, q, k, v, mask, scale, dropout):
     group = q.shape[1] // k.shape[1]
     if not plan.fa_kv:
-        return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend)
+        return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend).transpose(1, 2)
     fa_q, fa_k = _heads(plan.fa_kv, group, k.shape[1])
     sw_q, sw_k = _heads(plan.swa_kv, group, k.shape[1])
     out_fa = attention(_take(q, fa_q), _take(k, fa_k), _take(v, fa_k), scale=scale, mask=mask, dropout=dropout)
@@ -136,29 +138,34 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     group = q.shape[1] // (k.fa.shape[1] + k.swa.shape[1])
     fa_q, _ = _heads(plan.fa_kv, group, plan.num_kv_heads) or (None, None)
     sw_q, _ = _heads(plan.swa_kv, group, plan.num_kv_heads) or (None, None)
-    out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None
-    out_sw = None
-    if sw_q is not None:
-        out_sw = attention(
-            _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
-            slots=k.swa_slots, backend=plan.backend,
-        )
+    run_sw = lambda: attention(  # noqa: E731
+        _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
+        slots=k.swa_slots, backend=plan.backend,
+    )
+    if fa_q is not None and sw_q is not None and q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP:
+        # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read.
+        out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw)
+    else:
+        out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None
+        out_sw = run_sw() if sw_q is not None else None
     if out_fa is None:
-        return out_sw
+        return out_sw.transpose(1, 2)
     if out_sw is None:
-        return out_fa
+        return out_fa.transpose(1, 2)
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
 
 
 def _merge(q, fa_q, out_fa, sw_q, out_sw):
+    """Assemble both head groups directly in the [B, T, H, D] layout the model wants (one copy)."""
     if isinstance(fa_q, slice) and isinstance(sw_q, slice) and fa_q.stop == sw_q.start:
-        return torch.cat([out_fa, out_sw], dim=1)
-    out = torch.empty(q.shape[:-1] + (out_fa.shape[-1],), dtype=out_fa.dtype, device=out_fa.device)
+        return torch.cat([out_fa.transpose(1, 2), out_sw.transpose(1, 2)], dim=2)
+    b, _, t, d = out_fa.shape
+    out = torch.empty(b, t, q.shape[1], d, dtype=out_fa.dtype, device=out_fa.device)
     for sel, part in ((fa_q, out_fa), (sw_q, out_sw)):
         if isinstance(sel, slice):
-            out[:, sel] = part
+            out[:, :, sel] = part.transpose(1, 2)
         else:
-            out.index_copy_(1, sel.to(out.device), part)
+            out.index_copy_(2, sel.to(out.device), part.transpose(1, 2))
     return out
 
 

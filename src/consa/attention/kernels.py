@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .masks import sliding_window_mask_mod
+from .masks import offset_mask_mod, sliding_window_mask_mod
 
 
 @dataclass(frozen=True)
@@ -125,14 +125,52 @@ def _flex_ok(q: torch.Tensor, backend: str) -> bool:
     return q.shape[-2] >= 1024  # below that the dense-mask SDPA is as fast and compiles nothing
 
 
+BLOCK = 128
+
+
 @lru_cache(maxsize=64)
 def _sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+    return sliding_block_mask(q_len, kv_len, window, sinks, device)
 
-    return create_block_mask(sliding_window_mask_mod(window, sinks), None, None, q_len, kv_len, device=device)
+
+def sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int = 0, device="cpu", block: int = BLOCK):
+    """FlexAttention BlockMask of the sliding window (queries are the last ``q_len`` of ``kv_len`` slots).
+
+    Built in closed form from block corners instead of evaluating the mask on every pair (which
+    ``create_block_mask`` does, minutes at 128K without compilation). Blocks wholly inside the band
+    (or wholly sinks) are marked *full*, so the kernel skips ``mask_mod`` there.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_off = kv_len - q_len
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    qi = torch.arange(nq, device=device)[:, None]
+    kj = torch.arange(nk, device=device)[None, :]
+    q_lo, q_hi = qi * block + q_off, torch.clamp((qi + 1) * block, max=q_len) - 1 + q_off
+    k_lo, k_hi = kj * block, torch.clamp((kj + 1) * block, max=kv_len) - 1
+    d_min, d_max = q_lo - k_hi, q_hi - k_lo  # range of q − k over the block
+    band_any = (d_max >= 0) & (d_min <= window - 1)
+    band_full = (d_min >= 0) & (d_max <= window - 1)
+    if sinks:
+        sink_any = (k_lo < sinks) & (d_max >= 0)
+        sink_full = (k_hi < sinks) & (d_min >= 0)
+        band_any, band_full = band_any | sink_any, band_full | sink_full
+    partial = band_any & ~band_full
+
+    def to_indices(m):
+        num = m.sum(-1).to(torch.int32)
+        # stable sort puts the True columns first, in increasing order
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[None, None].contiguous(), idx[None, None].contiguous()
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(band_full)
+    mask_mod = offset_mask_mod(sliding_window_mask_mod(window, sinks), q_off) if q_off else sliding_window_mask_mod(window, sinks)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
 
 
 _compiled_flex = None
+FLEX_KERNEL_OPTIONS: dict | None = None  # e.g. {"BLOCK_M": 128, "BLOCK_N": 64}; None = FlexAttention's defaults
 
 
 def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor:
@@ -143,7 +181,29 @@ def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     block_mask = _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device))
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+
+
+# ---- decode overlap (CUDA) -----------------------------------------------------------------------
+DECODE_OVERLAP = True  # run the SWA heads' decode kernel on a side stream beside the FA heads' one
+_side_streams: dict = {}
+
+
+def overlapped(main_fn, side_fn):
+    """``(main_fn(), side_fn())`` with ``side_fn`` on a side CUDA stream (captured as a parallel
+    branch under CUDA graphs). Both read tensors made on the current stream."""
+    cur = torch.cuda.current_stream()
+    side = _side_streams.get(cur.device)
+    if side is None:
+        side = _side_streams[cur.device] = torch.cuda.Stream(device=cur.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        b = side_fn()
+    a = main_fn()
+    cur.wait_stream(side)
+    b.record_stream(cur)
+    return a, b
 
 
 # ---- dense reference -----------------------------------------------------------------------------

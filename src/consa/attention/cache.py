@@ -1,0 +1,236 @@
+"""The hybrid KV cache: FA heads keep every slot, SWA heads only what a future query can still see.
+
+A :class:`HybridCache` is a plain transformers :class:`~transformers.Cache` whose layers are
+:class:`HybridLayer` objects (one per decoder layer, built from the layer's
+:class:`~consa.attention.hybrid.LayerPlan`). ``update`` returns :class:`~consa.attention.hybrid.SplitKV`
+objects for keys and values; the registered ``consa`` attention function runs FA heads over ``.fa``
+and SWA heads over ``.swa`` at the slots ``.swa_slots`` names.
+
+What a layer holds after it has seen T slots (elements, keys and values together)::
+
+    2 · B · d · (n_FA · T + n_SWA · min(T, W − 1 + S))
+
+where W is the window and S the number of sink slots: the SWA heads keep the first S slots and the
+last W − 1 slots once T > W − 1 + S (a query at slot T sees T−W+1 … T plus the sinks, and the key at
+T arrives with the query). The mask transformers builds spans *all* slots (``get_mask_sizes`` reports
+the full length, offset 0), and the attention kernels pick the columns of the keys actually held.
+
+Use it with ``model.generate(..., past_key_values=HybridCache(model))`` or :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .hybrid import LayerPlan, SplitKV
+from .kernels import KeySlots
+
+
+def _selector(idx: list[int], n: int):
+    """A slice for contiguous head lists (a view, no copy), else an index tensor."""
+    if not idx:
+        return slice(0, 0)
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx)
+
+
+def _take(x: torch.Tensor, sel) -> torch.Tensor:
+    return x[:, sel] if isinstance(sel, slice) else x.index_select(1, sel.to(x.device))
+
+
+class HybridLayer(CacheLayerMixin):
+    """One decoder layer's cache, split by head group (see the module docstring)."""
+
+    is_sliding = False  # the mask must span every slot: FA heads need them all
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, num_kv_heads: int, fa_kv: list[int], window: int, sinks: int = 0):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.num_kv_heads = num_kv_heads
+        self.fa_kv = list(fa_kv)
+        self.swa_kv = [h for h in range(num_kv_heads) if h not in set(self.fa_kv)]
+        self.window = window
+        self.sinks = sinks
+        self._fa_sel = _selector(self.fa_kv, num_kv_heads)
+        self._swa_sel = _selector(self.swa_kv, num_kv_heads)
+        self.cumulative_length = 0
+        self.swa_slots = KeySlots()
+        self.fa_keys = self.fa_values = self.swa_keys = self.swa_values = None
+
+    @classmethod
+    def from_plan(cls, plan: LayerPlan) -> "HybridLayer":
+        if plan.mode != "fixed":
+            raise ValueError(f"layer {plan.layer}: a hybrid cache needs a fixed allocation (plan mode is {plan.mode!r})")
+        return cls(plan.num_kv_heads, plan.fa_kv, plan.window, plan.sinks)
+
+    @property
+    def keep(self) -> int:
+        """Most slots an SWA head ever holds between steps."""
+        return self.window - 1 + self.sinks
+
+    # ---- CacheLayerMixin ------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        b, _, _, d = key_states.shape
+        empty = lambda n: key_states.new_empty((b, n, 0, d))  # noqa: E731
+        self.fa_keys, self.fa_values = empty(len(self.fa_kv)), empty(len(self.fa_kv))
+        self.swa_keys, self.swa_values = empty(len(self.swa_kv)), empty(len(self.swa_kv))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[1] != self.num_kv_heads:
+            raise ValueError(f"hybrid cache layer expects {self.num_kv_heads} KV heads, got {key_states.shape[1]}")
+        new = key_states.shape[-2]
+        self.cumulative_length += new
+        if self.fa_kv:
+            self.fa_keys = torch.cat([self.fa_keys, _take(key_states, self._fa_sel)], dim=-2)
+            self.fa_values = torch.cat([self.fa_values, _take(value_states, self._fa_sel)], dim=-2)
+        if not self.swa_kv:  # a pure FA layer behaves like a DynamicLayer
+            return self.fa_keys, self.fa_values
+        k_all = torch.cat([self.swa_keys, _take(key_states, self._swa_sel)], dim=-2)
+        v_all = torch.cat([self.swa_values, _take(value_states, self._swa_sel)], dim=-2)
+        slots = self.swa_slots  # the slots of k_all: [0, S) ∪ [offset, total) or all of [0, total)
+        self.swa_keys, self.swa_values, self.swa_slots = self._trim(k_all), self._trim(v_all), self._next_slots()
+        return (
+            SplitKV(self.fa_keys, k_all, slots),
+            SplitKV(self.fa_values, v_all, slots),
+        )
+
+    def _next_slots(self) -> KeySlots:
+        total = self.cumulative_length
+        if total <= self.keep:
+            return KeySlots()
+        return KeySlots(num_sinks=self.sinks, offset=total - (self.window - 1))
+
+    def _trim(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.cumulative_length
+        if total <= self.keep:
+            return x
+        tail = x[..., x.shape[-2] - (self.window - 1) :, :]
+        if self.sinks:
+            return torch.cat([x[..., : self.sinks, :], tail], dim=-2)
+        return tail.clone()  # a copy, so the larger concatenation is freed
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.fa_keys = self.fa_values = self.swa_keys = self.swa_values = None
+        self.swa_slots = KeySlots()
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def _tensors(self):
+        return ("fa_keys", "fa_values", "swa_keys", "swa_values")
+
+    def _map(self, fn) -> None:
+        if self.is_initialized:
+            for name in self._tensors():
+                setattr(self, name, fn(getattr(self, name)))
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.fa_keys.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def stored_elements(self) -> int:
+        """Elements held by this layer (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).numel() for n in self._tensors())
+
+    def stored_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._tensors())
+
+    def expected_elements(self, batch: int, head_dim: int) -> int:
+        """The theory: 2·B·d·(n_FA·T + n_SWA·min(T, W−1+S))."""
+        t = self.cumulative_length
+        return 2 * batch * head_dim * (len(self.fa_kv) * t + len(self.swa_kv) * min(t, self.keep))
+
+
+class HybridCache(Cache):
+    """A transformers Cache with one :class:`HybridLayer` per decoder layer.
+
+    Build it from a model that has a fixed allocation applied (``consa.apply_allocation``), e.g.
+    ``model.generate(ids, past_key_values=HybridCache(model))``, or from explicit plans.
+    """
+
+    def __init__(self, model=None, *, plans: list[LayerPlan] | None = None, offloading: bool = False):
+        if (model is None) == (plans is None):
+            raise ValueError("give HybridCache exactly one of a model (with consa applied) or a list of plans")
+        if plans is None:
+            plans = plans_of(model)
+        super().__init__(layers=[HybridLayer.from_plan(p) for p in plans], offloading=offloading)
+
+    @classmethod
+    def from_allocation(cls, allocation, **kwargs) -> "HybridCache":
+        plans = [
+            LayerPlan(i, allocation.shape.num_kv_heads, allocation.window, allocation.sinks, "fixed", fa_kv=allocation.fa_heads(i))
+            for i in range(allocation.shape.num_layers)
+        ]
+        return cls(plans=plans, **kwargs)
+
+    def stored_elements(self) -> int:
+        return sum(layer.stored_elements() for layer in self.layers)
+
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes() for layer in self.layers)
+
+
+def plans_of(model) -> list[LayerPlan]:
+    """The fixed LayerPlans consa put on a model's attention modules, in layer order."""
+    from ..models import attention_modules
+
+    plans = []
+    for mod in attention_modules(model):
+        plan = getattr(mod, "consa_plan", None)
+        if plan is None or plan.mode != "fixed":
+            raise ValueError(
+                "HybridCache needs a model with a fixed consa allocation on every layer "
+                "(call consa.apply_allocation(model, allocation) first)"
+            )
+        plans.append(plan)
+    return plans
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, **kwargs):
+    """``model.generate`` with a fresh :class:`HybridCache` (the hybrid model's KV memory savings).
+
+    Any ``generate`` keyword works (``attention_mask``, ``do_sample``, ``max_new_tokens``, …). A model
+    without a consa allocation falls back to transformers' default cache.
+    """
+    if "past_key_values" not in kwargs and "cache" not in kwargs:
+        try:
+            kwargs["past_key_values"] = HybridCache(model)
+        except ValueError:
+            pass
+    return model.generate(input_ids, **kwargs)

@@ -1,0 +1,1 @@
+"""Subcommands of the consa CLI, one module each (see consa.cli)."""

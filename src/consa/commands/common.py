@@ -1,0 +1,60 @@
+"""Helpers shared by subcommands: device/dtype parsing, model loading, data sources for search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ConsaError
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConsaError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ConsaError(f"unknown dtype {name!r}; choose fp32, bf16 or fp16")
+    return table[name]
+
+
+def load(model_dir: str, device: torch.device, dtype: torch.dtype):
+    from ..models import load_model
+
+    if not Path(model_dir).exists():
+        raise ConsaError(f"model directory not found: {model_dir}")
+    return load_model(model_dir, dtype=dtype, device=str(device))
+
+
+def search_batches(args, model, vocab_size: int):
+    """A pure function step -> batch for the search, from a built corpus or random tokens."""
+    import numpy as np
+
+    b, t, seed = args.batch_size, args.seq_len, args.seed
+    if args.corpus:
+        from ..data.shards import TokenShards
+
+        shards = TokenShards.open(args.corpus, "train")
+        if shards.num_tokens < t + 1:
+            raise ConsaError(f"corpus {args.corpus} holds {shards.num_tokens} tokens, fewer than --seq-len {t}")
+
+        def from_corpus(step: int) -> dict:
+            rng = np.random.default_rng([seed, step])
+            return {"input_ids": shards.sample_batch(b, t, rng)}
+
+        return from_corpus
+
+    def random_tokens(step: int) -> dict:  # for smoke tests and tiny random models
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return {"input_ids": torch.randint(0, vocab_size, (b, t), generator=g)}
+
+    return random_tokens

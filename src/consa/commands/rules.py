@@ -1,0 +1,49 @@
+"""``consa rules``: rule-based allocations with the same SWA count as a given sparsity."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rules", help="write rule-based allocations (interleaved, fa_top, fa_bottom, fa_middle, random)")
+    p.add_argument("--model", required=True, help="local HF model directory (only its config is read)")
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--window", type=int, required=True)
+    p.add_argument("--granularity", default="kv_head")
+    p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--rule", action="append", help="rule name (repeatable; default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the random rule")
+    p.add_argument("--out", required=True, help="directory for <rule>.json files")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..allocation import ModelShape, check_granularity, swa_count
+    from ..errors import ConsaError
+    from ..rules import RULES, rule_allocation
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ConsaError(f"model directory not found or has no config.json: {model_dir}")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).get_text_config()
+    shape = ModelShape(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                       cfg.num_attention_heads)
+    check_granularity(args.granularity)
+    if args.window < 1:
+        raise ConsaError(f"window must be >= 1, got {args.window}")
+    k = swa_count(args.sparsity, shape.num_units(args.granularity))
+    names = args.rule or list(RULES)
+    allocs = []
+    for name in names:
+        seeds = range(args.seeds) if name == "random" else [0]
+        for s in seeds:
+            allocs.append(rule_allocation(name, shape, args.granularity, k, args.window, args.sinks, seed=s))
+    out = Path(args.out)
+    for a in allocs:
+        a.save(out / f"{a.meta['method']}.json")
+        print(f"{a.meta['method']:>12}: FA share per layer {[round(x, 2) for x in a.fa_share_per_layer()]}")
+    print(f"wrote {len(allocs)} allocations ({k} SWA units each) to {out}")
+    return 0

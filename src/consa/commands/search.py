@@ -1,0 +1,59 @@
+"""``consa search``: learn an allocation for a local HF model directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="learn which units keep full attention (ConSA)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--sparsity", type=float, required=True, help="share t of units that become SWA, in (0, 1)")
+    p.add_argument("--window", type=int, required=True, help="sliding window W (tokens, self included)")
+    p.add_argument("--granularity", default="kv_head", help="kv_head or layer")
+    p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens always visible to SWA units")
+    p.add_argument("--corpus", help="corpus directory from `consa data build` (default: random tokens, for smoke tests)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--gate-lr", type=float, default=0.05)
+    p.add_argument("--controller", default="lagrangian", help="lagrangian or project")
+    p.add_argument("--warmup-frac", type=float, default=0.4, help="share of steps over which the target ramps up")
+    p.add_argument("--train-weights", default="none", help="none, full or lora")
+    p.add_argument("--weight-lr", type=float, default=1e-5)
+    p.add_argument("--lm-weight", type=float, default=0.0, help="weight of an added LM loss")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue the killed search in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 on CUDA)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output directory (allocation.json, gates, metrics, checkpoint)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..train.search import Search, SearchConfig
+    from .common import load, pick_device, pick_dtype, search_batches
+
+    cfg = SearchConfig(
+        sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
+        sinks=args.sinks, steps=args.steps, gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
+        controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
+        lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    model = load(args.model, device, pick_dtype(args.dtype, device))
+    batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
+    search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress)
+    alloc = search.run(resume=args.resume)
+    st = alloc.stats()
+    print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
+          f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
+    print(f"wrote {args.out}/allocation.json")
+    return 0

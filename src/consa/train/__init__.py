@@ -1,0 +1,1 @@
+"""Training: ConSA search, base-model pretraining (:mod:`consa.train.pretrain`) and heal fine-tuning."""

@@ -1,0 +1,110 @@
+"""Data-driven baselines: DuoAttention-style gates and a training-free attention-mass score.
+
+Both end in the same global cut as ConSA (lowest scores → SWA, exact count), so every method is
+compared at the same budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from ..allocation import Allocation
+from ..attention.kernels import attention
+from ..gates import topk_swa
+from ..models import attach_gates, attention_modules, detach, model_shape
+from .search import forward_logits, kl_loss
+
+
+def duo_allocation(
+    model, granularity: str, num_swa: int, window: int, batch_fn, steps: int = 200, lr: float = 0.05,
+    l1: float = 0.05, sinks: int = 0, seed: int = 0, progress: bool = False,
+) -> Allocation:
+    """DuoAttention-style: a clamped scalar gate α ∈ [0, 1] per unit mixes FA and SWA, trained with
+    KL to the full model plus an L1 push towards SWA; the lowest α become SWA (quantile cut)."""
+    torch.manual_seed(seed)
+    shape = model_shape(model)
+    n = shape.num_units(granularity)
+    device = next(model.parameters()).device
+    model.eval().requires_grad_(False)
+    mix = attach_gates(model, window, sinks)
+    alpha = torch.nn.Parameter(torch.ones(n, device=device))
+    opt = torch.optim.Adam([alpha], lr=lr)
+    ones = torch.ones(shape.num_layers, shape.num_kv_heads, device=device)
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="duo baseline", dynamic_ncols=True)
+    for step in it:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch_fn(step).items()}
+        mask = batch.get("loss_mask", batch.get("attention_mask"))
+        with torch.no_grad():
+            mix.z = ones
+            teacher = forward_logits(model, batch)
+        z = alpha.clamp(0, 1)
+        mix.z = z.view(-1, 1).expand(-1, shape.num_kv_heads) if granularity == "layer" else z.view(shape.num_layers, -1)
+        loss = kl_loss(forward_logits(model, batch), teacher, mask) + l1 * z.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            alpha.clamp_(0, 1)
+    detach(model)
+    fa = topk_swa(alpha.detach(), num_swa)
+    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": "duo", "alpha": [round(float(a), 4) for a in alpha.detach()]})
+
+
+_MASS_NAME = "consa_mass"
+
+
+def _mass_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain causal attention that also adds, per KV head, the attention mass beyond the window."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    acc = module.consa_mass
+    b, hq, t, _ = query.shape
+    hk = key.shape[1]
+    g = hq // hk
+    w = acc["window"]
+    pos = torch.arange(t, device=query.device)
+    kk = key.repeat_interleave(g, dim=1)
+    for s in range(w, t, 256):  # chunk queries: memory stays O(256·T)
+        e = min(t, s + 256)
+        scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, s:e].float(), kk.float()) * scale
+        causal = pos[s:e, None] >= pos[None, :]
+        visible = causal if attention_mask is None else (attention_mask[:, :, s:e] & causal)
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        far = (pos[s:e, None] - pos[None, :]) >= w
+        mass = (probs * far).sum(-1)  # [B, Hq, q]
+        acc["sum"] += mass.view(b, hk, g, -1).sum(dim=(0, 2, 3)).double().cpu()
+        acc["count"] += b * g * (e - s)
+    return attention(query, key, value, scale=scale, mask=attention_mask).transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def attention_mass_allocation(
+    model, granularity: str, num_swa: int, window: int, batches, sinks: int = 0
+) -> Allocation:
+    """Training-free: keep FA where the share of attention mass beyond W (on calibration data) is largest."""
+    AttentionInterface.register(_MASS_NAME, _mass_attention)
+    shape = model_shape(model)
+    mods = attention_modules(model)
+    for m in mods:
+        m.consa_mass = {"window": window, "sum": torch.zeros(shape.num_kv_heads, dtype=torch.float64), "count": 0}
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_MASS_NAME)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionMaskInterface.register(_MASS_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        device = next(model.parameters()).device
+        for batch in batches:
+            forward_logits(model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+        per_head = torch.stack([m.consa_mass["sum"] / max(1, m.consa_mass["count"]) for m in mods])  # [L, Hkv]
+    finally:
+        for m in mods:
+            del m.consa_mass
+        model.set_attn_implementation(previous)
+    scores = per_head.mean(1) if granularity == "layer" else per_head.flatten()
+    fa = topk_swa(scores, num_swa)
+    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": "attention_mass", "scores": [round(float(s), 5) for s in scores]})

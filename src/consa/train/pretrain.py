@@ -1,0 +1,763 @@
+"""Pretrain a small full-attention Qwen3 base model from scratch on a consa corpus.
+
+One function, :func:`pretrain`, does it: AdamW, linear warm-up then cosine decay, gradient
+clipping, bf16 autocast and optional ``torch.compile`` on GPU, a tqdm bar with loss and tokens/s,
+periodic validation loss, atomic resumable checkpoints and a JSON log of wall time and throughput.
+
+Output directory layout::
+
+    OUT/                       the final model: config.json, model.safetensors, generation_config.json,
+                               tokenizer files (copied from the corpus dir), pretrain_log.json
+    OUT/checkpoint/            the latest resumable checkpoint: the same HF model files, plus
+                               optimizer.safetensors, rng.safetensors and state.json (no pickle)
+
+Determinism: the batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, 0, s])``,
+whatever happened before, so a run resumed from a checkpoint replays exactly the steps an
+unbroken run would have taken (bit-identical on CPU; up to kernel non-determinism on GPU).
+
+Batches come from a *batch source*: any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``.
+The default draws windows of the corpus shards and, with ``retrieval_mix > 0``, replaces that share
+of rows by synthetic retrieval sequences (GUIDE §7: retrieval never worked when the base model
+had not seen any in pretraining).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConsaError
+from ..presets import get_preset, preset_config
+
+CHECKPOINT = "checkpoint"
+LOG_FILE = "pretrain_log.json"
+STATE_FILE = "state.json"
+OPTIM_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "tokenizer.model")
+# fields that must not change when a run is resumed (they change the result)
+_RESUME_FIXED = ("preset", "steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay", "beta1",
+                 "beta2", "grad_clip", "seed", "retrieval_mix", "grad_accum")
+
+
+# --------------------------------------------------------------------------------------- config
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run. ``None`` means "the preset's default".
+
+    Give at most one of ``tokens`` / ``steps``; with neither, the preset's token budget is used.
+    """
+
+    corpus: str | Path
+    out: str | Path
+    preset: str = "tiny"
+    tokens: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    warmup: int | None = None  # steps; default 5% of the run (at most 1000)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per step (the batch is split; same result, less memory)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    compile: bool = False
+    bf16: bool | None = None  # None: on for CUDA, off for CPU
+    resume: bool = False
+    seed: int = 0
+    save_every: int | None = None  # steps; default ~10 checkpoints per run
+    eval_every: int | None = None  # steps; default ~10 evaluations per run
+    eval_batches: int = 4
+    log_every: int = 10
+    retrieval_mix: float = 0.0  # share of sequences that are synthetic retrieval
+    retrieval_source: str = "builtin"  # builtin | tasks | auto (see retrieval_source())
+    time_limit: float | None = None  # seconds: checkpoint and stop cleanly (rerun with resume)
+    keep_checkpoint: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConsaError(f"unknown pretrain option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class _Resolved:
+    """A config with every default filled in (what the run actually uses)."""
+
+    preset: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    min_lr_ratio: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    grad_accum: int
+    seed: int
+    retrieval_mix: float
+    save_every: int
+    eval_every: int
+    eval_batches: int
+    log_every: int
+    device: str
+    bf16: bool
+    compile: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def _positive_int(name: str, v: Any, allow_none: bool = True) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConsaError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _resolve(cfg: PretrainConfig) -> _Resolved:
+    """Validate ``cfg`` (raising ConsaError, touching no file) and fill in the defaults."""
+    p = get_preset(cfg.preset)
+    for name in ("tokens", "steps", "batch_size", "seq_len", "warmup", "save_every", "eval_every", "grad_accum",
+                 "eval_batches", "log_every", "threads"):
+        v = getattr(cfg, name)
+        if name == "warmup" and v == 0:
+            continue
+        _positive_int(f"--{name.replace('_', '-')}", v)
+    if cfg.tokens is not None and cfg.steps is not None:
+        raise ConsaError("give --tokens or --steps, not both")
+    if cfg.lr is not None and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConsaError(f"--lr must be a positive number, got {cfg.lr!r}")
+    if not 0.0 <= float(cfg.retrieval_mix) <= 1.0:
+        raise ConsaError(f"--retrieval-mix must be in [0, 1], got {cfg.retrieval_mix!r}")
+    if cfg.retrieval_source not in ("auto", "builtin", "tasks"):
+        raise ConsaError(f"retrieval_source must be auto, builtin or tasks, got {cfg.retrieval_source!r}")
+    if cfg.time_limit is not None and not cfg.time_limit > 0:
+        raise ConsaError(f"--time-limit must be positive, got {cfg.time_limit!r}")
+    batch = cfg.batch_size or p.batch_size
+    seq = cfg.seq_len or p.context
+    if batch % cfg.grad_accum:
+        raise ConsaError(f"--batch-size {batch} is not divisible by --grad-accum {cfg.grad_accum}")
+    if cfg.steps is not None:
+        steps = cfg.steps
+    else:
+        steps = max(1, math.ceil((cfg.tokens or p.tokens) / (batch * seq)))
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, min(1000, round(0.05 * steps)))
+    device = _resolve_device(cfg.device)
+    bf16 = device.startswith("cuda") if cfg.bf16 is None else bool(cfg.bf16)
+    return _Resolved(
+        preset=p.name, steps=steps, batch_size=batch, seq_len=seq, lr=float(cfg.lr or p.lr), warmup=warmup,
+        min_lr_ratio=float(cfg.min_lr_ratio), weight_decay=float(cfg.weight_decay), beta1=float(cfg.beta1),
+        beta2=float(cfg.beta2), grad_clip=float(cfg.grad_clip), grad_accum=cfg.grad_accum, seed=int(cfg.seed),
+        retrieval_mix=float(cfg.retrieval_mix), save_every=cfg.save_every or max(1, math.ceil(steps / 10)),
+        eval_every=cfg.eval_every or max(1, math.ceil(steps / 10)), eval_batches=cfg.eval_batches,
+        log_every=cfg.log_every, device=device, bf16=bf16, compile=bool(cfg.compile),
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConsaError(f"--device {device}: CUDA is not available on this machine")
+        return device
+    if device != "cpu":
+        raise ConsaError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def lr_at(step: int, r: _Resolved) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio."""
+    if step < r.warmup:
+        return r.lr * (step + 1) / r.warmup
+    span = max(1, r.steps - r.warmup)
+    progress = min(1.0, (step - r.warmup) / span)
+    return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+class BatchSource(Protocol):
+    """Anything that turns (batch_size, seq_len, rng) into a LongTensor [batch_size, seq_len]."""
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor: ...
+
+
+class _NpyShards:
+    """A minimal reader for hand-made corpus dirs: ``<split>/tokens.npy`` (1-D uint16/uint32, each
+    document followed by eos) and optional ``<split>/doc_offsets.npy``; eos from stats.json."""
+
+    def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, eos_id: int):
+        self.tokens, self.doc_offsets, self.eos_id = tokens, doc_offsets, eos_id
+        self.num_tokens, self.num_docs = int(tokens.shape[0]), max(0, int(doc_offsets.shape[0]) - 1)
+
+    @classmethod
+    def open(cls, corpus_dir, split: str = "train") -> "_NpyShards":
+        d = Path(corpus_dir) / split
+        tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        offsets = np.load(d / "doc_offsets.npy") if (d / "doc_offsets.npy").exists() else np.array([0, len(tokens)])
+        stats = Path(corpus_dir) / "stats.json"
+        eos = json.loads(stats.read_text()).get("eos_id", 0) if stats.exists() else 0
+        return cls(tokens, offsets, int(eos))
+
+    def sample_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        if self.num_tokens < seq_len:
+            raise ConsaError(f"corpus split has {self.num_tokens} tokens, fewer than one sequence of {seq_len}")
+        starts = rng.integers(0, self.num_tokens - seq_len + 1, size=batch_size)
+        return torch.from_numpy(np.stack([np.asarray(self.tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
+
+
+def open_shards(corpus_dir: str | Path, split: str = "train"):
+    """Open one split of a corpus dir: ``consa.data.shards.TokenShards`` when that module exists,
+    else (or for a dir in the minimal ``tokens.npy`` layout) the built-in reader."""
+    corpus_dir = Path(corpus_dir)
+    simple = (corpus_dir / split / "tokens.npy").exists()
+    try:
+        from ..data.shards import TokenShards  # written by the corpus builder
+    except ImportError:
+        TokenShards = None
+    if TokenShards is not None:
+        try:
+            return TokenShards.open(corpus_dir, split)
+        except Exception:
+            if not simple:
+                raise
+    if not simple:
+        raise ConsaError(f"{corpus_dir}: no {split} shards (build the corpus with `consa data build`)")
+    return _NpyShards.open(corpus_dir, split)
+
+
+def corpus_source(shards) -> BatchSource:
+    """Batches of random windows of the corpus shards."""
+
+    def source(batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.as_tensor(shards.sample_batch(batch_size, seq_len, rng), dtype=torch.long)
+
+    return source
+
+
+_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "be", "do", "fu", "gi", "ha", "ju", "pe", "so")
+
+
+class RetrievalSource:
+    """Built-in synthetic retrieval sequences over the corpus's own text and tokenizer.
+
+    Each sequence is a corpus window (the haystack) with ``num_pairs`` "key → value" statements
+    inserted at random depths, ending with ``num_queries`` of the keys (a subset, so the last answer
+    cannot be guessed by elimination; GUIDE §8) asked back with their values. Half the sequences
+    use prose (``The magic number for kalomi is 48213.`` … ``What is the magic number for
+    kalomi? The magic number for kalomi is 48213.``), half code (``kalomi = 48213`` …
+    ``assert kalomi == 48213``): the phrasing of the eval tasks, with keys of its own.
+    Loss is the ordinary LM loss on every token, so the answers teach look-up across the context.
+    """
+
+    def __init__(self, shards, tokenizer, num_pairs: int = 4, num_queries: int = 2, value_digits: int = 5):
+        self.shards, self.tok = shards, tokenizer
+        self.num_pairs, self.num_queries, self.value_digits = num_pairs, num_queries, value_digits
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def _row(self, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        k = self.num_pairs
+        keys: list[str] = []
+        while len(keys) < k:
+            key = "".join(_SYLLABLES[i] for i in rng.integers(0, len(_SYLLABLES), size=3))
+            if key not in keys:
+                keys.append(key)
+        values = ["".join(str(d) for d in rng.integers(0, 10, size=self.value_digits)) for _ in range(k)]
+        code = bool(rng.integers(0, 2))
+        if code:
+            needles = [self._encode(f"\n{key} = {val}\n") for key, val in zip(keys, values)]
+            ask = [f"\nassert {keys[i]} == {values[i]}" for i in rng.permutation(k)[: self.num_queries]]
+        else:
+            needles = [self._encode(f"\nThe magic number for {key} is {val}.\n") for key, val in zip(keys, values)]
+            ask = [f"\nWhat is the magic number for {keys[i]}? The magic number for {keys[i]} is {values[i]}."
+                   for i in rng.permutation(k)[: self.num_queries]]
+        query = self._encode("".join(ask))
+        budget = seq_len - sum(map(len, needles)) - len(query)
+        if budget < 1:  # too short for the task: fall back to plain text
+            return torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
+        hay = np.asarray(self.shards.sample_batch(1, budget, rng)[0], dtype=np.int64).tolist()
+        cuts = sorted(rng.integers(0, budget + 1, size=k).tolist())
+        out: list[int] = []
+        prev = 0
+        for c, needle in zip(cuts, needles):
+            out += hay[prev:c] + needle
+            prev = c
+        out += hay[prev:] + query
+        return torch.tensor(out[:seq_len], dtype=torch.long)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.stack([self._row(seq_len, rng) for _ in range(batch_size)])
+
+
+class TasksSource:
+    """Retrieval sequences from the eval harness's own generator, ``consa.data.tasks.make_items``
+    (passkey, multikey, varrecall, mqar at a random depth; its default haystacks). Each item's
+    prompt + answer is fitted to ``seq_len`` by prepending corpus text. About 0.1 s per item on a
+    CPU core, so it slows GPU pretraining; the built-in :class:`RetrievalSource` is the default.
+    Raises ``ImportError`` when the module is not there."""
+
+    def __init__(self, shards, tokenizer, tasks: tuple[str, ...] | None = None):
+        from ..data.tasks import TASKS, make_items
+
+        self.make_items, self.shards, self.tok = make_items, shards, tokenizer
+        self.tasks = tuple(tasks or TASKS)
+        self.fallbacks = 0  # rows that could not be built and were replaced by corpus text
+
+    def _row(self, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        task = self.tasks[int(rng.integers(0, len(self.tasks)))]
+        length = max(64, int((seq_len - 8) / 1.03))
+        try:
+            item = self.make_items(task, self.tok, length, float(rng.uniform(0.05, 0.95)), 1,
+                                   int(rng.integers(0, 2**31 - 1)), strict=False)[0]
+        except ConsaError:  # e.g. seq_len too short for the task with this tokenizer: plain text
+            self.fallbacks += 1
+            return torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
+        ids = list(self.tok.encode(f"{item.prompt} {item.answer}", add_special_tokens=False))[-seq_len:]
+        pad = seq_len - len(ids)
+        if pad > 0:
+            ids = np.asarray(self.shards.sample_batch(1, pad, rng)[0], dtype=np.int64).tolist() + ids
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.stack([self._row(seq_len, rng) for _ in range(batch_size)])
+
+
+class MixedSource:
+    """``base`` batches with a share ``fraction`` of rows from ``extra`` (stochastically rounded per
+    batch, so the expected share is exact), placed at random rows."""
+
+    def __init__(self, base: BatchSource, extra: BatchSource, fraction: float):
+        self.base, self.extra, self.fraction = base, extra, float(fraction)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+        n = min(batch_size, int(math.floor(self.fraction * batch_size + rng.random())))
+        parts = []
+        if batch_size - n:
+            parts.append(self.base(batch_size - n, seq_len, rng))
+        if n:
+            parts.append(self.extra(n, seq_len, rng))
+        batch = torch.cat(parts)
+        return batch[torch.from_numpy(rng.permutation(batch_size))]
+
+
+def retrieval_source(shards, tokenizer, kind: str = "builtin") -> tuple[BatchSource, str]:
+    """The retrieval batch source of ``kind`` and the name of the one chosen: ``builtin``
+    (:class:`RetrievalSource`), ``tasks`` (:class:`TasksSource`), or ``auto`` (tasks when the
+    module imports, else builtin)."""
+    if kind in ("auto", "tasks"):
+        try:
+            return TasksSource(shards, tokenizer), "tasks"
+        except ImportError as e:
+            if kind == "tasks":
+                raise ConsaError(f"retrieval source 'tasks' needs consa.data.tasks ({e})") from None
+    return RetrievalSource(shards, tokenizer), "builtin"
+
+
+def _batch_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 0, step])
+
+
+# ----------------------------------------------------------------------------------- checkpoint
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _copy_tokenizer(corpus: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (corpus / name).is_file():
+            shutil.copy2(corpus / name, dest / name)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"state.{idx}.{k}"] = t.detach().to("cpu").contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[f"torch_cuda_{i}"] for i in range(torch.cuda.device_count()) if f"torch_cuda_{i}" in tensors]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+class _quiet_hf:
+    """Silence transformers' own progress bars (shard writing/loading) inside our bar."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self._was:
+            hf_logging.enable_progress_bar()
+
+
+def _save_model_dir(model, corpus: Path, dest: Path) -> None:
+    with _quiet_hf():
+        model.save_pretrained(dest)
+    _copy_tokenizer(corpus, dest)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap the finished ``tmp`` dir into ``final`` (old kept as ``final.old`` until the swap is done)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _save_checkpoint(out: Path, corpus: Path, model, opt, state: dict, log: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{CHECKPOINT}.", suffix=".tmp"))
+    try:
+        _save_model_dir(model, corpus, tmp)
+        tensors, meta = _optimizer_tensors(opt)
+        save_file(tensors, str(tmp / OPTIM_FILE))
+        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+        (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
+        _replace_dir(tmp, out / CHECKPOINT)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):  # .old survives a crash in the middle of a swap
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+def _export_final(out: Path, corpus: Path, model, log: dict) -> None:
+    """Write the final model files into ``out`` (each file by an atomic rename)."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final.", suffix=".tmp"))
+    try:
+        _save_model_dir(model, corpus, tmp)
+        (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
+        names = sorted(p.name for p in tmp.iterdir())
+        # config.json last: a directory with a config.json is a complete model
+        for name in sorted(names, key=lambda n: n == "config.json"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------- training
+
+def _build_model(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _make_optimizer(model, r: _Resolved) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if r.device.startswith("cuda") else {}
+    return torch.optim.AdamW(groups, lr=r.lr, betas=(r.beta1, r.beta2), eps=1e-8, **kw)
+
+
+def _loss(model, batch: torch.Tensor, device: str, bf16: bool) -> torch.Tensor:
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: str, bf16: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for b in batches:
+        total += float(_loss(model, b.to(device), device, bf16))
+    model.train(was_training)
+    return total / max(1, len(batches))
+
+
+def _load_tokenizer(corpus: Path):
+    try:
+        from ..data.tokenizer import load_tokenizer
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return load_tokenizer(corpus)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(corpus))
+
+
+def _check_out(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; ConsaError when ``out`` is in the way."""
+    if out.exists() and not out.is_dir():
+        raise ConsaError(f"--out {out} exists and is not a directory")
+    ckpt = _find_checkpoint(out) if out.is_dir() else None
+    if resume:
+        return ckpt
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise ConsaError(f"--out {out} is not empty; pass --resume to continue the run in it, or choose another dir")
+    return None
+
+
+def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = None,
+             on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train (or resume) a base model as ``cfg`` says and return the model directory ``cfg.out``.
+
+    ``batch_source`` replaces the default corpus/retrieval mix (see :class:`BatchSource`); it must be
+    deterministic in its ``rng`` argument for resume to replay the same batches. ``on_step(step,
+    loss)`` is called after every optimizer step (``step`` counted from 1), e.g. for a custom log or
+    to stop a run. Input errors raise :class:`ConsaError` before anything is written. With
+    ``time_limit`` the run may stop early after a checkpoint: ``pretrain_log.json`` then says
+    ``"finished": false`` and no final model is exported; call again with ``resume=True``.
+    """
+    if isinstance(cfg, dict):
+        cfg = PretrainConfig.from_dict(cfg)
+    t_start = time.time()
+    r = _resolve(cfg)
+    corpus, out = Path(cfg.corpus), Path(cfg.out)
+    if not corpus.is_dir():
+        raise ConsaError(f"--corpus {corpus}: no such directory")
+    if not (corpus / "tokenizer.json").is_file() and not (corpus / "tokenizer_config.json").is_file():
+        raise ConsaError(f"--corpus {corpus}: no tokenizer files (tokenizer.json) in it")
+    ckpt = _check_out(out, cfg.resume)
+    try:
+        train_shards = open_shards(corpus, "train")
+    except ConsaError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ConsaError(f"--corpus {corpus}: cannot open train shards ({type(e).__name__}: {e})") from None
+    try:
+        val_shards = open_shards(corpus, "validation")
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"no validation split in {corpus} ({e}); validation loss is taken on train windows")
+        val_shards = train_shards
+    for name, sh in (("train", train_shards), ("validation", val_shards)):
+        if int(sh.num_tokens) < r.seq_len + 1:
+            raise ConsaError(f"--corpus {corpus}: {name} split has {sh.num_tokens} tokens, fewer than --seq-len {r.seq_len}")
+    try:
+        tokenizer = _load_tokenizer(corpus)
+    except Exception as e:  # noqa: BLE001
+        raise ConsaError(f"--corpus {corpus}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    vocab = max(len(tokenizer), int(np.max(train_shards.tokens[: min(train_shards.num_tokens, 1 << 20)])) + 1)
+    vocab = -(-vocab // 64) * 64  # a multiple of 64: faster matmuls, unused rows are harmless
+
+    state0: dict | None = None
+    if ckpt is not None:
+        state0 = json.loads((ckpt / STATE_FILE).read_text())
+        prev = state0["resolved"]
+        changed = [k for k in _RESUME_FIXED if prev.get(k) != asdict(r).get(k)]
+        if changed:
+            raise ConsaError(f"--resume: {', '.join(changed)} differ from the checkpoint's run "
+                             f"({', '.join(f'{k}={prev.get(k)!r}' for k in changed)})")
+
+    # ---- everything validated: from here on we write
+    out.mkdir(parents=True, exist_ok=True)
+    device = r.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ckpt is not None:
+        from transformers import AutoModelForCausalLM
+
+        with _quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(train_shards, "eos_id", None)
+        config = preset_config(r.preset, vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                               pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(r.seq_len, get_preset(r.preset).context))
+        model = _build_model(config, r.seed)
+    model.to(device).train()
+    opt = _make_optimizer(model, r)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # batch source
+    src_name = "custom"
+    if batch_source is None:
+        batch_source = corpus_source(train_shards)
+        src_name = "corpus"
+        if r.retrieval_mix > 0:
+            kind = state0["retrieval_source"] if state0 and state0.get("retrieval_source") in ("builtin", "tasks") \
+                else cfg.retrieval_source
+            extra, kind = retrieval_source(train_shards, tokenizer, kind)
+            batch_source = MixedSource(batch_source, extra, r.retrieval_mix)
+            src_name = f"corpus+{kind}"
+    val_rng = np.random.default_rng([r.seed, 1])
+    val_batches = [corpus_source(val_shards)(r.batch_size, r.seq_len, val_rng) for _ in range(r.eval_batches)]
+
+    log: dict = {
+        "preset": r.preset, "resolved": asdict(r), "parameters": n_params, "vocab_size": vocab, "batch_source": src_name,
+        "corpus": str(corpus), "history": [], "validation": [], "segments": [], "finished": False,
+    }
+    step = 0
+    if ckpt is not None:
+        from safetensors.torch import load_file
+
+        _load_optimizer(opt, load_file(str(ckpt / OPTIM_FILE)), state0["optimizer"])
+        _restore_rng(load_file(str(ckpt / RNG_FILE)))
+        step = int(state0["step"])
+        log = json.loads((ckpt / LOG_FILE).read_text())
+        log["resolved"].update(device=r.device, bf16=r.bf16, compile=r.compile)
+    if not log["validation"]:
+        log["validation"].append({"step": 0, "tokens": 0, "val_loss": evaluate(model, val_batches, device, r.bf16)})
+
+    fwd = torch.compile(model) if r.compile else model
+    segment = {"start_step": step, "device": device, "bf16": r.bf16, "compile": r.compile,
+               "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    log["segments"].append(segment)
+    train_time = 0.0  # seconds spent in training steps (no eval / checkpoint) in this segment
+    seg_tokens = 0
+
+    def state_dict() -> dict:
+        return {"step": step, "tokens": step * r.tokens_per_step, "resolved": asdict(r),
+                "retrieval_source": src_name.split("+")[1] if "+" in src_name else None}
+
+    def finish_segment() -> None:
+        segment.update(end_step=step, wall_s=round(time.time() - t_start, 3), train_s=round(train_time, 3),
+                       tokens_per_s=round(seg_tokens / train_time, 1) if train_time > 0 else None)
+        log["wall_s"] = round(sum(s.get("wall_s", 0) for s in log["segments"]), 3)
+        tt = sum(s.get("train_s", 0) for s in log["segments"])
+        log["train_tokens_per_s"] = round(step * r.tokens_per_step / tt, 1) if tt > 0 else None
+        log["steps_done"], log["tokens_done"] = step, step * r.tokens_per_step
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=r.steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+               desc=f"pretrain {r.preset}", file=sys.stderr)
+    micro = r.batch_size // r.grad_accum
+    stopped_early = False
+    try:
+        while step < r.steps:
+            t0 = time.perf_counter()
+            batch = batch_source(r.batch_size, r.seq_len, _batch_rng(r.seed, step))
+            if tuple(batch.shape) != (r.batch_size, r.seq_len):
+                raise ConsaError(f"batch source gave shape {tuple(batch.shape)}, expected {(r.batch_size, r.seq_len)}")
+            lr = lr_at(step, r)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for i in range(r.grad_accum):
+                mb = batch[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                loss = _loss(fwd, mb, device, r.bf16)
+                (loss / r.grad_accum).backward()
+                loss_sum += loss.detach()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_val = float(loss_sum) / r.grad_accum
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            seg_tokens += r.tokens_per_step
+            if not math.isfinite(loss_val):
+                raise ConsaError(f"loss is {loss_val} at step {step}; lower --lr")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{seg_tokens / train_time:,.0f}", lr=f"{lr:.2e}")
+            if step % r.log_every == 0 or step == r.steps:
+                log["history"].append({"step": step, "tokens": step * r.tokens_per_step, "loss": round(loss_val, 5),
+                                       "lr": lr, "grad_norm": round(float(gnorm), 4), "step_s": round(dt, 4)})
+            if step % r.eval_every == 0 or step == r.steps:
+                v = evaluate(model, val_batches, device, r.bf16)
+                log["validation"].append({"step": step, "tokens": step * r.tokens_per_step, "val_loss": v})
+                if cfg.progress:
+                    bar.write(f"step {step}/{r.steps}  loss {loss_val:.4f}  val_loss {v:.4f}", file=sys.stderr)
+            over_time = cfg.time_limit is not None and time.time() - t_start > cfg.time_limit
+            if step % r.save_every == 0 or step == r.steps or over_time:
+                finish_segment()
+                _save_checkpoint(out, corpus, model, opt, state_dict(), log)
+            if on_step is not None:
+                on_step(step, loss_val)
+            if over_time and step < r.steps:
+                stopped_early = True
+                bar.write(f"time limit reached: stopped at step {step}/{r.steps}; rerun with --resume to continue",
+                          file=sys.stderr)
+                break
+    finally:
+        bar.close()
+
+    finish_segment()
+    if not stopped_early:
+        log["finished"] = True
+        log["final_val_loss"] = log["validation"][-1]["val_loss"]
+        _export_final(out, corpus, model, log)
+        if not cfg.keep_checkpoint:
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    else:
+        _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
+    return out

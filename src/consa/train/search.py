@@ -1,0 +1,249 @@
+"""The ConSA search: learn which units keep full attention under an exact SWA budget.
+
+Student = the model with gated attention (``models.attach_gates``); teacher = the same model with
+gates off (or a frozen copy when weights train too). Loss = KL(teacher ‖ student) on next-token
+logits (+ optional LM loss) + the sparsity controller's penalty. At the end a global top-k over
+log α gives exactly round(t·N) SWA units.
+
+Data comes from ``batch_fn(step) -> dict(input_ids, [attention_mask], [loss_mask])``; it must be a
+pure function of the step so that a resumed run sees the same batches as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..allocation import Allocation, atomic_write_text, check_granularity, check_sparsity, swa_count
+from ..constraint import ControllerConfig, SparsityController
+from ..errors import ConsaError
+from ..gates import HardConcreteGates, topk_swa
+from ..models import attach_gates, model_shape
+from .checkpoint import load_checkpoint, save_checkpoint
+
+BatchFn = Callable[[int], dict]
+
+
+@dataclass
+class SearchConfig:
+    sparsity: float
+    window: int
+    seq_len: int
+    granularity: str = "kv_head"
+    sinks: int = 0
+    steps: int = 300
+    gate_lr: float = 0.05
+    init_log_alpha: float = 3.0
+    warmup_frac: float = 0.4
+    controller: str = "lagrangian"
+    train_weights: str = "none"  # none | full | lora
+    weight_lr: float = 1e-5
+    lora_rank: int = 8
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        check_sparsity(self.sparsity)
+        check_granularity(self.granularity)
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConsaError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.window >= self.seq_len:
+            raise ConsaError(
+                f"window {self.window} must be smaller than the training sequence length {self.seq_len} "
+                "(otherwise SWA equals full attention and there is nothing to learn)"
+            )
+        if self.steps < 1:
+            raise ConsaError(f"steps must be >= 1, got {self.steps}")
+        if self.train_weights not in ("none", "full", "lora"):
+            raise ConsaError(f"train_weights must be none, full or lora, got {self.train_weights!r}")
+        if self.controller not in ("lagrangian", "project"):
+            raise ConsaError(f"controller must be lagrangian or project, got {self.controller!r}")
+
+
+def kl_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over (unmasked) positions of KL(teacher ‖ student) on next-token distributions."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """Run ``model`` on a batch given as token ids or as ``inputs_embeds`` (synthetic tasks)."""
+    inputs = {"attention_mask": batch.get("attention_mask")}
+    if batch.get("inputs_embeds") is not None:
+        inputs["inputs_embeds"] = batch["inputs_embeds"]
+    else:
+        inputs["input_ids"] = batch["input_ids"]
+    return model(**inputs).logits
+
+
+def lm_loss(logits, input_ids, mask=None) -> torch.Tensor:
+    logits, target = logits[:, :-1].float(), input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
+    m = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+    return (nll * m).sum() / m.sum().clamp_min(1.0)
+
+
+class Search:
+    """One ConSA search; ``run`` returns the Allocation and writes it under ``out_dir``."""
+
+    def __init__(self, model, cfg: SearchConfig, batch_fn: BatchFn, out_dir: str | Path, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.batch_fn, self.out_dir, self.progress = cfg, batch_fn, Path(out_dir), progress
+        self.shape = model_shape(model)
+        self.n_units = self.shape.num_units(cfg.granularity)
+        self.num_swa = swa_count(cfg.sparsity, self.n_units)
+        torch.manual_seed(cfg.seed)
+        self.teacher = None
+        if cfg.train_weights != "none":
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = self._prepare_student(model)
+        self.device = next(model.parameters()).device
+        self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
+        self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend)
+        params = [{"params": [self.gates.log_alpha], "lr": cfg.gate_lr}]
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        if weights:
+            params.append({"params": weights, "lr": cfg.weight_lr})
+        self.opt = torch.optim.Adam(params)
+        warmup = int(round(cfg.warmup_frac * cfg.steps))
+        self.controller = SparsityController(ControllerConfig(cfg.sparsity, warmup, cfg.controller))
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def _prepare_student(self, model):
+        mode = self.cfg.train_weights
+        if mode == "none":
+            return model.eval().requires_grad_(False)
+        if mode == "lora":
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ConsaError("train_weights=lora needs PEFT: pip install 'consa[peft]'") from None
+            lcfg = LoraConfig(r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            model = get_peft_model(model, lcfg)
+        model.train()
+        for m in model.modules():  # no dropout: the search must be deterministic given the seed
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if mode == "full":
+            model.requires_grad_(True)
+        return model
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _unit_to_heads(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cfg.granularity == "layer":
+            return z.view(-1, 1).expand(-1, self.shape.num_kv_heads)
+        return z.view(self.shape.num_layers, self.shape.num_kv_heads)
+
+    def _teacher_logits(self, batch):
+        with torch.no_grad():
+            if self.teacher is not None:
+                return forward_logits(self.teacher, batch)
+            self.mix.z = torch.ones(self.shape.num_layers, self.shape.num_kv_heads, device=self.device)
+            return forward_logits(self.model, batch)
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.batch_fn(step).items()}
+        loss_mask = batch.get("loss_mask")
+        if loss_mask is None and batch.get("attention_mask") is not None:
+            loss_mask = batch["attention_mask"]
+        teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
+        z = self.gates.sample(self.gen)
+        self.mix.z = self._unit_to_heads(z)
+        logits = forward_logits(self.model, batch)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if teacher is not None:
+            loss = loss + cfg.kl_weight * kl_loss(logits, teacher, loss_mask, cfg.temperature)
+        if cfg.lm_weight > 0 and "input_ids" in batch:
+            loss = loss + cfg.lm_weight * lm_loss(logits, batch["input_ids"], loss_mask)
+        task = float(loss.detach())
+        if not math.isfinite(task):
+            raise ConsaError(f"loss became {task} at step {step}; no allocation was written (lower --gate-lr or check the data)")
+        s_hat = self.gates.expected_sparsity()
+        total = loss + self.controller.penalty(s_hat, step)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        self.controller.after_step(self.gates, step)
+        with torch.no_grad():
+            s_after = float(self.gates.expected_sparsity())
+            hard = float((self.gates.prob_nonzero() < 0.5).float().mean())
+        rec = {
+            "step": step, "loss": task, "expected_sparsity": s_after, "hard_sparsity": hard,
+            "target": self.controller.target_at(step), "lambda1": self.controller.lambda1,
+            "shift": self.controller.last_shift,
+        }
+        self.history.append(rec)
+        self.step += 1
+        return rec
+
+    # ---- whole run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Allocation:
+        ckpt_dir = self.out_dir / "checkpoint"
+        if resume:
+            if not (ckpt_dir / "state.json").is_file():
+                raise ConsaError(f"--resume: no checkpoint in {ckpt_dir}")
+            load_checkpoint(ckpt_dir, self)
+        elif ckpt_dir.exists() and (self.out_dir / "allocation.json").exists() is False and any(ckpt_dir.iterdir()):
+            raise ConsaError(f"{self.out_dir} holds a checkpoint of an unfinished search; pass --resume or choose another --out")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="consa search", dynamic_ncols=True)
+        t0 = time.time()
+        metrics_path = self.out_dir / "metrics.jsonl"
+        mode = "a" if resume else "w"
+        with open(metrics_path, mode) as mf:
+            while self.step < self.cfg.steps:
+                rec = self.train_step()
+                mf.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", s_exp=f"{rec['expected_sparsity']:.3f}",
+                                    s_hard=f"{rec['hard_sparsity']:.3f}", lam=f"{rec['lambda1']:.2f}")
+                    bar.update(1)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
+                    mf.flush()
+                    save_checkpoint(ckpt_dir, self)
+        if bar is not None:
+            bar.close()
+        alloc = self.allocation()
+        alloc.save(self.out_dir / "allocation.json")
+        from safetensors.torch import save_file
+
+        save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(self.out_dir / "gates.safetensors"))
+        summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
+                   "num_units": self.n_units, "num_swa": self.num_swa}
+        atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
+        return alloc
+
+    def allocation(self) -> Allocation:
+        fa = topk_swa(self.gates.log_alpha, self.num_swa)
+        meta = {"method": f"consa-{self.cfg.granularity}", "sparsity_target": self.cfg.sparsity,
+                "log_alpha": [round(float(x), 4) for x in self.gates.log_alpha.detach().cpu()], "steps": self.step,
+                "seed": self.cfg.seed}
+        return Allocation.from_units(fa, self.cfg.granularity, self.shape, self.cfg.window, self.cfg.sinks, meta)
+
+
+def run_search(model, cfg: SearchConfig, batch_fn: BatchFn, out_dir, resume: bool = False, progress: bool = True) -> Allocation:
+    return Search(model, cfg, batch_fn, out_dir, progress).run(resume=resume)

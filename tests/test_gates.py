@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from consa.gates import BETA, GAMMA, ZETA, HardConcreteGates, topk_swa
+
+
+def test_prob_nonzero_matches_monte_carlo():
+    gates = HardConcreteGates(5)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-4.0, -1.5, 0.0, 0.7, 3.0]))
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([gates.sample(g) for _ in range(40000)])
+    mc = (samples > 0).float().mean(0)
+    assert torch.allclose(mc, gates.prob_nonzero().detach(), atol=0.01), (mc, gates.prob_nonzero())
+    # and the closed form is the documented one
+    la = gates.log_alpha.detach()
+    expected = torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA))
+    assert torch.allclose(gates.prob_nonzero().detach(), expected)
+    assert float(gates.expected_sparsity().detach()) == pytest.approx(1 - float(expected.mean()), abs=1e-6)
+
+
+def test_samples_are_in_unit_interval_with_exact_zeros_and_ones():
+    gates = HardConcreteGates(2)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-3.0, 3.0]))
+    z = torch.stack([gates.sample(torch.Generator().manual_seed(i)) for i in range(500)])
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z[:, 0] == 0).any() and (z[:, 1] == 1).any()
+
+
+def test_eval_gates_are_deterministic_and_train_gates_are_not():
+    gates = HardConcreteGates(6, init_log_alpha=0.3)
+    gates.eval()
+    assert torch.equal(gates(), gates())
+    gates.train()
+    assert not torch.equal(gates(), gates())
+
+
+@pytest.mark.parametrize("n,k", [(8, 6), (8, 7), (64, 48), (10, 5), (7, 0), (7, 7)])
+def test_topk_exact_count_including_ties(n, k):
+    for scores in (torch.zeros(n), torch.randn(n), torch.tensor([float(i % 3) for i in range(n)])):
+        fa = topk_swa(scores, k)
+        assert len(fa) == n and sum(not b for b in fa) == k
+        # every SWA unit scores no higher than every FA unit
+        swa_s = [float(s) for s, b in zip(scores, fa) if not b]
+        fa_s = [float(s) for s, b in zip(scores, fa) if b]
+        if swa_s and fa_s:
+            assert max(swa_s) <= min(fa_s)
+
+
+def test_topk_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        topk_swa(torch.zeros(4), 5)

@@ -1,0 +1,87 @@
+"""Kernels against the float64 dense reference: causal, sliding window, sinks, KeySlots, GQA/MHA, odd lengths."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from consa.attention import kernels, masks
+from consa.attention.kernels import KeySlots, attention, reference_attention, sliding_block_mask
+
+
+def _qkv(b, hq, hk, tq, tk, d=16, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
+    return mk(b, hq, tq, d), mk(b, hk, tk, d), mk(b, hk, tk, d)
+
+
+def _allowed(q_pos, k_pos, window, sinks):
+    causal = q_pos[:, None] >= k_pos[None, :]
+    if window is None:
+        return causal
+    return causal & ((q_pos[:, None] - k_pos[None, :] < window) | (k_pos[None, :] < sinks))
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("window,sinks", [(None, 0), (5, 0), (4, 2), (1, 0), (64, 1)])
+@pytest.mark.parametrize("tq,total", [(13, 13), (1, 17), (5, 23)])
+def test_attention_matches_reference_over_slots(hq, hk, window, sinks, tq, total):
+    """Queries are the last tq of total slots; keys held are either all slots or sinks + a tail."""
+    q_pos = torch.arange(total - tq, total)
+    layouts = [KeySlots()]
+    if window is not None and total - tq - window + 1 > sinks:  # a cache that dropped invisible slots
+        layouts.append(KeySlots(num_sinks=sinks, offset=total - tq - window + 1))
+    q, k_all, v_all = _qkv(2, hq, hk, tq, total, seed=tq + total)
+    pad = torch.ones(2, total, dtype=torch.bool)
+    pad[0, :3] = False  # left padding on row 0
+    for slots in layouts:
+        held = slots.positions(total - slots.offset + slots.num_sinks if not slots.is_identity() else total, "cpu")
+        k, v = k_all[:, :, held], v_all[:, :, held]
+        allowed = _allowed(q_pos, held, window, sinks)[None, None]
+        ref = reference_attention(q, k, v, allowed.expand(2, hq, -1, -1), 0.3)
+        got = attention(q, k, v, scale=0.3, window=window, sinks=sinks, slots=slots)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        # with transformers' padding+causal mask over all slots
+        mask = (pad[:, None, None, :] & (q_pos[:, None] >= torch.arange(total)[None, :])[None, None])
+        allowed_p = allowed & pad[:, None, None, held]
+        ref_p = reference_attention(q, k, v, allowed_p.expand(2, hq, -1, -1), 0.3)
+        got_p = attention(q, k, v, scale=0.3, window=window, sinks=sinks, slots=slots, mask=mask)
+        rows = allowed_p.expand(2, hq, -1, -1).any(-1)  # rows with a visible key (fully padded rows are undefined)
+        torch.testing.assert_close(got_p[rows], ref_p[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tq,tk,window,sinks", [(300, 300, 50, 0), (300, 300, 128, 3), (77, 300, 40, 2), (256, 256, 1, 0), (130, 130, 500, 0), (1000, 1000, 200, 0)])
+def test_closed_form_block_mask(tq, tk, window, sinks):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    bm = sliding_block_mask(tq, tk, window, sinks)
+    mod = masks.offset_mask_mod(masks.sliding_window_mask_mod(window, sinks), tk - tq)
+    ref_bm = create_block_mask(mod, None, None, tq, tk, device="cpu")
+    assert torch.equal(bm.to_dense(), ref_bm.to_dense())
+    # full blocks really are fully visible: flex (eager, CPU) with this mask equals the reference
+    q, k, v = _qkv(1, 4, 2, tq, tk, seed=tq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+        out = flex_attention(q, k, v, block_mask=bm, scale=0.25, enable_gqa=True)
+    allowed = masks.dense_mask(mod, tq, tk)[None, None]
+    torch.testing.assert_close(out, reference_attention(q, k, v, allowed, 0.25), atol=1e-5, rtol=0)
+
+
+def test_select_mask_columns():
+    m = torch.arange(10)[None, None, None, :].expand(1, 1, 2, 10)
+    cols = kernels.select_mask_columns(m, KeySlots(num_sinks=2, offset=6), 6)
+    assert cols[0, 0, 0].tolist() == [0, 1, 6, 7, 8, 9]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t,window,sinks", [(2048, 512, 0), (3001, 128, 4)])
+def test_flex_sliding_on_gpu(t, window, sinks):
+    q, k, v = _qkv(1, 16, 8, t, t, d=128, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, scale=128**-0.5, window=window, sinks=sinks, backend="flex")
+    pos = torch.arange(t, device="cuda")
+    ref = reference_attention(q.float(), k.float(), v.float(), _allowed(pos, pos, window, sinks)[None, None], 128**-0.5)
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 1e-2

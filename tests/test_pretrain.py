@@ -1,0 +1,258 @@
+"""`consa pretrain`: training lowers validation loss, checkpoints round-trip through from_pretrained,
+a killed run resumes to the same weights as an unbroken one, and bad input fails cleanly."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consa.cli import main
+from consa.errors import ConsaError
+from consa.presets import PRESETS, get_preset, preset_config, preset_window
+from consa.train.pretrain import (CHECKPOINT, LOG_FILE, MixedSource, PretrainConfig, RetrievalSource, corpus_source,
+                                  lr_at, open_shards, pretrain, _resolve)
+
+# small and fast: 2 layers of the tiny preset's width would differ from the preset, so the tests use
+# the tiny preset itself with short sequences and small batches
+FAST = dict(preset="tiny", seq_len=64, batch_size=8, progress=False, eval_batches=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread is faster, and far faster on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _texts() -> list[str]:
+    import bisect, heapq, json as _json, string, textwrap, functools, collections, fractions, calendar  # noqa: E401
+
+    return [inspect.getsource(m) for m in (textwrap, string, heapq, bisect, _json, functools, collections, fractions, calendar)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A tiny corpus dir in the corpus builder's format (tokenizer files + train/ + validation/ + stats.json)."""
+    d = tmp_path_factory.mktemp("corpus")
+    texts = _texts()
+    try:
+        from consa.data.shards import write_split
+        from consa.data.tokenizer import train_tokenizer
+    except ImportError:  # corpus builder not there: the minimal tokens.npy layout pretrain also reads
+        write_split = train_tokenizer = None
+    if train_tokenizer is not None:
+        tok = train_tokenizer(texts, 384, d)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        bt = Tokenizer(models.BPE())
+        bt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bt.decoder = decoders.ByteLevel()
+        bt.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+        tok = PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tok.save_pretrained(str(d))
+    eos = tok.eos_token_id
+    docs = [np.asarray(tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
+    # split each file into chunks so both splits hold text of every kind
+    chunks = [c for doc in docs for c in np.array_split(doc, max(1, len(doc) // 2000))]
+    splits = {"train": [c for i, c in enumerate(chunks) if i % 8], "validation": [c for i, c in enumerate(chunks) if i % 8 == 0]}
+    for split, ds in splits.items():
+        if write_split is not None:
+            write_split(d / split, ds, vocab_size=len(tok), eos_id=eos)
+        else:
+            (d / split).mkdir()
+            np.save(d / split / "tokens.npy", np.concatenate([np.append(c, eos) for c in ds]).astype(np.uint16))
+    (d / "stats.json").write_text(json.dumps({"eos_id": eos, "documents": len(chunks)}))
+    return d
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+def test_presets_match_the_brief():
+    from transformers import AutoModelForCausalLM
+
+    for name, p in PRESETS.items():
+        cfg = preset_config(name, 16384)
+        assert cfg.model_type == "qwen3" and cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
+        assert not cfg.use_sliding_window and set(cfg.layer_types) == {"full_attention"}
+        assert preset_window(name) == p.context // 16
+        with torch.device("meta"):
+            n = sum(t.numel() for t in AutoModelForCausalLM.from_config(cfg).parameters())
+        if name != "tiny":
+            assert cfg.num_hidden_layers >= 16 and p.context >= 4096
+        if name == "small-gpu":
+            assert 30e6 <= n <= 50e6, n
+        if name == "base-gpu":
+            assert 50e6 <= n <= 150e6, n
+    with pytest.raises(ConsaError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    r = _resolve(PretrainConfig(corpus=".", out=".", steps=100, warmup=10, lr=1e-3, device="cpu"))
+    lrs = [lr_at(s, r) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warm-up
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)  # cosine ends near min_lr_ratio * lr
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def test_pretrain_lowers_validation_loss_and_round_trips(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = pretrain(PretrainConfig(corpus=corpus, out=tmp_path / "m", steps=40, lr=3e-3, eval_every=20, **FAST))
+    log = json.loads((out / LOG_FILE).read_text())
+    vals = [v["val_loss"] for v in log["validation"]]
+    assert [v["step"] for v in log["validation"]] == [0, 20, 40]
+    assert vals[0] > 5.0  # ≈ ln(384) at random init
+    assert vals[-1] < vals[0] - 1.0, vals  # training works
+    assert log["finished"] and log["steps_done"] == 40 and log["tokens_done"] == 40 * 8 * 64
+    assert log["train_tokens_per_s"] > 0 and log["wall_s"] > 0
+
+    # the out dir is a plain HF model dir: identical logits after from_pretrained
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert model.config.model_type == "qwen3" and model.config.num_hidden_layers == 4
+    assert model.config.eos_token_id == tok.eos_token_id
+    ids = torch.tensor([tok.encode("def bisect_left(a, x):\n    lo = 0")])
+    ckpt_model = AutoModelForCausalLM.from_pretrained(str(out / CHECKPOINT), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ckpt_model(ids).logits, rtol=0, atol=0)
+        # and the loss it reports is the loss the loaded model has on the same validation batches
+        from consa.train.pretrain import evaluate
+
+        rng = np.random.default_rng([0, 1])
+        val = [corpus_source(open_shards(corpus, "validation"))(8, 64, rng) for _ in range(2)]
+        assert evaluate(model, val, "cpu") == pytest.approx(vals[-1], abs=1e-4)
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # no temp dirs left behind
+
+
+def test_kill_and_resume_equals_unbroken_run(corpus, tmp_path):
+    common = dict(corpus=corpus, steps=12, save_every=4, eval_every=6, retrieval_mix=0.25, **FAST)
+    full = pretrain(PretrainConfig(out=tmp_path / "full", **common))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_10(step, loss):
+        if step == 10:  # two steps past the step-8 checkpoint: that progress is lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(PretrainConfig(out=tmp_path / "cut", **common), on_step=kill_at_10)
+    cut = tmp_path / "cut"
+    assert json.loads((cut / CHECKPOINT / "state.json").read_text())["step"] == 8
+    assert not (cut / "config.json").exists()  # no final model from a killed run
+    with pytest.raises(ConsaError, match="--resume"):  # a fresh run refuses to overwrite it
+        pretrain(PretrainConfig(out=cut, **common))
+
+    at8 = _weights(cut / CHECKPOINT)
+    pretrain(PretrainConfig(out=cut, resume=True, **common))
+
+    a, b = _weights(full), _weights(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=k)
+    assert any(not torch.allclose(a[k], at8[k], atol=1e-4) for k in a)  # the resumed steps did train
+    la, lb = (json.loads((d / LOG_FILE).read_text()) for d in (full, cut))
+    assert la["final_val_loss"] == pytest.approx(lb["final_val_loss"], abs=1e-5)
+    assert [h["loss"] for h in la["history"]] == pytest.approx([h["loss"] for h in lb["history"]], abs=1e-5)
+    assert len(lb["segments"]) == 2 and lb["segments"][1]["start_step"] == 8
+    # a resume with a different recipe is refused
+    with pytest.raises(ConsaError, match="lr"):
+        pretrain(PretrainConfig(out=cut, resume=True, lr=1e-2, **common))
+
+
+def test_time_limit_stops_cleanly_and_resumes(corpus, tmp_path):
+    out = tmp_path / "t"
+    pretrain(PretrainConfig(corpus=corpus, out=out, steps=6, time_limit=1e-9, **FAST))
+    log = json.loads((out / LOG_FILE).read_text())
+    assert not log["finished"] and log["steps_done"] == 1 and not (out / "config.json").exists()
+    pretrain(PretrainConfig(corpus=corpus, out=out, steps=6, resume=True, **FAST))
+    assert json.loads((out / LOG_FILE).read_text())["steps_done"] == 6 and (out / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+def test_retrieval_rows_hold_recallable_pairs(corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(corpus))
+    shards = open_shards(corpus, "train")
+    src = RetrievalSource(shards, tok)
+    rows = src(6, 512, np.random.default_rng(3))
+    assert rows.shape == (6, 512) and rows.dtype == torch.long
+    for row in rows:
+        text = tok.decode(row.tolist())
+        asked = text.rsplit("\n", 2)[-2:]  # the queries end the sequence
+        for line in asked:
+            if line.startswith("assert "):  # code form: `assert key == value`, defined earlier as `key = value`
+                key, val = line[len("assert "):].split(" == ")
+                assert f"\n{key} = {val}\n" in text
+            else:
+                key, val = line.split("The magic number for ")[-1].rstrip(".").split(" is ")
+                assert text.count(f"The magic number for {key} is {val}") == 2
+    try:  # the eval harness's generator, when it is there
+        from consa.train.pretrain import TasksSource
+
+        ts = TasksSource(shards, tok, tasks=("multikey",))
+    except ImportError:
+        ts = None
+    if ts is not None:
+        row = ts(1, 512, np.random.default_rng(0))
+        assert row.shape == (1, 512) and ts.fallbacks == 0
+        text = tok.decode(row[0].tolist())
+        answer = text.rstrip()[-5:]  # the item's answer ends the row, and its needle is in the haystack
+        assert answer.isdigit() and text.count(answer) >= 2, text[-200:]
+        assert torch.equal(row, ts(1, 512, np.random.default_rng(0)))
+    # deterministic in the rng; the mix keeps shapes and roughly the asked share
+    assert torch.equal(src(2, 200, np.random.default_rng(5)), src(2, 200, np.random.default_rng(5)))
+    mix = MixedSource(corpus_source(shards), lambda b, t, r: torch.full((b, t), -1), 0.25)
+    got = [int((mix(8, 16, np.random.default_rng(i))[:, 0] == -1).sum()) for i in range(200)]
+    assert np.mean(got) / 8 == pytest.approx(0.25, abs=0.03)
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["missing corpus", "unknown preset", "zero steps", "negative tokens", "both budgets",
+                                  "bad mix"])
+def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, case):
+    out = tmp_path / "never"
+    args = {"missing corpus": ["--corpus", str(tmp_path / "nope"), "--steps", "2"],
+            "unknown preset": ["--corpus", str(corpus), "--preset", "huge", "--steps", "2"],
+            "zero steps": ["--corpus", str(corpus), "--steps", "0"],
+            "negative tokens": ["--corpus", str(corpus), "--tokens", "-5"],
+            "both budgets": ["--corpus", str(corpus), "--steps", "2", "--tokens", "100"],
+            "bad mix": ["--corpus", str(corpus), "--steps", "2", "--retrieval-mix", "1.5"]}[case]
+    code = main(["pretrain", *args, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("consa: error:"), err
+    assert not out.exists()
+
+
+def test_cli_trains_a_model(corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["pretrain", "--corpus", str(corpus), "--out", str(out), "--steps", "2", "--seq-len", "32",
+                 "--batch-size", "4", "--no-progress"])
+    assert code == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not any(p.suffix == ".bin" or p.name.endswith((".pt", ".pkl")) for p in out.rglob("*"))  # no pickle

@@ -1,0 +1,213 @@
+"""The ConSA search: constraint behaviour in real searches, CLI, resume, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from consa.allocation import Allocation
+from consa.cli import main
+from consa.errors import ConsaError
+from consa.tiny import tiny_model
+from consa.train.search import Search, SearchConfig
+
+
+def _batches(step):
+    g = torch.Generator().manual_seed(step)
+    return {"input_ids": torch.randint(3, 101, (4, 40), generator=g)}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("qwen3", num_layers=4).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("t", [0.5, 0.75, 0.875])
+def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
+    model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)  # 8 KV-head units
+    cfg = SearchConfig(sparsity=t, window=5, seq_len=40, steps=60, checkpoint_every=0, gate_lr=0.1)
+    s = Search(model, cfg, _batches, tmp_path, progress=False)
+    alloc = s.run()
+    tail = s.history[int(0.8 * len(s.history)):]
+    assert max(abs(r["expected_sparsity"] - t) for r in tail) <= 0.01
+    # no overshoot during the run either (a prototype overshot to 0.91 for t = 0.75)
+    assert max(r["expected_sparsity"] for r in s.history) <= t + 0.01
+    assert alloc.num_swa == round(t * 8 + 1e-9) if t != 0.5 else alloc.num_swa == 4
+    # every step was logged with both sparsities and λ
+    assert {"expected_sparsity", "hard_sparsity", "lambda1", "loss"} <= set(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]))
+
+
+def test_lagrangian_term_pushes_towards_target(tmp_path):
+    """Without the correcting shift, the penalty alone must still move ŝ up toward t."""
+    from consa.constraint import ControllerConfig, SparsityController
+    from consa.gates import HardConcreteGates
+
+    gates = HardConcreteGates(16)
+    ctl = SparsityController(ControllerConfig(0.75, warmup_steps=0, correct_after_warmup=False))
+    opt = torch.optim.Adam([gates.log_alpha], lr=0.1)
+    for step in range(300):
+        loss = ctl.penalty(gates.expected_sparsity(), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.after_step(gates, step)
+    assert abs(float(gates.expected_sparsity().detach()) - 0.75) < 0.05
+    assert ctl.lambda1 < 0  # ŝ was approached from below: raising it had to pay
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_killed_and_resumed_search_ends_at_the_same_allocation(tmp_path):
+    cfg = dict(sparsity=0.75, window=5, seq_len=40, steps=30, checkpoint_every=10, gate_lr=0.1, seed=3)
+    unbroken = Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), _batches, tmp_path / "a", progress=False)
+    a = unbroken.run()
+
+    def crashing(step):
+        if step == 17:
+            raise _Crash
+        return _batches(step)
+
+    with pytest.raises(_Crash):
+        Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), crashing, tmp_path / "b", progress=False).run()
+    assert not (tmp_path / "b" / "allocation.json").exists()
+    resumed = Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), _batches, tmp_path / "b", progress=False)
+    b = resumed.run(resume=True)
+    assert a == b
+    assert torch.equal(unbroken.gates.log_alpha, resumed.gates.log_alpha)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(30))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = dict(sparsity=0.75, window=5, seq_len=40, steps=20, checkpoint_every=10, gate_lr=0.1)
+
+    def crashing(step):
+        if step == 12:
+            raise _Crash
+        return _batches(step)
+
+    with pytest.raises(_Crash):
+        Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), crashing, tmp_path, progress=False).run()
+    other = SearchConfig(**{**cfg, "sparsity": 0.5})
+    with pytest.raises(ConsaError, match="sparsity"):
+        Search(tiny_model("qwen3", num_layers=4), other, _batches, tmp_path, progress=False).run(resume=True)
+    with pytest.raises(ConsaError, match="shape"):
+        Search(tiny_model("qwen3", num_layers=3), SearchConfig(**cfg), _batches, tmp_path, progress=False).run(resume=True)
+
+
+def test_cli_search_end_to_end_writes_exact_allocation(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["search", "--model", str(model_dir), "--sparsity", "0.75", "--window", "5", "--seq-len", "32",
+               "--batch-size", "2", "--steps", "12", "--no-progress", "--out", str(out), "--granularity", "layer"])
+    assert rc == 0
+    a = Allocation.load(out / "allocation.json")
+    assert a.granularity == "layer" and a.num_swa == 3 and a.shape.num_layers == 4
+    assert (out / "gates.safetensors").exists() and (out / "search.json").exists()
+    rc = main(["plot", str(out / "allocation.json"), "--out", str(tmp_path / "h.png")])
+    assert rc == 0 and (tmp_path / "h.png").stat().st_size > 1000
+    rc = main(["rules", "--model", str(model_dir), "--sparsity", "0.75", "--window", "5", "--out", str(tmp_path / "rules")])
+    assert rc == 0
+    files = sorted(p.name for p in (tmp_path / "rules").iterdir())
+    assert "fa_top.json" in files and "random-2.json" in files
+    assert all(Allocation.load(tmp_path / "rules" / f).num_swa == 6 for f in files)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_cli_sigkill_and_resume_matches_unbroken(model_dir, tmp_path):
+    args = ["--model", str(model_dir), "--sparsity", "0.5", "--window", "5", "--seq-len", "32", "--batch-size", "2",
+            "--steps", "40", "--checkpoint-every", "5", "--no-progress"]
+    cmd = [sys.executable, "-m", "consa", "search", *args]
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, env=_env(), capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "b" / "allocation.json").exists():
+        pytest.skip("the search finished before it could be killed")
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr  # refuses to clobber an unfinished run
+    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, env=_env(), capture_output=True)
+    from safetensors.torch import load_file
+
+    assert Allocation.load(tmp_path / "a" / "allocation.json") == Allocation.load(tmp_path / "b" / "allocation.json")
+    ga = load_file(str(tmp_path / "a" / "gates.safetensors"))["log_alpha"]
+    gb = load_file(str(tmp_path / "b" / "gates.safetensors"))["log_alpha"]
+    assert torch.allclose(ga, gb, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--sparsity", "1.2"], "between 0 and 1"),
+        (["--sparsity", "0"], "between 0 and 1"),
+        (["--window", "0"], "window"),
+        (["--window", "64", "--seq-len", "64"], "smaller than the training sequence length"),
+        (["--granularity", "head"], "unknown granularity"),
+    ],
+)
+def test_bad_settings_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, extra, match):
+    out = tmp_path / "run"
+    base = {"--sparsity": "0.5", "--window": "5", "--seq-len": "32"}
+    for i in range(0, len(extra), 2):
+        base[extra[i]] = extra[i + 1]
+    argv = [sys.executable, "-m", "consa", "search", "--model", str(model_dir), "--steps", "2", "--out", str(out)]
+    for k, v in base.items():
+        argv += [k, v]
+    r = subprocess.run(argv, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("consa: error:") and match in lines[0]
+    assert not out.exists()
+
+
+def test_missing_and_unsupported_model_dirs(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "consa", "search", "--model", str(tmp_path / "nope"), "--sparsity", "0.5",
+                        "--window", "4", "--seq-len", "16", "--out", str(out)], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "model directory not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    r = subprocess.run([sys.executable, "-m", "consa", "search", "--model", str(tmp_path / "gpt2"), "--sparsity", "0.5",
+                        "--window", "4", "--seq-len", "16", "--out", str(out)], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "unsupported model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_malformed_and_mismatched_allocation_files(model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    r = subprocess.run([sys.executable, "-m", "consa", "plot", str(bad)], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and not (tmp_path / "bad.png").exists()
+    import consa
+
+    other = Allocation.uniform(True, "kv_head", consa.ModelShape(3, 2, 4), 4)
+    with pytest.raises(consa.AllocationError, match="the model has 4"):
+        consa.apply_allocation(tiny_model("qwen3", num_layers=4), other)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_allocation(tmp_path):
+    model = tiny_model("qwen3", num_layers=2)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=5, checkpoint_every=0)
+    with pytest.raises(ConsaError, match="loss became nan"):
+        Search(model, cfg, _batches, tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run" / "allocation.json").exists()
