@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("t", [0.5, 0.75, 0.875])
 def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)  # 8 KV-head units
-    cfg = SearchConfig(sparsity=t, window=5, seq_len=40, steps=60, checkpoint_every=0, gate_lr=0.1)
+    cfg = SearchConfig(sparsity=t, window=5, seq_len=40, steps=50, checkpoint_every=0, gate_lr=0.1)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     tail = s.history[int(0.8 * len(s.history)):]
@@ -129,7 +129,7 @@ def _env():
 
 def test_cli_sigkill_and_resume_matches_unbroken(model_dir, tmp_path):
     args = ["--model", str(model_dir), "--sparsity", "0.5", "--window", "5", "--seq-len", "32", "--batch-size", "2",
-            "--steps", "40", "--checkpoint-every", "5", "--no-progress"]
+            "--steps", "16", "--checkpoint-every", "3", "--no-progress"]
     cmd = [sys.executable, "-m", "consa", "search", *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, env=_env(), capture_output=True)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,17 +162,16 @@ def test_cli_sigkill_and_resume_matches_unbroken(model_dir, tmp_path):
         (["--granularity", "head"], "unknown granularity"),
     ],
 )
-def test_bad_settings_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, extra, match):
+def test_bad_settings_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, extra, match, capsys):
     out = tmp_path / "run"
     base = {"--sparsity": "0.5", "--window": "5", "--seq-len": "32"}
     for i in range(0, len(extra), 2):
         base[extra[i]] = extra[i + 1]
-    argv = [sys.executable, "-m", "consa", "search", "--model", str(model_dir), "--steps", "2", "--out", str(out)]
+    argv = ["search", "--model", str(model_dir), "--steps", "2", "--out", str(out)]
     for k, v in base.items():
         argv += [k, v]
-    r = subprocess.run(argv, env=_env(), capture_output=True, text=True)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("consa: error:") and match in lines[0]
     assert not out.exists()
 
@@ -184,7 +183,7 @@ def test_missing_and_unsupported_model_dirs(tmp_path):
     assert r.returncode == 2 and "model directory not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
     r = subprocess.run([sys.executable, "-m", "consa", "search", "--model", str(tmp_path / "gpt2"), "--sparsity", "0.5",
                         "--window", "4", "--seq-len", "16", "--out", str(out)], env=_env(), capture_output=True, text=True)
     assert r.returncode == 2 and "unsupported model" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # library chatter would break the one-line error contract
+    hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

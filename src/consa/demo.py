@@ -25,8 +25,7 @@ from .rules import rule_allocation
 @dataclass
 class DemoConfig:
     out: str = "consa-demo"
-    seconds_base: float = 150.0  # pretraining budget (wall clock; the step count is recorded)
-    max_base_steps: int = 1500
+    base_steps: int = 400  # ~100 s on 2 idle cores; the first quarter on short sequences
     search_steps: int = 150
     duo_steps: int = 100
     sparsity: float = 0.75
@@ -60,9 +59,9 @@ def train_base(model, task: RecallTask, cfg: DemoConfig, log=print) -> dict:
     t0, step, loss = time.time(), 0, float("nan")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_base_steps, desc="pretrain (recall task)", dynamic_ncols=True)
-    while step < cfg.max_base_steps and time.time() - t0 < cfg.seconds_base:
-        current = short if time.time() - t0 < 0.25 * cfg.seconds_base else task
+    bar = tqdm(total=cfg.base_steps, desc="pretrain (recall task)", dynamic_ncols=True)
+    while step < cfg.base_steps:
+        current = short if step < cfg.base_steps // 4 else task
         batch = current.sample(32, g)
         logits = model(inputs_embeds=current.embed(model, batch)).logits
         loss_t = recall_loss(logits, batch)
@@ -71,7 +70,7 @@ def train_base(model, task: RecallTask, cfg: DemoConfig, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        loss = float(loss_t)
+        loss = float(loss_t.detach())
         bar.set_postfix(loss=f"{loss:.3f}", T=current.seq_len)
         bar.update(1)
     bar.close()
@@ -165,8 +164,12 @@ def verdict(result: dict) -> str:
     best_rule = max(rules, key=rules.get)
     others = {k: v for k, v in accs.items() if k not in ("full attention", "all SWA", "learned (ConSA, per KV head)")}
     best_other = max(others, key=others.get)
-    if learned >= others[best_other] - 1e-9:
-        head = f"Learned allocation matches or beats every baseline ({learned:.3f} vs best {best_other}: {others[best_other]:.3f})."
+    gap = learned - others[best_other]
+    if gap > 0.01:
+        head = f"Learned allocation beats every baseline: {learned:.3f} vs best other ({best_other}) {others[best_other]:.3f}."
+    elif gap >= -0.01:
+        head = (f"Learned allocation ties the best baseline within 1 point: {learned:.3f} vs {best_other} "
+                f"{others[best_other]:.3f}.")
     else:
         head = (f"Learned allocation does NOT win here: {learned:.3f} vs {best_other} {others[best_other]:.3f}; "
                 "see report.md.")

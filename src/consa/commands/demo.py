@@ -16,6 +16,6 @@ def run(args) -> int:
 
     cfg = DemoConfig(out=args.out, seed=args.seed)
     if args.quick:
-        cfg.seconds_base, cfg.max_base_steps, cfg.search_steps, cfg.duo_steps, cfg.eval_items = 40.0, 400, 40, 30, 64
+        cfg.base_steps, cfg.search_steps, cfg.duo_steps, cfg.eval_items = 340, 40, 30, 64
     run_demo(cfg)
     return 0

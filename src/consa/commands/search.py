@@ -1,11 +1,18 @@
-"""``consa search``: learn an allocation for a local HF model directory."""
+"""``consa search``: learn an allocation for a local HF model directory.
+
+On several processes: ``torchrun --nproc_per_node N -m consa search ...`` or, the same thing,
+``consa search --nproc N ...`` (which launches ``torch.distributed.run`` itself). See docs/DISTRIBUTED.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+_PARSER = None
+
 
 def register(sub) -> None:
+    global _PARSER
     p = sub.add_parser("search", help="learn which units keep full attention (ConSA)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -15,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens always visible to SWA units")
     p.add_argument("--corpus", help="corpus directory from `consa data build` (default: random tokens, for smoke tests)")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="global batch (split over --nproc processes)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--gate-lr", type=float, default=0.05)
     p.add_argument("--controller", default="lagrangian", help="lagrangian or project")
@@ -28,14 +35,38 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 on CUDA)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (GPUs) to run on: launches torchrun with FSDP2 sharding; default: 1, or torchrun's world size")
+    p.add_argument("--no-activation-checkpointing", action="store_true",
+                   help="multi-process only: keep every activation instead of recomputing each decoder layer in backward")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory (allocation.json, gates, metrics, checkpoint)")
     p.set_defaults(func=run)
+    _PARSER = p
+
+
+def _argv_without_nproc(args) -> list[str]:
+    """Rebuild this command line from ``args`` for the launched processes (minus ``--nproc``)."""
+    argv = []
+    for a in _PARSER._actions:
+        if not a.option_strings or a.dest in ("help", "nproc"):
+            continue
+        v = getattr(args, a.dest, None)
+        if isinstance(a, argparse._StoreTrueAction):
+            if v:
+                argv.append(a.option_strings[0])
+        elif v is not None:
+            argv += [a.option_strings[0], str(v)]
+    return ["search", *argv]
 
 
 def run(args) -> int:
+    import os
+
     import torch
 
+    from ..errors import ConsaError
+    from ..train import distributed as D
     from ..train.search import Search, SearchConfig
     from .common import load, pick_device, pick_dtype, search_batches
 
@@ -46,14 +77,45 @@ def run(args) -> int:
         lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
     )
     cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    model = load(args.model, device, pick_dtype(args.dtype, device))
-    batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
-    search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress)
-    alloc = search.run(resume=args.resume)
-    st = alloc.stats()
-    print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
-          f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
-    print(f"wrote {args.out}/allocation.json")
+    under_torchrun = D.launched_by_torchrun()
+    if args.nproc is not None and args.nproc < 1:
+        raise ConsaError(f"--nproc must be >= 1, got {args.nproc}")
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else (args.nproc or 1)
+    if under_torchrun and args.nproc not in (None, world):
+        raise ConsaError(f"--nproc {args.nproc} disagrees with torchrun's world size {world}")
+    D.check_batch_split(args.batch_size, world)
+    if not under_torchrun and world > 1:
+        from pathlib import Path
+
+        from ..train.checkpoint import check_resumable
+
+        if not Path(args.model).exists():
+            raise ConsaError(f"model directory not found: {args.model}")
+        check_resumable(Path(args.out), args.resume, world)  # fail here, once, before any process starts
+        return D.launch(_argv_without_nproc(args), world)
+
+    dist = None
+    if under_torchrun:
+        dist = D.init_from_env(args.device, activation_checkpointing=not args.no_activation_checkpointing)
+    try:
+        torch.manual_seed(args.seed)
+        if dist is None:
+            device = pick_device(args.device)
+            model = load(args.model, device, pick_dtype(args.dtype, device))
+        else:  # load on the CPU: fully_shard moves each rank's shard to its device
+            model = load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
+        batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
+        search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist)
+        alloc = search.run(resume=args.resume)
+    except ConsaError:
+        if dist is not None and not dist.is_main:
+            return 2  # every rank meets the same error; rank 0 alone reports it
+        raise
+    finally:
+        D.shutdown(dist)
+    if dist is None or dist.is_main:
+        st = alloc.stats()
+        print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
+              f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
+        print(f"wrote {args.out}/allocation.json")
     return 0

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import ConsaError
 from .shards import SPLITS, ShardWriter
-from .tokenizer import EOS_TOKEN, backend, load_tokenizer, tokenizer_hash, train_tokenizer
+from .tokenizer import backend, load_tokenizer, tokenizer_hash, train_tokenizer
 
 __all__ = [
     "KNOWN_SOURCES",
@@ -463,6 +463,8 @@ def build_corpus(
         raise ConsaError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_bytes is not None and max_bytes <= 0:
         raise ConsaError(f"max_bytes must be positive, got {max_bytes}")
+    if tokenizer is None and int(vocab_size) < 258:
+        raise ConsaError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 258 tokens")
     workers = int(workers or os.cpu_count() or 1)
     if workers < 1:
         raise ConsaError(f"workers must be at least 1, got {workers}")

@@ -243,7 +243,9 @@ class _Stream:
         prev = self.text[c - 1]
         if kind == "line":
             return prev == "\n"
-        return prev == "\n" or (prev in ".!?" and (c == len(self.text) or self.text[c] in " \n"))
+        if self.text.endswith("\n\n", 0, c):  # a paragraph start
+            return True
+        return prev in ".!?" and (c == len(self.text) or self.text[c] in " \n")  # a sentence end
 
     def snap(self, c: int, kind: str, max_dist: int, lo: int = 0, hi: int | None = None) -> int:
         """A char position near c inside [lo, hi]: a line start for "line"; for "text" a sentence end
@@ -376,21 +378,23 @@ def _build(enc: _Enc, stream: _Stream, *, length: int, depth: float, target: _In
     if F < 16:
         raise ConsaError(f"length {length} is too short for this task (question and needles take ~{tail_n + ins_n} tokens)")
     s0 = max(8, int(0.05 * length))  # filler starts at token s0: moving it fine-tunes the depth
-    max_dist = 0
+    max_dist = end_dist = 0
     bt = None  # chosen insertion char for the target (absolute)
     best = None
     for _ in range(12):
         F = max(F, 1)
         stream.ensure(s0 + F + 1)
-        if not max_dist:
-            max_dist = max(0, int(0.004 * length * len(stream.text) / max(len(stream.starts), 1)))
+        if not max_dist:  # snapping to a sentence/line start may move the needle by up to 3% of the
+            # length; the filler start s0 (headroom 5%) then moves to put the answer back at depth
+            cpt = len(stream.text) / max(len(stream.starts), 1)
+            max_dist, end_dist = max(1, int(0.03 * length * cpt)), int(0.004 * length * cpt)
         start, end = stream.cut(s0), stream.cut(s0 + F)
         if kind == "line":
             if whole_lines and start > 0 and stream.text[start - 1] != "\n":
                 nl = stream.text.find("\n", start, end)
                 start = nl + 1 if nl >= 0 else start
             e2 = stream.text.rfind("\n", start, end) + 1
-            if start < e2 and (whole_lines or end - e2 <= max_dist):
+            if start < e2 and (whole_lines or end - e2 <= end_dist):
                 end = e2  # whole last line
         C_est = F + ins_n
         if bt is None or not start <= bt <= end:

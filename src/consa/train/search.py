@@ -7,6 +7,11 @@ log α gives exactly round(t·N) SWA units.
 
 Data comes from ``batch_fn(step) -> dict(input_ids, [attention_mask], [loss_mask])``; it must be a
 pure function of the step so that a resumed run sees the same batches as an unbroken one.
+
+Multi-process (torchrun): pass a :class:`~consa.train.distributed.Dist`. The model is then sharded
+with FSDP2, each rank takes its contiguous slice of the global batch, and the gates, their optimiser
+and the multiplier stay replicated (see ``distributed.py`` and docs/DISTRIBUTED.md). The loss is the
+same global mean as on one process: each rank divides its sum by the global count.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +33,8 @@ from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
 from ..gates import HardConcreteGates, topk_swa
 from ..models import attach_gates, model_shape
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
+from .distributed import Dist
 
 BatchFn = Callable[[int], dict]
 
@@ -84,8 +91,11 @@ def kl_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0)
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
-    """Run ``model`` on a batch given as token ids or as ``inputs_embeds`` (synthetic tasks)."""
-    inputs = {"attention_mask": batch.get("attention_mask")}
+    """Run ``model`` on a batch given as token ids or as ``inputs_embeds`` (synthetic tasks).
+
+    No KV cache: nothing reads it, and a cache filled again by activation-checkpoint recomputation
+    would change the recomputed shapes."""
+    inputs = {"attention_mask": batch.get("attention_mask"), "use_cache": False}
     if batch.get("inputs_embeds") is not None:
         inputs["inputs_embeds"] = batch["inputs_embeds"]
     else:
@@ -100,13 +110,41 @@ def lm_loss(logits, input_ids, mask=None) -> torch.Tensor:
     return (nll * m).sum() / m.sum().clamp_min(1.0)
 
 
-class Search:
-    """One ConSA search; ``run`` returns the Allocation and writes it under ``out_dir``."""
+def _masked_sum(values: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    if mask is None:
+        return values.sum(), values.new_tensor(float(values.numel()))
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(), mask.sum()
 
-    def __init__(self, model, cfg: SearchConfig, batch_fn: BatchFn, out_dir: str | Path, progress: bool = True):
+
+def kl_sum(student_logits, teacher_logits, mask=None, temperature: float = 1.0):
+    """(Σ KL over unmasked positions, their count): the parts of :func:`kl_loss`, for a global mean."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _masked_sum((t.exp() * (t - s)).sum(-1), mask)
+
+
+def lm_sum(logits, input_ids, mask=None):
+    logits, target = logits[:, :-1].float(), input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
+    return _masked_sum(nll, None if mask is None else mask[:, 1:])
+
+
+class Search:
+    """One ConSA search; ``run`` returns the Allocation and writes it under ``out_dir``.
+
+    ``dist`` (from :func:`~consa.train.distributed.init_from_env`) makes it one rank of a torchrun
+    job; left out, the search runs on one process exactly as before.
+    """
+
+    def __init__(self, model, cfg: SearchConfig, batch_fn: BatchFn, out_dir: str | Path, progress: bool = True,
+                 dist: Dist | None = None):
         cfg.validate()
-        self.cfg, self.batch_fn, self.out_dir, self.progress = cfg, batch_fn, Path(out_dir), progress
+        self.dist = dist if dist is not None else Dist(device=next(model.parameters()).device)
+        self.cfg, self.batch_fn, self.out_dir = cfg, batch_fn, Path(out_dir)
+        self.progress = progress and self.dist.is_main
         self.shape = model_shape(model)
+        self.fingerprint = model_fingerprint(model)
         self.n_units = self.shape.num_units(cfg.granularity)
         self.num_swa = swa_count(cfg.sparsity, self.n_units)
         torch.manual_seed(cfg.seed)
@@ -114,14 +152,23 @@ class Search:
         if cfg.train_weights != "none":
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = self._prepare_student(model)
-        self.device = next(model.parameters()).device
-        self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
         self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend)
-        params = [{"params": [self.gates.log_alpha], "lr": cfg.gate_lr}]
+        if self.dist.enabled:
+            from .distributed import shard
+
+            # fp32 weights that train on GPU: keep fp32 masters, compute in bf16
+            mp = self.dist.device.type == "cuda" and cfg.train_weights != "none" and next(model.parameters()).dtype == torch.float32
+            self.model = shard(self.model, self.dist, mixed_precision=mp)
+            if self.teacher is not None:
+                self.teacher = shard(self.teacher, self.dist, mixed_precision=mp)
+            self.device = self.dist.device
+        else:
+            self.device = next(model.parameters()).device
+        self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
+        # Gates and weights get separate optimisers: the gates' is replicated, the weights' sharded.
+        self.opt = torch.optim.Adam([{"params": [self.gates.log_alpha], "lr": cfg.gate_lr}])
         weights = [p for p in self.model.parameters() if p.requires_grad]
-        if weights:
-            params.append({"params": weights, "lr": cfg.weight_lr})
-        self.opt = torch.optim.Adam(params)
+        self.wopt = torch.optim.Adam([{"params": weights, "lr": cfg.weight_lr}]) if weights else None
         warmup = int(round(cfg.warmup_frac * cfg.steps))
         self.controller = SparsityController(ControllerConfig(cfg.sparsity, warmup, cfg.controller))
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -162,7 +209,8 @@ class Search:
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.batch_fn(step).items()}
+        batch = self.dist.local_batch(self.batch_fn(step))
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss_mask = batch.get("loss_mask")
         if loss_mask is None and batch.get("attention_mask") is not None:
             loss_mask = batch["attention_mask"]
@@ -170,20 +218,32 @@ class Search:
         z = self.gates.sample(self.gen)
         self.mix.z = self._unit_to_heads(z)
         logits = forward_logits(self.model, batch)
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if teacher is not None:
-            loss = loss + cfg.kl_weight * kl_loss(logits, teacher, loss_mask, cfg.temperature)
-        if cfg.lm_weight > 0 and "input_ids" in batch:
-            loss = loss + cfg.lm_weight * lm_loss(logits, batch["input_ids"], loss_mask)
-        task = float(loss.detach())
+        if self.dist.enabled:
+            loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)
+        else:
+            loss = logits.new_zeros((), dtype=torch.float32)
+            if teacher is not None:
+                loss = loss + cfg.kl_weight * kl_loss(logits, teacher, loss_mask, cfg.temperature)
+            if cfg.lm_weight > 0 and "input_ids" in batch:
+                loss = loss + cfg.lm_weight * lm_loss(logits, batch["input_ids"], loss_mask)
+            task = float(loss.detach())
         if not math.isfinite(task):
             raise ConsaError(f"loss became {task} at step {step}; no allocation was written (lower --gate-lr or check the data)")
         s_hat = self.gates.expected_sparsity()
         total = loss + self.controller.penalty(s_hat, step)
         self.opt.zero_grad(set_to_none=True)
+        if self.wopt is not None:
+            self.wopt.zero_grad(set_to_none=True)
         total.backward()
+        if self.dist.enabled and self.gates.log_alpha.grad is not None:
+            # FSDP averages the weight gradients; average the replicated gate gradient the same way.
+            self.dist.all_reduce_sum_(self.gates.log_alpha.grad).div_(self.dist.world_size)
         self.opt.step()
+        if self.wopt is not None:
+            self.wopt.step()
         self.controller.after_step(self.gates, step)
+        if self.dist.enabled:
+            self._sync_replicated()
         with torch.no_grad():
             s_after = float(self.gates.expected_sparsity())
             hard = float((self.gates.prob_nonzero() < 0.5).float().mean())
@@ -196,16 +256,51 @@ class Search:
         self.step += 1
         return rec
 
+    def _global_task_loss(self, logits, teacher, batch, loss_mask):
+        """This rank's share of the global-mean task loss, scaled so that *averaged* gradients are exact.
+
+        Each term is Σ_local / count_global; the count is all-reduced first. Multiplying by the world
+        size makes the mean over ranks of the gradients (what FSDP and the gate all-reduce compute)
+        the gradient of the global mean, the very loss a single process would use on the whole batch.
+        """
+        cfg, d = self.cfg, self.dist
+        terms = []
+        if teacher is not None:
+            terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
+        if cfg.lm_weight > 0 and "input_ids" in batch:
+            terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if not terms:
+            return loss, 0.0
+        stats = torch.stack([x for _, s, c in terms for x in (s.detach().float(), c.float())])
+        d.all_reduce_sum_(stats)  # [Σ_1, n_1, Σ_2, n_2, ...] over the global batch
+        task = 0.0
+        for i, (w, s, _) in enumerate(terms):
+            n = stats[2 * i + 1].clamp_min(1.0)
+            loss = loss + w * d.world_size * s / n
+            task += w * float(stats[2 * i] / n)
+        return loss, task
+
+    @torch.no_grad()
+    def _sync_replicated(self) -> None:
+        """Broadcast rank 0's gates and multiplier (N + 2 floats): replicas cannot drift by rounding."""
+        la = self.gates.log_alpha
+        buf = torch.cat([la.detach().double(), la.new_tensor([self.controller.lambda1, self.controller.last_shift], dtype=torch.float64)])
+        self.dist.broadcast_(buf)
+        la.copy_(buf[:-2].to(la.dtype))
+        self.controller.lambda1, self.controller.last_shift = float(buf[-2]), float(buf[-1])
+
     # ---- whole run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Allocation:
         ckpt_dir = self.out_dir / "checkpoint"
+        check_resumable(self.out_dir, resume, self.dist.world_size)
         if resume:
-            if not (ckpt_dir / "state.json").is_file():
-                raise ConsaError(f"--resume: no checkpoint in {ckpt_dir}")
             load_checkpoint(ckpt_dir, self)
-        elif ckpt_dir.exists() and (self.out_dir / "allocation.json").exists() is False and any(ckpt_dir.iterdir()):
-            raise ConsaError(f"{self.out_dir} holds a checkpoint of an unfinished search; pass --resume or choose another --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()  # every rank has read the old state before rank 0 writes anything
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        main = self.dist.is_main
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -214,7 +309,7 @@ class Search:
         t0 = time.time()
         metrics_path = self.out_dir / "metrics.jsonl"
         mode = "a" if resume else "w"
-        with open(metrics_path, mode) as mf:
+        with (open(metrics_path, mode) if main else open(os.devnull, "w")) as mf:
             while self.step < self.cfg.steps:
                 rec = self.train_step()
                 mf.write(json.dumps(rec) + "\n")
@@ -228,13 +323,17 @@ class Search:
         if bar is not None:
             bar.close()
         alloc = self.allocation()
+        if not main:
+            self.dist.barrier()  # rank 0 writes the outputs
+            return alloc
         alloc.save(self.out_dir / "allocation.json")
         from safetensors.torch import save_file
 
         save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(self.out_dir / "gates.safetensors"))
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
-                   "num_units": self.n_units, "num_swa": self.num_swa}
+                   "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size}
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
+        self.dist.barrier()
         return alloc
 
     def allocation(self) -> Allocation:

@@ -1,0 +1,840 @@
+"""The reference experiment (GUIDE §6, issue 5): does a learned allocation beat the rules?
+
+One JSON config drives five stages, each resuming from the previous stage's output on disk:
+
+``data``      corpus (tokenizer + token shards) in ``WORKDIR/corpus`` (or an existing corpus dir)
+``pretrain``  a full-attention Qwen3 base model in ``WORKDIR/base``, trained on the corpus mixed with
+              retrieval items made by the eval's own generators (a pre-built "bank", so the training
+              loop never waits on item generation)
+``search``    for every sparsity, one allocation per method in ``WORKDIR/alloc/s<t>/<method>.json``:
+              ConSA per KV head and per layer, DuoAttention-style gates, the attention-mass score and
+              every rule of ``consa.rules`` (random: several seeds) — all with exactly round(t·N) SWA
+              units of their granularity
+``eval``      ``consa.eval.evaluate`` of the full model (with the full / all-SWA calibration baselines)
+              and of every allocation, in ``WORKDIR/eval/...`` (one run dir each, as ``consa eval``)
+``report``    ``WORKDIR/report/results.md`` + ``results.json`` + heatmaps: one table per sparsity
+
+A finished stage (recorded in ``WORKDIR/stages.json`` with its wall time) is skipped; inside a stage
+every finished piece (an allocation, an eval run) is skipped too, so a stage killed by a time limit
+continues where it stopped. A stage whose prerequisite is missing stops with one clear error.
+
+Token budget after the base model: ConSA and Duo-style use ``search.steps × batch × seq_len`` tokens
+of gate training each; the attention-mass score reads ``mass_batches × batch × seq_len`` tokens without
+training; rules use none. There is no heal stage in this driver (every allocation is evaluated on the
+untouched base weights), so the budget after the cut is zero for every method alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConsaError
+
+STAGES = ("data", "pretrain", "search", "eval", "report")
+RULE_METHODS = ("interleaved-kv_head", "interleaved-layer", "fa_top-layer", "fa_bottom-layer", "fa_middle-layer")
+ALL_METHODS = ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head", *RULE_METHODS, "random-kv_head")
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class DataConfig:
+    corpus: str | None = None  # an existing corpus dir (skips building); relative to the config file
+    sources: list = field(default_factory=lambda: ["stdlib"])
+    vocab_size: int = 8192
+    max_mb: float | None = None
+    workers: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class PretrainStage:
+    preset: str = "tiny"
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    retrieval_mix: float = 0.25  # share of training rows that are retrieval items from the bank
+    bank_items: int = 256  # retrieval items generated once (reused with random corpus padding)
+    bank_tasks: list = field(default_factory=lambda: ["passkey", "multikey", "varrecall"])
+    bank_min_len: int = 128  # item lengths are drawn uniformly in [bank_min_len, seq_len - 16]
+    bank_workers: int = 1
+    compile: bool = False
+    bf16: bool | None = None
+    time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
+    eval_every: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class SearchStage:
+    sparsities: list = field(default_factory=lambda: [0.5, 0.75, 0.875])
+    methods: list = field(default_factory=lambda: list(ALL_METHODS))
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the pretraining sequence length
+    retrieval_share: float = 0.5  # share of each search batch that is retrieval items
+    gate_lr: float = 0.05
+    controller: str = "lagrangian"
+    warmup_frac: float = 0.4
+    duo_lr: float = 0.05
+    duo_l1: float = 0.05
+    mass_batches: int = 4
+    random_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    backend: str = "auto"  # consa attention kernels: auto | sdpa | flex (sdpa avoids FlexAttention compiles)
+
+
+@dataclass
+class EvalStage:
+    tasks: list = field(default_factory=lambda: ["passkey", "multikey", "varrecall"])
+    lengths: list = field(default_factory=lambda: [2048, 4096])
+    depths: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    items: int = 8
+    ppl_length: int | None = None
+    ppl_sequences: int = 16
+    batch_size: int = 8
+    autocast: str | None = None  # "bf16" on GPU
+    dtype: str = "auto"
+    backend: str = "auto"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    window: int | None = None  # default: context / 16 of the preset (GUIDE §6)
+    progress: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    search: SearchStage = field(default_factory=SearchStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    source: str | None = None  # the config file it came from (recorded only)
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str | Path | None = None) -> "ExperimentConfig":
+        if not isinstance(d, dict):
+            raise ConsaError("an experiment config must be a JSON object")
+        subs = {"data": DataConfig, "pretrain": PretrainStage, "search": SearchStage, "eval": EvalStage}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"comment", "_comment"})
+        if unknown:
+            raise ConsaError(f"unknown experiment config keys: {', '.join(unknown)}")
+        kw = {}
+        for k, v in d.items():
+            if k in ("comment", "_comment"):
+                continue
+            if k in subs:
+                if not isinstance(v, dict):
+                    raise ConsaError(f"config section {k!r} must be an object")
+                sk = {f.name for f in fields(subs[k])}
+                bad = sorted(set(v) - sk - {"comment", "_comment"})
+                if bad:
+                    raise ConsaError(f"unknown keys in config section {k!r}: {', '.join(bad)}")
+                kw[k] = subs[k](**{a: b for a, b in v.items() if a in sk})
+            else:
+                kw[k] = v
+        cfg = cls(**kw)
+        if cfg.data.corpus and base_dir is not None and not os.path.isabs(cfg.data.corpus):
+            cfg.data.corpus = str(Path(base_dir) / cfg.data.corpus)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConsaError(f"experiment config not found: {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConsaError(f"{p}: not valid JSON ({e})") from None
+        cfg = cls.from_dict(d, base_dir=Path.cwd())
+        cfg.source = str(p)
+        return cfg
+
+    def validate(self) -> None:
+        from .presets import get_preset
+
+        get_preset(self.pretrain.preset)
+        for t in self.search.sparsities:
+            if not (isinstance(t, (int, float)) and 0 < t < 1):
+                raise ConsaError(f"sparsities must lie in (0, 1), got {t!r}")
+        bad = [m for m in self.search.methods if m not in ALL_METHODS]
+        if bad:
+            raise ConsaError(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}")
+        if "random-kv_head" in self.search.methods and len(self.search.random_seeds) < 1:
+            raise ConsaError("random needs at least one seed")
+        if not 0 <= self.pretrain.retrieval_mix <= 1 or not 0 <= self.search.retrieval_share <= 1:
+            raise ConsaError("retrieval_mix and retrieval_share must lie in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    # derived
+    @property
+    def context(self) -> int:
+        from .presets import get_preset
+
+        return int(self.pretrain.seq_len or get_preset(self.pretrain.preset).context)
+
+    @property
+    def W(self) -> int:
+        return int(self.window or max(1, self.context // 16))
+
+
+# ------------------------------------------------------------------------------------ bookkeeping
+class Workdir:
+    """Paths of one experiment and its ``stages.json`` (what finished, when, how long it took)."""
+
+    def __init__(self, root: str | Path, cfg: ExperimentConfig):
+        self.root, self.cfg = Path(root), cfg
+        self.corpus = Path(cfg.data.corpus) if cfg.data.corpus else self.root / "corpus"
+        self.base = self.root / "base"
+        self.bank = self.root / "bank.npz"
+        self.alloc = self.root / "alloc"
+        self.search_runs = self.root / "search"
+        self.evals = self.root / "eval"
+        self.report = self.root / "report"
+        self.stages_file = self.root / "stages.json"
+
+    def stages(self) -> dict:
+        if self.stages_file.is_file():
+            return json.loads(self.stages_file.read_text())
+        return {}
+
+    def record(self, stage: str, info: dict) -> None:
+        from .allocation import atomic_write_text
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        st = self.stages()
+        st[stage] = info
+        atomic_write_text(self.stages_file, json.dumps(st, indent=1) + "\n")
+
+    def done(self, stage: str) -> bool:
+        return bool(self.stages().get(stage, {}).get("done"))
+
+    def base_model_dir(self) -> Path | None:
+        if (self.base / "config.json").is_file():
+            return self.base
+        info = self.stages().get("pretrain", {})
+        if info.get("done") and info.get("model"):
+            return Path(info["model"])
+        return None
+
+
+def _require(cond: bool, stage: str, what: str, prev: str, wd: Workdir) -> None:
+    if not cond:
+        src = wd.cfg.source or "CFG.json"
+        raise ConsaError(f"stage '{stage}' needs {what}, which is missing: run "
+                         f"`consa experiment {prev} --config {src} --workdir {wd.root}` first")
+
+
+def _say(msg: str) -> None:
+    print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _device(name: str):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def method_key(t: float) -> str:
+    return f"s{t:g}"
+
+
+# ------------------------------------------------------------------------------------------- data
+def stage_data(wd: Workdir) -> dict:
+    cfg = wd.cfg
+    if cfg.data.corpus:
+        if not (wd.corpus / "train" / "meta.json").is_file():
+            raise ConsaError(f"data.corpus {wd.corpus} is not a built corpus (no train/meta.json)")
+        _say(f"data: using the existing corpus {wd.corpus}")
+    elif (wd.corpus / "stats.json").is_file():
+        _say(f"data: corpus already built in {wd.corpus}")
+    else:
+        from .data.corpus import build_corpus
+
+        max_bytes = int(cfg.data.max_mb * 1e6) if cfg.data.max_mb else None
+        wd.root.mkdir(parents=True, exist_ok=True)
+        build_corpus(cfg.data.sources, wd.corpus, vocab_size=cfg.data.vocab_size, max_bytes=max_bytes,
+                     workers=cfg.data.workers, seed=cfg.data.seed)
+    stats = json.loads((wd.corpus / "stats.json").read_text()) if (wd.corpus / "stats.json").is_file() else {}
+    return {"corpus": str(wd.corpus), "tokens": stats.get("tokens"), "documents": stats.get("documents")}
+
+
+# ----------------------------------------------------------------------------- retrieval item bank
+_WORKER: dict = {}
+
+
+def _bank_init(tok_dir: str) -> None:
+    from .data.tokenizer import load_tokenizer
+
+    _WORKER["tok"] = load_tokenizer(tok_dir)
+
+
+def _bank_item(args) -> np.ndarray:
+    """One retrieval item (prompt + answer tokens) from the eval's own generator."""
+    from .data.tasks import make_items
+
+    task, length, depth, seed = args
+    tok = _WORKER["tok"]
+    try:
+        item = make_items(task, tok, length, depth, 1, seed, strict=False)[0]
+    except ConsaError:
+        return np.zeros(0, dtype=np.int32)
+    return np.asarray(tok.encode(f"{item.prompt} {item.answer}", add_special_tokens=False), dtype=np.int32)
+
+
+def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: int, seed: int, workers: int = 1) -> dict:
+    """``n`` retrieval items at random task, length in [min_len, max_len] and depth, saved to ``out``."""
+    rng = np.random.default_rng([seed, 42])
+    jobs = [(tasks[int(rng.integers(len(tasks)))], int(rng.integers(min_len, max_len + 1)),
+             float(rng.uniform(0.05, 0.95)), 10_000_000 + seed * 100_000 + i) for i in range(n)]
+    t0 = time.time()
+    if workers and workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers, initializer=_bank_init, initargs=(str(corpus),)) as pool:
+            rows = pool.map(_bank_item, jobs, chunksize=max(1, n // (4 * workers)))
+    else:
+        _bank_init(str(corpus))
+        rows = [_bank_item(j) for j in jobs]
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        raise ConsaError("no retrieval item could be built for the pretraining bank (lengths too short for the tasks?)")
+    offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    toks = np.concatenate(rows)
+    toks = toks.astype(np.uint16) if toks.max() < 65536 else toks
+    np.savez(tmp, tokens=toks, offsets=offsets,
+             tasks=np.array([j[0] for j, r in zip(jobs, rows)]))
+    os.replace(tmp, out)
+    return {"items": len(rows), "dropped": n - len(rows), "seconds": round(time.time() - t0, 2)}
+
+
+class BankSource:
+    """A pretraining / search batch source: a random bank item per row, its front padded with
+    corpus text up to ``seq_len`` (the item's tail kept if it is longer). Pure function of ``rng``."""
+
+    def __init__(self, bank_path: Path, shards):
+        z = np.load(bank_path)
+        self.tokens, self.offsets, self.shards = z["tokens"], z["offsets"], shards
+        self.n = len(self.offsets) - 1
+
+    def row(self, seq_len: int, rng: np.random.Generator):
+        import torch
+
+        i = int(rng.integers(self.n))
+        ids = self.tokens[self.offsets[i]: self.offsets[i + 1]][-seq_len:].astype(np.int64)
+        pad = seq_len - len(ids)
+        if pad > 0:
+            ids = np.concatenate([np.asarray(self.shards.sample_batch(1, pad, rng)[0], dtype=np.int64), ids])
+        return torch.from_numpy(ids)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator):
+        import torch
+
+        return torch.stack([self.row(seq_len, rng) for _ in range(batch_size)])
+
+
+# --------------------------------------------------------------------------------------- pretrain
+def stage_pretrain(wd: Workdir) -> dict:
+    from .data.shards import TokenShards
+    from .train.pretrain import MixedSource, PretrainConfig, corpus_source, pretrain
+
+    cfg, p = wd.cfg, wd.cfg.pretrain
+    _require((wd.corpus / "train" / "meta.json").is_file(), "pretrain", f"the corpus {wd.corpus}", "data", wd)
+    seq_len = cfg.context
+    bank_info = None
+    if p.retrieval_mix > 0 and not wd.bank.is_file():
+        _say(f"pretrain: building the retrieval bank ({p.bank_items} items, {p.bank_workers} workers)")
+        bank_info = build_bank(wd.corpus, wd.bank, p.bank_items, list(p.bank_tasks), p.bank_min_len,
+                               max(p.bank_min_len, seq_len - 16), cfg.seed, p.bank_workers)
+        _say(f"pretrain: bank {bank_info}")
+    shards = TokenShards.open(wd.corpus, "train")
+    source = corpus_source(shards)
+    if p.retrieval_mix > 0:
+        source = MixedSource(source, BankSource(wd.bank, shards), p.retrieval_mix)
+    pc = PretrainConfig(corpus=str(wd.corpus), out=str(wd.base), preset=p.preset, tokens=p.tokens, steps=p.steps,
+                        batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr, device=cfg.device, compile=p.compile,
+                        bf16=p.bf16, resume=True, seed=cfg.seed, eval_every=p.eval_every, threads=p.threads,
+                        time_limit=p.time_limit, progress=cfg.progress)
+    pretrain(pc, batch_source=source)
+    log_path = wd.base / "pretrain_log.json"
+    if not log_path.is_file():
+        log_path = wd.base / "checkpoint" / "pretrain_log.json"
+    log = json.loads(log_path.read_text())
+    model_dir = wd.base if (wd.base / "config.json").is_file() else wd.base / "checkpoint"
+    if not (model_dir / "config.json").is_file():
+        raise ConsaError(f"pretraining left no model in {wd.base}")
+    val = log.get("validation") or [{}]
+    info = {"model": str(model_dir), "finished": log.get("finished"), "steps": log.get("steps_done"),
+            "tokens": log.get("tokens_done"), "parameters": log.get("parameters"),
+            "tokens_per_s": log.get("train_tokens_per_s"), "val_loss_first": val[0].get("val_loss"),
+            "val_loss_last": val[-1].get("val_loss"), "retrieval_mix": p.retrieval_mix, "bank": bank_info}
+    if not log.get("finished"):
+        _say(f"pretrain: stopped at its time limit after {info['steps']} steps; the last checkpoint is the base model")
+    return info
+
+
+# ----------------------------------------------------------------------------------------- search
+def search_batch_fn(shards, bank: BankSource | None, batch: int, seq_len: int, share: float, seed: int):
+    """step -> {"input_ids"}: ``share`` of the rows retrieval items, the rest corpus windows."""
+    import torch
+
+    n_ret = int(round(share * batch)) if bank is not None else 0
+
+    def fn(step: int) -> dict:
+        rng = np.random.default_rng([seed, 7, step])
+        rows = []
+        if batch - n_ret:
+            rows.append(torch.as_tensor(shards.sample_batch(batch - n_ret, seq_len, rng), dtype=torch.long))
+        if n_ret:
+            rows.append(bank(n_ret, seq_len, rng))
+        return {"input_ids": torch.cat(rows)}
+
+    return fn
+
+
+def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]]:
+    """(file stem, method, granularity, seed) for every allocation of one sparsity."""
+    out = []
+    for m in cfg.search.methods:
+        name, gran = m.rsplit("-", 1)
+        if name == "random":
+            out += [(f"{m}-seed{s}", name, gran, int(s)) for s in cfg.search.random_seeds]
+        else:
+            out.append((m, name, gran, None))
+    return out
+
+
+def _duo(model, gran, k, W, batch_fn, s: SearchStage, cfg: ExperimentConfig):
+    """``duo_allocation`` with the search's attention backend (it takes none, so the gate attach it
+    calls is pointed at the configured backend for the duration of the call)."""
+    import functools
+
+    from .models import attach_gates
+    from .train import baselines
+
+    saved = baselines.attach_gates
+    baselines.attach_gates = functools.partial(attach_gates, backend=s.backend)
+    try:
+        return baselines.duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
+                                        seed=cfg.seed, progress=cfg.progress)
+    finally:
+        baselines.attach_gates = saved
+
+
+def stage_search(wd: Workdir) -> dict:
+    import torch
+
+    from .allocation import Allocation, swa_count
+    from .data.shards import TokenShards
+    from .models import detach, load_model, model_shape
+    from .rules import rule_allocation
+    from .train.baselines import attention_mass_allocation
+    from .train.search import Search, SearchConfig
+
+    cfg, s = wd.cfg, wd.cfg.search
+    base = wd.base_model_dir()
+    _require(base is not None and wd.done("pretrain"), "search", f"the base model in {wd.base}", "pretrain", wd)
+    device = _device(cfg.device)
+    model = load_model(base, dtype=_dtype(s.dtype, device), device=str(device))
+    shape = model_shape(model)
+    shards = TokenShards.open(wd.corpus, "train")
+    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
+    seq_len = int(s.seq_len or cfg.context)
+    W = cfg.W
+    batch_fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, cfg.seed)
+    train_tokens = s.steps * s.batch_size * seq_len
+    records = {}
+    for t in s.sparsities:
+        d = wd.alloc / method_key(t)
+        d.mkdir(parents=True, exist_ok=True)
+        for stem, name, gran, seed in _method_list(cfg):
+            path = d / f"{stem}.json"
+            rec_path = d / f"{stem}.meta.json"
+            if path.is_file() and rec_path.is_file():
+                records[f"{method_key(t)}/{stem}"] = json.loads(rec_path.read_text())
+                continue
+            n_units = shape.num_units(gran)
+            k = swa_count(t, n_units)
+            t0 = time.time()
+            tokens = 0
+            if name == "consa":
+                scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
+                                    gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
+                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend)
+                out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
+                resume = (out_dir / "checkpoint" / "state.json").is_file()
+                alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)
+                detach(model)
+                summ = json.loads((out_dir / "search.json").read_text())
+                extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
+                         "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity")}
+                tokens = train_tokens
+            elif name == "duo":
+                alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
+                extra, tokens = {}, train_tokens
+            elif name == "attn_mass":
+                batches = [batch_fn(10_000 + i) for i in range(s.mass_batches)]
+                alloc = attention_mass_allocation(model, gran, k, W, batches)
+                extra, tokens = {}, s.mass_batches * s.batch_size * seq_len
+            else:
+                alloc = rule_allocation(name, shape, gran, k, W, seed=seed or 0)
+                extra = {}
+            detach(model)
+            if alloc.num_swa != k:
+                raise ConsaError(f"{stem} at t={t}: {alloc.num_swa} SWA units, expected {k}")
+            meta = dict(alloc.meta or {})
+            meta.update(label=stem, method=name, sparsity_target=t)
+            alloc = Allocation.from_dict({**alloc.to_dict(), "meta": meta})
+            alloc.save(path)
+            rec = {"stem": stem, "method": name, "granularity": gran, "seed": seed, "sparsity": t, "units": n_units,
+                   "swa_units": k, "swa_heads": sum(1 for row in alloc.fa for b in row if not b),
+                   "seconds": round(time.time() - t0, 2), "tokens_after_base": tokens, **extra}
+            from .allocation import atomic_write_text
+
+            atomic_write_text(rec_path, json.dumps(rec, indent=1) + "\n")
+            records[f"{method_key(t)}/{stem}"] = rec
+            _say(f"search: t={t} {stem}: {k}/{n_units} SWA in {rec['seconds']} s")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"allocations": len(records), "window": W, "seq_len": seq_len, "train_tokens_per_learned_method": train_tokens}
+
+
+# ------------------------------------------------------------------------------------------- eval
+def eval_config(cfg: ExperimentConfig, corpus: Path | None):
+    from .eval.runner import EvalConfig
+
+    e = cfg.eval
+    return EvalConfig(tasks=tuple(e.tasks), lengths=tuple(e.lengths), depths=tuple(e.depths), items=e.items,
+                      window=cfg.W, corpus=str(corpus) if corpus else None,
+                      ppl_length=e.ppl_length, ppl_sequences=e.ppl_sequences, batch_size=e.batch_size,
+                      autocast=e.autocast, backend=e.backend, seed=cfg.seed, progress=cfg.progress)
+
+
+def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
+    import torch
+
+    from .allocation import Allocation
+    from .data.tokenizer import load_tokenizer
+    from .eval.runner import evaluate, write_run
+    from .models import load_model
+
+    cfg = wd.cfg
+    _require(wd.done("search"), "eval", f"the allocations in {wd.alloc}", "search", wd)
+    base = wd.base_model_dir()
+    device = _device(cfg.device)
+    model = load_model(base, dtype=_dtype(cfg.eval.dtype, device), device=str(device))
+    tok = load_tokenizer(base)
+    ecfg = eval_config(cfg, wd.corpus)
+    full_dir = wd.evals / "full"
+    if (full_dir / "eval.json").is_file():
+        full = json.loads((full_dir / "eval.json").read_text())
+    else:
+        full = evaluate(model, tok, None, ecfg, label="full")
+        write_run(full, full_dir)
+        _say(f"eval: full + baselines in {full['seconds']} s")
+    n_done, n_skipped = 0, 0
+    for t in cfg.search.sparsities:
+        for stem, *_ in _method_list(cfg):
+            out = wd.evals / method_key(t) / stem
+            if (out / "eval.json").is_file():
+                continue
+            if deadline is not None and time.time() > deadline:
+                n_skipped += 1
+                continue
+            alloc = Allocation.load(wd.alloc / method_key(t) / f"{stem}.json")
+            r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=stem, log=None)
+            write_run(r, out)
+            n_done += 1
+            _say(f"eval: t={t} {stem}: long Δnll {r['summary']['delta_long_nll']}, retrieval "
+                 f"{ {k: v for k, v in r['summary']['retrieval_raw'].items()} } ({r['seconds']} s)")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if n_skipped:
+        raise _Partial(f"eval: {n_skipped} runs left for a later call (time budget reached)")
+    return {"runs": n_done, "calibration": _calibration_summary(full)}
+
+
+class _Partial(ConsaError):
+    """A stage stopped at its time budget; what it finished is on disk and the next call continues."""
+
+
+def _calibration_summary(full: dict) -> dict:
+    cal = full.get("calibration") or {}
+    return {task: [{k: r.get(k) for k in ("length", "full", "all_swa", "pass")} for r in rows] for task, rows in cal.items()}
+
+
+# ----------------------------------------------------------------------------------------- report
+def _fmt(v, d=3):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def _ratio(a, b):
+    return None if (a is None or b is None or b == 0) else a / b
+
+
+def collect(wd: Workdir) -> dict:
+    """Every eval result of the experiment, summarised per sparsity and method (random: mean of seeds)."""
+    cfg = wd.cfg
+    full = json.loads((wd.evals / "full" / "eval.json").read_text())
+    fq = full["quality"] or {}
+    sq = (full["baselines"] or {}).get("all_swa", {}).get("quality") or {}
+    tasks = list(cfg.eval.tasks)
+
+    def row_from(res: dict | None, quality: dict, retrieval: dict) -> dict:
+        r = {"long_ppl_ratio": _ratio((quality.get("long") or {}).get("ppl"), (fq.get("long") or {}).get("ppl")),
+             "short_ppl_ratio": _ratio((quality.get("short") or {}).get("ppl"), (fq.get("short") or {}).get("ppl")),
+             "overall_ppl_ratio": _ratio((quality.get("overall") or {}).get("ppl"), (fq.get("overall") or {}).get("ppl")),
+             "long_nll": (quality.get("long") or {}).get("nll")}
+        for tname in tasks:
+            r[tname] = retrieval.get(tname)
+        return r
+
+    from .eval.calibration import reported_mean
+
+    def raw_means(ret: dict) -> dict:
+        return {k: reported_mean({"accuracy": g["accuracy"]}) for k, g in (ret or {}).items()}
+
+    cal = _calibration_summary(full)
+    passed = {tname: any(r["pass"] for r in cal.get(tname, [])) for tname in tasks}
+    from .eval.calibration import reported_grid
+
+    full_row = row_from(full, fq, full["summary"]["retrieval"])
+    full_row["raw"] = full["summary"]["retrieval_raw"]
+    swa_grid = (full["baselines"] or {}).get("all_swa", {}).get("retrieval") or {}
+    swa_rep = reported_grid(swa_grid, full.get("calibration")) if swa_grid else {}
+    swa_row = row_from(None, sq, {k: reported_mean(g) for k, g in swa_rep.items()})
+    swa_row["raw"] = raw_means(swa_grid)
+    f_nll, s_nll = (fq.get("long") or {}).get("nll"), (sq.get("long") or {}).get("nll")
+    tables = {}
+    for t in cfg.search.sparsities:
+        rows = {}
+        groups: dict[str, list] = {}
+        for stem, name, gran, seed in _method_list(cfg):
+            p = wd.evals / method_key(t) / stem / "eval.json"
+            mp = wd.alloc / method_key(t) / f"{stem}.meta.json"
+            if not p.is_file():
+                continue
+            res = json.loads(p.read_text())
+            meta = json.loads(mp.read_text()) if mp.is_file() else {}
+            row = row_from(res, res["quality"] or {}, res["summary"]["retrieval"])
+            row["raw"] = res["summary"]["retrieval_raw"]
+            st = res["allocation_stats"]
+            row.update(granularity=gran, swa_units=st["swa_units"], units=st["units"],
+                       swa_heads=meta.get("swa_heads"), contiguity=st["contiguity"],
+                       fa_share_per_layer=st["fa_share_per_layer"], fa_blocks=st["fa_blocks"],
+                       fa_bottom=st["fa_share_bottom_third"], fa_middle=st["fa_share_middle_third"],
+                       fa_top=st["fa_share_top_third"], tokens_after_base=meta.get("tokens_after_base", 0),
+                       search_seconds=meta.get("seconds"), seed=seed,
+                       gap_closed=((s_nll - row["long_nll"]) / (s_nll - f_nll)) if (
+                           row["long_nll"] is not None and f_nll is not None and s_nll is not None and s_nll - f_nll > 1e-9) else None)
+            key = f"{name}-{gran}"
+            groups.setdefault(key, []).append(row)
+        for key, rs in groups.items():
+            if len(rs) == 1:
+                rows[key] = rs[0]
+                continue
+            agg = dict(rs[0])
+            for k in ("long_ppl_ratio", "short_ppl_ratio", "overall_ppl_ratio", "long_nll", "gap_closed", "contiguity",
+                      "fa_bottom", "fa_middle", "fa_top", *tasks):
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                agg[k] = float(np.mean(vals)) if vals else None
+            agg["raw"] = {tn: (float(np.mean([r["raw"][tn] for r in rs if r["raw"].get(tn) is not None]))
+                               if any(r["raw"].get(tn) is not None for r in rs) else None) for tn in tasks}
+            agg["seeds"] = [r["seed"] for r in rs]
+            agg["long_ppl_ratio_per_seed"] = [r["long_ppl_ratio"] for r in rs]
+            rows[f"{key} (mean of {len(rs)} seeds)"] = agg
+        tables[method_key(t)] = {"sparsity": t, "rows": rows}
+    return {"full": full_row, "all_swa": swa_row, "calibration": cal, "calibrated_tasks": passed, "tasks": tasks,
+            "full_long_nll": f_nll, "all_swa_long_nll": s_nll, "window": full["window"], "tables": tables,
+            "shape": full["shape"]}
+
+
+def format_tables(res: dict) -> str:
+    tasks = res["tasks"]
+    lines = []
+    cal = res["calibration"]
+    lines += ["### Calibration of the base model (accuracy averaged over depths)", "",
+              "| task | length | full | all-SWA | counts |", "|---|---|---|---|---|"]
+    for tname in tasks:
+        for r in cal.get(tname, []):
+            lines.append(f"| {tname} | {r['length']} | {_fmt(r['full'], 2)} | {_fmt(r['all_swa'], 2)} | "
+                         f"{'yes' if r['pass'] else 'no'} |")
+    lines.append("")
+    tcols = "".join(f"{tn} | " for tn in tasks)
+    head = ("| method | gran. | SWA units | SWA heads | tokens after base | " + tcols
+            + "long PPL ratio | short PPL ratio | gap closed | contiguity |")
+    sep = "|" + "---|" * (9 + len(tasks))
+    for key, tab in res["tables"].items():
+        lines += [f"### Sparsity {tab['sparsity']}", "", head, sep]
+
+        def ret(v, raw):
+            if v is not None:
+                return _fmt(v, 2)
+            return f"({_fmt(raw, 2)})" if raw is not None else "–"
+
+        def cells(r: dict) -> str:
+            return "".join(ret(r.get(tn), r["raw"].get(tn)) + " | " for tn in tasks)
+
+        f, s = res["full"], res["all_swa"]
+        lines.append("| full attention (ref) | – | 0 | 0 | 0 | " + cells(f) + "1.000 | 1.000 | – | – |")
+        order = sorted(tab["rows"].items(), key=lambda kv: (kv[1]["long_ppl_ratio"] is None, kv[1]["long_ppl_ratio"] or 0))
+        for name, r in order:
+            lines.append(f"| {name} | {r['granularity']} | {r['swa_units']}/{r['units']} | {r.get('swa_heads', '–')} | "
+                         f"{r['tokens_after_base']:,} | " + cells(r)
+                         + f"{_fmt(r['long_ppl_ratio'])} | {_fmt(r['short_ppl_ratio'])} | {_fmt(r['gap_closed'], 2)} | "
+                         f"{_fmt(r['contiguity'], 2)} |")
+        lines.append("| all-SWA (ref) | – | all | all | 0 | " + cells(s)
+                     + f"{_fmt(s['long_ppl_ratio'])} | {_fmt(s['short_ppl_ratio'])} | 0.00 | – |")
+        lines.append("")
+    lines += ["Retrieval: calibrated accuracy (mean over the lengths that pass calibration, all depths); a value in "
+              "(brackets) is raw accuracy over all lengths where the task passed calibration at no length. PPL ratio = PPL / PPL of "
+              "full attention; long = positions > 2W, short = positions ≤ W (equal for every allocation by "
+              "construction: a sanity check). Gap closed = share of the all-SWA long-range NLL gap recovered. "
+              "Rows sorted by long PPL ratio.", ""]
+    return "\n".join(lines)
+
+
+def format_structure(res: dict) -> str:
+    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? |",
+             "|---|---|---|---|---|---|"]
+    for key, tab in res["tables"].items():
+        for name, r in tab["rows"].items():
+            if not any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
+                continue
+            pattern = (r["fa_bottom"] < r["fa_middle"] and r["contiguity"] == 1.0)
+            blocks = ", ".join(f"{a}–{b - 1}" for a, b in r["fa_blocks"])
+            lines.append(f"| {tab['sparsity']} | {name} | {r['fa_bottom']:.2f} / {r['fa_middle']:.2f} / {r['fa_top']:.2f} | "
+                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fa_shares(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tabs = list(res["tables"].values())
+    fig, axes = plt.subplots(1, len(tabs), figsize=(4 * len(tabs), 4), sharey=True, squeeze=False)
+    for ax, tab in zip(axes[0], tabs):
+        for name, r in tab["rows"].items():
+            if any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
+                sh = r["fa_share_per_layer"]
+                ax.plot(sh, range(len(sh)), marker="o", ms=3, label=name)
+        ax.set_title(f"t = {tab['sparsity']}")
+        ax.set_xlabel("FA share of the layer's KV heads")
+        ax.set_xlim(-0.05, 1.05)
+    axes[0][0].set_ylabel("layer (0 = bottom)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def stage_report(wd: Workdir) -> dict:
+    from .allocation import Allocation, atomic_write_text
+    from .heatmap import plot_allocation
+
+    cfg = wd.cfg
+    _require(wd.done("eval") and (wd.evals / "full" / "eval.json").is_file(), "report", f"the eval runs in {wd.evals}", "eval", wd)
+    res = collect(wd)
+    wd.report.mkdir(parents=True, exist_ok=True)
+    figs = [plot_fa_shares(res, wd.report / "fa_share_per_layer.png").name]
+    for t in cfg.search.sparsities:
+        for stem in ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head"):
+            p = wd.alloc / method_key(t) / f"{stem}.json"
+            if p.is_file():
+                name = f"heatmap-{method_key(t)}-{stem}.png"
+                plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, t={t}")
+                figs.append(name)
+    stages = wd.stages()
+    pre = stages.get("pretrain", {})
+    md = [f"# Experiment `{cfg.name}`", "",
+          f"Config: `{cfg.source}` · seed {cfg.seed} · preset `{cfg.pretrain.preset}` · context {cfg.context} · W = {cfg.W}", "",
+          "Stage wall times: " + ", ".join(f"{k} {v.get('wall_s')} s" for k, v in stages.items() if k in STAGES), "",
+          "Base model: {} steps, {} tokens, {} parameters, validation loss {} → {}, {} train tokens/s{}.".format(
+              pre.get("steps"), pre.get("tokens"), pre.get("parameters"), _fmt(pre.get("val_loss_first")),
+              _fmt(pre.get("val_loss_last")), pre.get("tokens_per_s"),
+              "" if pre.get("finished", True) else " (stopped at its time limit: last checkpoint used)"),
+          f"Long-range NLL (positions > 2W): full attention {_fmt(res['full_long_nll'], 4)}, all-SWA "
+          f"{_fmt(res['all_swa_long_nll'], 4)}.", "",
+          format_tables(res), "### Structure of the data-driven allocations", "", format_structure(res)]
+    md += [f"![{f}]({f})" for f in figs]
+    atomic_write_text(wd.report / "results.md", "\n".join(md) + "\n")
+    res["stages"] = stages
+    res["config"] = cfg.to_dict()
+    atomic_write_text(wd.report / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+    return {"results": str(wd.report / "results.md"), "figures": figs}
+
+
+# ------------------------------------------------------------------------------------------ driver
+STAGE_FNS: dict[str, Callable] = {"data": stage_data, "pretrain": stage_pretrain, "search": stage_search,
+                                   "eval": stage_eval, "report": stage_report}
+
+
+def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: bool = False,
+              deadline: float | None = None) -> dict:
+    """Run one stage (skipped when already done, unless ``force``); returns its record in stages.json."""
+    if stage not in STAGE_FNS:
+        raise ConsaError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or all")
+    wd = Workdir(workdir, cfg)
+    if wd.done(stage) and not force:
+        _say(f"{stage}: already done ({wd.stages()[stage].get('wall_s')} s); skipped")
+        return wd.stages()[stage]
+    prev = wd.stages().get(stage, {})
+    before = float(prev.get("wall_s", 0.0)) if not prev.get("done") else 0.0
+    t0 = time.time()
+    _say(f"{stage}: start")
+    try:
+        info = STAGE_FNS[stage](wd, deadline) if stage == "eval" else STAGE_FNS[stage](wd)
+        done = True
+    except _Partial as e:
+        info, done = {"note": str(e)}, False
+        _say(str(e))
+    wall = time.time() - t0
+    # wall_s adds up the calls a stage took (a partial eval continued by a later call)
+    rec = {**info, "done": done, "wall_s": round(before + wall, 2), "wall_s_this_call": round(wall, 2),
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    wd.record(stage, rec)
+    _say(f"{stage}: {'done' if done else 'partial'} in {wall:.1f} s")
+    return wd.stages()[stage]
+
+
+def run_all(cfg: ExperimentConfig, workdir: str | Path, *, until: str = "report", deadline: float | None = None) -> dict:
+    out = {}
+    for stage in STAGES:
+        out[stage] = run_stage(stage, cfg, workdir, deadline=deadline)
+        if not out[stage].get("done"):
+            break
+        if stage == until:
+            break
+    return out

@@ -1,0 +1,156 @@
+"""Multi-process search (torchrun + FSDP2, gloo on CPU, 2 processes) against the single-process one.
+
+Tolerance: the ranks reduce the loss and gradients in another order than one process does, so the
+gates may differ by float rounding; we require |Δ log α| ≤ 1e-5 and the same final allocation (on
+this machine the difference measured 0). Resume of a SIGKILLed 2-process job must be exact.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from consa.allocation import Allocation
+from consa.cli import main
+from consa.errors import ConsaError
+from consa.tiny import tiny_model
+from consa.train.distributed import Dist
+from consa.train.search import Search, SearchConfig
+
+ARGS = ["--sparsity", "0.5", "--window", "5", "--seq-len", "32", "--batch-size", "4", "--steps", "16",
+        "--checkpoint-every", "4", "--gate-lr", "0.1", "--seed", "3", "--no-progress"]
+GATE_ATOL = 1e-5
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _gates(out):
+    return load_file(str(out / "gates.safetensors"))["log_alpha"]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and its descendants, parents first (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _cmd(model_dir, out, *extra):
+    return [sys.executable, "-m", "consa", "search", "--model", str(model_dir), *ARGS, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process search and one unbroken 2-process search with the same global batch and seed."""
+    root = tmp_path_factory.mktemp("dist")
+    model_dir = root / "model"
+    tiny_model("qwen3", num_layers=4).save_pretrained(model_dir)
+    assert main(["search", "--model", str(model_dir), *ARGS, "--out", str(root / "one")]) == 0
+    r = subprocess.run(_cmd(model_dir, root / "two", "--nproc", "2"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return model_dir, root
+
+
+def test_two_processes_match_one_process(runs):
+    _, root = runs
+    one, two = root / "one", root / "two"
+    assert Allocation.load(one / "allocation.json") == Allocation.load(two / "allocation.json")
+    assert torch.allclose(_gates(one), _gates(two), atol=GATE_ATOL, rtol=0)
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m2] == list(range(16))  # rank 0 alone logged, once per step
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(m1, m2)) < 1e-5  # the same global-mean loss
+    assert json.loads((two / "search.json").read_text())["world_size"] == 2
+    assert json.loads((two / "checkpoint" / "state.json").read_text())["world_size"] == 2
+
+
+def test_sigkilled_two_process_search_resumes_to_the_unbroken_allocation(runs, capsys):
+    model_dir, root = runs
+    out = root / "killed"
+    proc = subprocess.Popen(_cmd(model_dir, out, "--nproc", "2"), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # torchrun starts each rank in its own session, so kill the whole tree by pid: ranks, then launchers
+    for pid in reversed(_process_tree(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    if (out / "allocation.json").exists():
+        pytest.skip("the search finished before it could be killed")
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < 16
+
+    # without --resume, or with another world size: refused before any process starts, one line
+    for extra, match in ((["--nproc", "2"], "--resume"), (["--nproc", "4", "--resume"], "2 process(es), this one runs on 4")):
+        capsys.readouterr()
+        assert main(_cmd(model_dir, out, *extra)[3:]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("consa: error:") and match in err
+    # a single process meets the same check inside Search
+    with pytest.raises(ConsaError, match="2 process\\(es\\), this one runs on 1; resume with --nproc 2"):
+        Search(tiny_model("qwen3", num_layers=4), SearchConfig(sparsity=0.5, window=5, seq_len=32, steps=16, seed=3),
+               lambda s: {}, out, progress=False).run(resume=True)
+
+    r = subprocess.run(_cmd(model_dir, out, "--nproc", "2", "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Allocation.load(out / "allocation.json") == Allocation.load(root / "two" / "allocation.json")
+    assert torch.equal(_gates(out), _gates(root / "two"))
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(16))
+
+
+def test_batch_not_divisible_by_world_size_is_one_clear_error(runs, tmp_path, capsys):
+    model_dir, _ = runs
+    out = tmp_path / "run"
+    argv = _cmd(model_dir, out, "--nproc", "2")[3:]
+    argv[argv.index("--batch-size") + 1] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch of 3 sequences cannot be split evenly over 2 processes" in err
+    assert not out.exists()
+    # the same check inside a rank (a batch_fn whose batches do not split)
+    fake = Dist(rank=1, world_size=2, mesh=object())
+    with pytest.raises(ConsaError, match="divisible by 2"):
+        fake.local_batch({"input_ids": torch.zeros(3, 8, dtype=torch.long)})
+    got = fake.local_batch({"input_ids": torch.arange(4).view(4, 1), "loss_mask": torch.ones(4, 1), "note": "x"})
+    assert got["input_ids"].flatten().tolist() == [2, 3] and got["loss_mask"].shape == (2, 1) and got["note"] == "x"
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    def batches(step):
+        g = torch.Generator().manual_seed(step)
+        return {"input_ids": torch.randint(3, 101, (2, 24), generator=g)}
+
+    cfg = dict(sparsity=0.5, window=5, seq_len=24, steps=6, checkpoint_every=3)
+    Search(tiny_model("qwen3", num_layers=2, seed=0), SearchConfig(**cfg), batches, tmp_path, progress=False).run()
+    other = tiny_model("qwen3", num_layers=2, seed=1)  # same shape, other weights
+    with pytest.raises(ConsaError, match="another model"):
+        Search(other, SearchConfig(**cfg), batches, tmp_path, progress=False).run(resume=True)

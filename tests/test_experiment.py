@@ -1,0 +1,133 @@
+"""`consa experiment`: the driver runs end to end at CI size and its stages resume from disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from consa.cli import main
+from consa.errors import ConsaError
+from consa.experiment import ALL_METHODS, ExperimentConfig, Workdir, run_all, run_stage
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ci_config(src: Path) -> dict:
+    return {
+        "name": "ci", "seed": 0, "device": "cpu", "progress": False,
+        "data": {"sources": [str(src)], "vocab_size": 512, "workers": 1},
+        "pretrain": {"preset": "tiny", "steps": 3, "batch_size": 4, "seq_len": 128, "retrieval_mix": 0.5,
+                     "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100},
+        "search": {"sparsities": [0.5, 0.75], "steps": 3, "batch_size": 2, "mass_batches": 1, "random_seeds": [0, 1, 2]},
+        "eval": {"tasks": ["passkey"], "lengths": [112], "depths": [0.5], "items": 1, "ppl_length": 128,
+                 "ppl_sequences": 2, "batch_size": 4},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One CI-size experiment run through every stage by the command line."""
+    root = tmp_path_factory.mktemp("exp")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "string.py", "heapq.py", "bisect.py", "fractions.py", "calendar.py", "shlex.py"):
+        shutil.copy(stdlib / name, src / name)
+    cfg_path = root / "ci.json"
+    cfg_path.write_text(json.dumps(_ci_config(src)))
+    work = root / "work"
+    rc = main(["experiment", "all", "--config", str(cfg_path), "--workdir", str(work)])
+    return cfg_path, work, rc
+
+
+def test_end_to_end_table_has_every_method_with_equal_swa_counts(finished):
+    cfg_path, work, rc = finished
+    assert rc == 0
+    stages = json.loads((work / "stages.json").read_text())
+    for s in ("data", "pretrain", "search", "eval", "report"):
+        assert stages[s]["done"] and stages[s]["wall_s"] >= 0, s
+    res = json.loads((work / "report" / "results.json").read_text())
+    md = (work / "report" / "results.md").read_text()
+    assert set(res["tables"]) == {"s0.5", "s0.75"}
+    for key, tab in res["tables"].items():
+        rows = tab["rows"]
+        names = {n.split(" ")[0] for n in rows}
+        assert names == set(ALL_METHODS), names
+        assert "random-kv_head (mean of 3 seeds)" in rows
+        # the same share of KV heads is SWA in every row (4 layers x 2 KV heads: no rounding differences)
+        assert len({r["swa_heads"] for r in rows.values()}) == 1, {n: r["swa_heads"] for n, r in rows.items()}
+        assert {r["swa_heads"] for r in rows.values()} == {int(tab["sparsity"] * 8)}
+        for r in rows.values():
+            assert r["long_ppl_ratio"] is not None and r["long_ppl_ratio"] > 0
+            assert r["short_ppl_ratio"] == pytest.approx(1.0, abs=1e-3)  # positions <= W see the same keys
+        assert f"### Sparsity {tab['sparsity']}" in md
+        for n in rows:
+            assert f"| {n} |" in md
+    # learned methods report the tokens they used after the base model, rules none
+    rows = res["tables"]["s0.5"]["rows"]
+    assert rows["consa-kv_head"]["tokens_after_base"] == 3 * 2 * 128
+    assert rows["fa_top-layer"]["tokens_after_base"] == 0
+    assert (work / "report" / "fa_share_per_layer.png").is_file()
+    assert (work / "report" / "heatmap-s0.75-consa-kv_head.png").is_file()
+
+
+def test_finished_stages_are_skipped(finished, capsys):
+    cfg_path, work, _ = finished
+    before = json.loads((work / "stages.json").read_text())
+    mtime = (work / "alloc" / "s0.5" / "consa-kv_head.json").stat().st_mtime
+    assert main(["experiment", "search", "--config", str(cfg_path), "--workdir", str(work)]) == 0
+    assert "already done" in capsys.readouterr().out
+    assert (work / "alloc" / "s0.5" / "consa-kv_head.json").stat().st_mtime == mtime
+    assert json.loads((work / "stages.json").read_text())["search"] == before["search"]
+
+
+def test_report_rebuilds_from_disk_and_a_missing_allocation_is_redone(finished):
+    cfg_path, work, _ = finished
+    cfg = ExperimentConfig.load(cfg_path)
+    (work / "alloc" / "s0.75" / "fa_top-layer.json").unlink()
+    rec = run_stage("search", cfg, work, force=True)
+    assert rec["done"] and (work / "alloc" / "s0.75" / "fa_top-layer.json").is_file()
+    assert run_stage("report", cfg, work, force=True)["done"]
+
+
+def test_missing_prerequisite_is_one_clear_error(finished, tmp_path, capsys):
+    cfg_path, _, _ = finished
+    empty = tmp_path / "empty"
+    with pytest.raises(ConsaError, match=r"stage 'search' needs the base model .* run `consa experiment pretrain"):
+        run_stage("search", ExperimentConfig.load(cfg_path), empty)
+    assert main(["experiment", "eval", "--config", str(cfg_path), "--workdir", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("consa: error: stage 'eval' needs the allocations")
+    assert not (empty / "eval").exists()
+
+
+def test_bad_config_is_rejected(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"name": "x", "search": {"sparsities": [1.5]}}))
+    with pytest.raises(ConsaError, match="sparsities"):
+        ExperimentConfig.load(p)
+    p.write_text(json.dumps({"name": "x", "searchh": {}}))
+    with pytest.raises(ConsaError, match="unknown experiment config keys: searchh"):
+        ExperimentConfig.load(p)
+    with pytest.raises(ConsaError, match="not found"):
+        ExperimentConfig.load(tmp_path / "nope.json")
+
+
+def test_experiment_configs_in_the_repo_load():
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for p in sorted(root.glob("*.json")):
+        cfg = ExperimentConfig.load(p)
+        assert cfg.W == cfg.context // 16
+    assert run_all  # imported API
+    assert Workdir
