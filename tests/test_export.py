@@ -132,6 +132,13 @@ def test_headwise_export_round_trips(tmp_path, family, sinks):
     valid = mask.bool()
     torch.testing.assert_close(got[valid], logits[valid], atol=2e-5, rtol=0)
     assert torch.equal(gen2, gen)
+    # after `import consa`, plain from_pretrained with attn_implementation="consa" serves it too
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="consa").eval()
+    with torch.no_grad():
+        got3 = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got3[valid], logits[valid], atol=2e-5, rtol=0)
 
 
 def test_native_mode_refused_for_headwise_allocation(tmp_path):

@@ -96,6 +96,8 @@ def consa_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
     plan: LayerPlan | None = getattr(module, "consa_plan", None)
+    if plan is None:
+        plan = _plan_from_config(module)
 
     if isinstance(key, SplitKV):
         if plan is None or plan.mode != "fixed":
@@ -109,6 +111,21 @@ def consa_attention(
         out = _fixed(plan, query, key, value, attention_mask, scale, dropout)
     # Paths return [B, T, H, D]; when the merge already wrote that layout, contiguous() is free.
     return out.contiguous(), None
+
+
+def _plan_from_config(module) -> LayerPlan | None:
+    """A head-wise export loaded by plain ``from_pretrained(..., attn_implementation="consa")``
+    carries its allocation in the config: build this layer's plan from it once."""
+    record = getattr(getattr(module, "config", None), "consa", None)
+    if not isinstance(record, dict) or record.get("mode") != "heads" or not hasattr(module, "layer_idx"):
+        return None
+    from ..allocation import Allocation
+
+    alloc = Allocation.from_dict(record["allocation"])
+    plan = LayerPlan(module.layer_idx, alloc.shape.num_kv_heads, alloc.window, alloc.sinks, "fixed",
+                     fa_kv=alloc.fa_heads(module.layer_idx))
+    module.consa_plan = plan
+    return plan
 
 
 def _gate_mix(plan, q, k, v, mask, scale, dropout):
