@@ -7,7 +7,6 @@ import json
 import random
 import sys
 import types
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 import consa
 from consa import Allocation, apply_allocation, model_shape
+from consa.data.tasks import TaskItem
 from consa.errors import ConsaError
 from consa.eval import calibration as calib
 from consa.eval.quality import chunk_documents, perplexity
@@ -34,15 +34,7 @@ def _one_thread():
 
 
 # ---- fakes ------------------------------------------------------------------------------------------
-@dataclass
-class Item:
-    task: str
-    prompt: str
-    answer: str
-    depth: float
-    target_tokens: int
-    num_tokens: int
-    seed: int
+Item = TaskItem  # the real item type; fakes below only replace the model
 
 
 FILLER = "the quick brown fox jumps over a lazy dog while "

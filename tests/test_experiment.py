@@ -15,12 +15,7 @@ from consa.errors import ConsaError
 from consa.experiment import ALL_METHODS, ExperimentConfig, Workdir, run_all, run_stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ci_config(src: Path) -> dict:

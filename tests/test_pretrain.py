@@ -22,13 +22,7 @@ from consa.train.pretrain import (CHECKPOINT, LOG_FILE, MixedSource, PretrainCon
 FAST = dict(preset="tiny", seq_len=64, batch_size=8, progress=False, eval_batches=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and far faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts() -> list[str]:
