@@ -81,13 +81,8 @@ class SearchConfig:
 
 def kl_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
     """Mean over (unmasked) positions of KL(teacher ‖ student) on next-token distributions."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    if mask is None:
-        return kl.mean()
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    total, count = kl_sum(student_logits, teacher_logits, mask, temperature)
+    return total / count.clamp_min(1.0)
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
@@ -101,13 +96,6 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     else:
         inputs["input_ids"] = batch["input_ids"]
     return model(**inputs).logits
-
-
-def lm_loss(logits, input_ids, mask=None) -> torch.Tensor:
-    logits, target = logits[:, :-1].float(), input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
-    m = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
-    return (nll * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _masked_sum(values: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,15 +206,7 @@ class Search:
         z = self.gates.sample(self.gen)
         self.mix.z = self._unit_to_heads(z)
         logits = forward_logits(self.model, batch)
-        if self.dist.enabled:
-            loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)
-        else:
-            loss = logits.new_zeros((), dtype=torch.float32)
-            if teacher is not None:
-                loss = loss + cfg.kl_weight * kl_loss(logits, teacher, loss_mask, cfg.temperature)
-            if cfg.lm_weight > 0 and "input_ids" in batch:
-                loss = loss + cfg.lm_weight * lm_loss(logits, batch["input_ids"], loss_mask)
-            task = float(loss.detach())
+        loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)  # one process: world size 1
         if not math.isfinite(task):
             raise ConsaError(f"loss became {task} at step {step}; no allocation was written (lower --gate-lr or check the data)")
         s_hat = self.gates.expected_sparsity()
