@@ -210,3 +210,32 @@ def test_nan_loss_stops_with_a_clear_error_and_no_allocation(tmp_path):
     with pytest.raises(ConsaError, match="loss became nan"):
         Search(model, cfg, _batches, tmp_path / "run", progress=False).run()
     assert not (tmp_path / "run" / "allocation.json").exists()
+
+
+def test_search_batches_mix_corpus_windows_with_retrieval_rows(tmp_path):
+    """--retrieval-mix replaces a share of corpus rows by synthetic key/value recall sequences."""
+    import argparse
+    import random as pyrandom
+
+    from consa.commands.common import search_batches
+    from consa.data.corpus import build_corpus
+    from consa.data.tokenizer import load_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = pyrandom.Random(0)
+    words = "river stone light paper window garden music number letter morning evening".split()
+    for i in range(12):
+        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(900)) + ".\n")
+    build_corpus([str(src)], tmp_path / "corpus", vocab_size=400, workers=1, cache_dir=tmp_path / "cache")
+    tok = load_tokenizer(tmp_path / "corpus")
+    args = argparse.Namespace(corpus=str(tmp_path / "corpus"), batch_size=8, seq_len=160, seed=0,
+                              retrieval_mix=0.5, retrieval_source="builtin")
+    fn = search_batches(args, None, len(tok))
+    texts = [tok.decode(row) for step in range(3) for row in fn(step)["input_ids"]]
+    with_facts = sum(("magic number" in t) or (" = " in t) for t in texts)
+    assert 0 < with_facts < len(texts)  # some rows are retrieval sequences, the rest plain corpus
+    assert torch.equal(fn(1)["input_ids"], fn(1)["input_ids"])  # a pure function of the step
+    args.retrieval_mix = 0.0
+    plain = [tok.decode(row) for row in search_batches(args, None, len(tok))(0)["input_ids"]]
+    assert not any("magic number" in t for t in plain)

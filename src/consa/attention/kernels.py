@@ -108,7 +108,9 @@ def attention(
     return _sdpa(q, k, v, mask, False, scale, dropout)
 
 
+@lru_cache(maxsize=32)
 def _band(q_off, tq, tk, slots, window, sinks, device):
+    """Boolean [Tq, Tk] visibility; cached, since every layer of a forward asks for the same one."""
     q_pos = torch.arange(q_off, q_off + tq, device=device)
     k_pos = slots.positions(tk, device)
     if window is None:

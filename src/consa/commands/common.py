@@ -42,14 +42,22 @@ def search_batches(args, model, vocab_size: int):
     b, t, seed = args.batch_size, args.seq_len, args.seed
     if args.corpus:
         from ..data.shards import TokenShards
+        from ..data.tokenizer import load_tokenizer
+        from ..train.pretrain import MixedSource, corpus_source, retrieval_source
 
         shards = TokenShards.open(args.corpus, "train")
         if shards.num_tokens < t + 1:
             raise ConsaError(f"corpus {args.corpus} holds {shards.num_tokens} tokens, fewer than --seq-len {t}")
+        source = corpus_source(shards)
+        mix = getattr(args, "retrieval_mix", 0.0)
+        if not 0.0 <= mix <= 1.0:
+            raise ConsaError(f"--retrieval-mix must be in [0, 1], got {mix}")
+        if mix > 0:  # long documents mixed with synthetic retrieval rows (GUIDE §1: make long range matter)
+            extra, _ = retrieval_source(shards, load_tokenizer(args.corpus), getattr(args, "retrieval_source", "builtin"))
+            source = MixedSource(source, extra, mix)
 
         def from_corpus(step: int) -> dict:
-            rng = np.random.default_rng([seed, step])
-            return {"input_ids": shards.sample_batch(b, t, rng)}
+            return {"input_ids": source(b, t, np.random.default_rng([seed, step]))}
 
         return from_corpus
 

@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--granularity", default="kv_head", help="kv_head or layer")
     p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens always visible to SWA units")
     p.add_argument("--corpus", help="corpus directory from `consa data build` (default: random tokens, for smoke tests)")
+    p.add_argument("--retrieval-mix", type=float, default=0.0,
+                   help="share of batch rows replaced by synthetic retrieval sequences (needs --corpus)")
+    p.add_argument("--retrieval-source", default="builtin", help="builtin or tasks (the eval's own generators)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4, help="global batch (split over --nproc processes)")
     p.add_argument("--steps", type=int, default=300)
