@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
 import sys
 import time
@@ -157,7 +155,6 @@ def prefill_point(t, w, share, device, dtype, check):
 def decode_point(t, w, share, batch, device, dtype, bw):
     scale = HEAD_DIM**-0.5
     n_fa = round(share * KV_HEADS)
-    n_sw = KV_HEADS - n_fa
     q, k, v = qkv(batch, 1, t + 1, device, dtype, seed=7)
     k, v = k.contiguous(), v.contiguous()  # a cache's storage
     kf, vf = k[:, :n_fa].contiguous(), v[:, :n_fa].contiguous()

@@ -8,7 +8,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from consa.cli import main
 from consa.errors import ConsaError

@@ -36,36 +36,17 @@ def corpus(tmp_path_factory) -> Path:
     """A tiny corpus dir in the corpus builder's format (tokenizer files + train/ + validation/ + stats.json)."""
     d = tmp_path_factory.mktemp("corpus")
     texts = _texts()
-    try:
-        from consa.data.shards import write_split
-        from consa.data.tokenizer import train_tokenizer
-    except ImportError:  # corpus builder not there: the minimal tokens.npy layout pretrain also reads
-        write_split = train_tokenizer = None
-    if train_tokenizer is not None:
-        tok = train_tokenizer(texts, 384, d)
-    else:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
+    from consa.data.shards import write_split
+    from consa.data.tokenizer import train_tokenizer
 
-        bt = Tokenizer(models.BPE())
-        bt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bt.decoder = decoders.ByteLevel()
-        bt.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                           show_progress=False))
-        tok = PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-        tok.save_pretrained(str(d))
+    tok = train_tokenizer(texts, 384, d)
     eos = tok.eos_token_id
     docs = [np.asarray(tok.encode(t, add_special_tokens=False), dtype=np.int64) for t in texts]
     # split each file into chunks so both splits hold text of every kind
     chunks = [c for doc in docs for c in np.array_split(doc, max(1, len(doc) // 2000))]
     splits = {"train": [c for i, c in enumerate(chunks) if i % 8], "validation": [c for i, c in enumerate(chunks) if i % 8 == 0]}
     for split, ds in splits.items():
-        if write_split is not None:
-            write_split(d / split, ds, vocab_size=len(tok), eos_id=eos)
-        else:
-            (d / split).mkdir()
-            np.save(d / split / "tokens.npy", np.concatenate([np.append(c, eos) for c in ds]).astype(np.uint16))
+        write_split(d / split, ds, vocab_size=len(tok), eos_id=eos)
     (d / "stats.json").write_text(json.dumps({"eos_id": eos, "documents": len(chunks)}))
     return d
 

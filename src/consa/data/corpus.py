@@ -593,7 +593,6 @@ def build_corpus(
             chunks.append(cur)
         writers = {s: ShardWriter(tmp / s, vocab_size=vocab, eos_id=eos_id) for s in SPLITS}
         lengths = {s: [] for s in SPLITS}
-        src_of_split = {s: Counter() for s in SPLITS}
         pool = _Pool(min(workers, max(1, len(chunks))), _worker_init, (tok_json, cache_s))
         payload = ([(h, docs[h][1]) for h in c] for c in chunks)
         bar = _progress(None, total=sum(len(docs[h][1]) for h in order), desc="encoding", unit="B", unit_scale=True)

@@ -210,48 +210,11 @@ class BatchSource(Protocol):
     def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor: ...
 
 
-class _NpyShards:
-    """A minimal reader for hand-made corpus dirs: ``<split>/tokens.npy`` (1-D uint16/uint32, each
-    document followed by eos) and optional ``<split>/doc_offsets.npy``; eos from stats.json."""
-
-    def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, eos_id: int):
-        self.tokens, self.doc_offsets, self.eos_id = tokens, doc_offsets, eos_id
-        self.num_tokens, self.num_docs = int(tokens.shape[0]), max(0, int(doc_offsets.shape[0]) - 1)
-
-    @classmethod
-    def open(cls, corpus_dir, split: str = "train") -> "_NpyShards":
-        d = Path(corpus_dir) / split
-        tokens = np.load(d / "tokens.npy", mmap_mode="r")
-        offsets = np.load(d / "doc_offsets.npy") if (d / "doc_offsets.npy").exists() else np.array([0, len(tokens)])
-        stats = Path(corpus_dir) / "stats.json"
-        eos = json.loads(stats.read_text()).get("eos_id", 0) if stats.exists() else 0
-        return cls(tokens, offsets, int(eos))
-
-    def sample_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
-        if self.num_tokens < seq_len:
-            raise ConsaError(f"corpus split has {self.num_tokens} tokens, fewer than one sequence of {seq_len}")
-        starts = rng.integers(0, self.num_tokens - seq_len + 1, size=batch_size)
-        return torch.from_numpy(np.stack([np.asarray(self.tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
-
-
 def open_shards(corpus_dir: str | Path, split: str = "train"):
-    """Open one split of a corpus dir: ``consa.data.shards.TokenShards`` when that module exists,
-    else (or for a dir in the minimal ``tokens.npy`` layout) the built-in reader."""
-    corpus_dir = Path(corpus_dir)
-    simple = (corpus_dir / split / "tokens.npy").exists()
-    try:
-        from ..data.shards import TokenShards  # written by the corpus builder
-    except ImportError:
-        TokenShards = None
-    if TokenShards is not None:
-        try:
-            return TokenShards.open(corpus_dir, split)
-        except Exception:
-            if not simple:
-                raise
-    if not simple:
-        raise ConsaError(f"{corpus_dir}: no {split} shards (build the corpus with `consa data build`)")
-    return _NpyShards.open(corpus_dir, split)
+    """One split of a corpus built by ``consa data build``."""
+    from ..data.shards import TokenShards
+
+    return TokenShards.open(corpus_dir, split)
 
 
 def corpus_source(shards) -> BatchSource:
@@ -551,15 +514,9 @@ def evaluate(model, batches: list[torch.Tensor], device: str, bf16: bool = False
 
 
 def _load_tokenizer(corpus: Path):
-    try:
-        from ..data.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(corpus)
-    from transformers import AutoTokenizer
+    from ..data.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(corpus))
+    return load_tokenizer(corpus)
 
 
 def _check_out(out: Path, resume: bool) -> Path | None:
