@@ -430,20 +430,10 @@ def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]
 
 
 def _duo(model, gran, k, W, batch_fn, s: SearchStage, cfg: ExperimentConfig):
-    """``duo_allocation`` with the search's attention backend (it takes none, so the gate attach it
-    calls is pointed at the configured backend for the duration of the call)."""
-    import functools
+    from .train.baselines import duo_allocation
 
-    from .models import attach_gates
-    from .train import baselines
-
-    saved = baselines.attach_gates
-    baselines.attach_gates = functools.partial(attach_gates, backend=s.backend)
-    try:
-        return baselines.duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
-                                        seed=cfg.seed, progress=cfg.progress)
-    finally:
-        baselines.attach_gates = saved
+    return duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
+                          seed=cfg.seed, progress=cfg.progress, backend=s.backend)
 
 
 def stage_search(wd: Workdir) -> dict:

@@ -18,7 +18,7 @@ from .search import forward_logits, kl_loss
 
 def duo_allocation(
     model, granularity: str, num_swa: int, window: int, batch_fn, steps: int = 200, lr: float = 0.05,
-    l1: float = 0.05, sinks: int = 0, seed: int = 0, progress: bool = False,
+    l1: float = 0.05, sinks: int = 0, seed: int = 0, progress: bool = False, backend: str = "auto",
 ) -> Allocation:
     """DuoAttention-style: a clamped scalar gate α ∈ [0, 1] per unit mixes FA and SWA, trained with
     KL to the full model plus an L1 push towards SWA; the lowest α become SWA (quantile cut)."""
@@ -27,7 +27,7 @@ def duo_allocation(
     n = shape.num_units(granularity)
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
-    mix = attach_gates(model, window, sinks)
+    mix = attach_gates(model, window, sinks, backend=backend)
     alpha = torch.nn.Parameter(torch.ones(n, device=device))
     opt = torch.optim.Adam([alpha], lr=lr)
     ones = torch.ones(shape.num_layers, shape.num_kv_heads, device=device)
