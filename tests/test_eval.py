@@ -402,3 +402,20 @@ def test_cli_eval_errors_are_one_line_and_write_nothing(saved_model, tmp_path, m
         assert not out.exists()
     assert main(["eval", "--model", str(tmp_path / "missing"), "--window", "8", "--out", str(tmp_path / "r")]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_digits_reach_the_generated_items():
+    """--digits makes the task easier for small base models: the answers really get shorter."""
+    seen = {}
+
+    def fake_make_items(task, tokenizer, length, depth, n, seed, haystack=None, **kw):
+        seen[task] = kw
+        answer = "7" * kw.get("digits", 5)
+        return [Item(task, "x " * length, answer, depth, length, length, seed)]
+
+    cells = build_items(None, ["passkey"], [64], [0.5], 1, make_items=fake_make_items, digits=3)
+    assert seen["passkey"] == {"digits": 3} and cells[("passkey", 64, 0.5)][0].answer == "777"
+    build_items(None, ["passkey"], [64], [0.5], 1, make_items=fake_make_items)
+    assert seen["passkey"] == {}
+    with pytest.raises(ConsaError, match="digits"):
+        EvalConfig(digits=0, window=4).validate()

@@ -62,6 +62,7 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the full-attention / all-SWA runs (raw numbers only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", type=int, default=5, help="digits of passkeys / values (fewer: easier retrieval)")
     p.add_argument("--label", help="name of this run in reports (default: allocation meta or file name, or 'full')")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="run directory to write eval.json, eval.md and PNGs into")
@@ -114,7 +115,7 @@ def run(args) -> int:
         tasks=tasks, lengths=args.lengths, depths=args.depths, items=args.items, window=args.window, sinks=args.sinks,
         corpus=args.corpus, split=args.split, ppl_length=args.ppl_length, ppl_sequences=args.ppl_sequences,
         batch_size=args.batch_size, autocast="bf16" if args.bf16 else None, calibrate=not args.no_calibrate,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, digits=args.digits,
     ).validate()
     out = Path(args.out)
     if out.exists() and not out.is_dir():

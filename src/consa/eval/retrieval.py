@@ -152,12 +152,14 @@ def build_items(
     haystack=None,
     make_items: Callable | None = None,
     errors: dict | None = None,
+    digits: int = 5,
 ) -> dict[tuple[str, int, float], list]:
     """All task items of a grid, keyed by (task, length, depth).
 
     A cell the task cannot build (length too short for its needles, depth unreachable with this
     tokenizer) raises ConsaError, or — when an ``errors`` dict is given — is recorded there
     (key → reason) and left empty, so the rest of the grid still runs."""
+    extra = {} if digits == 5 else {"digits": int(digits)}  # 5 is make_items' own default
     if make_items is None:
         from ..data.tasks import make_items
     cells = {}
@@ -165,7 +167,7 @@ def build_items(
         for length in lengths:
             for depth in depths:
                 try:
-                    items = make_items(task, tokenizer, int(length), float(depth), int(n), cell_seed(seed, task, length, depth), haystack=haystack)
+                    items = make_items(task, tokenizer, int(length), float(depth), int(n), cell_seed(seed, task, length, depth), haystack=haystack, **extra)
                 except (ConsaError, ValueError, KeyError) as e:
                     msg = f"cannot make {task} items at length {length}, depth {depth}: {e}"
                     if errors is None:

@@ -42,6 +42,7 @@ class EvalConfig:
     lengths: tuple[int, ...] = (512, 1024)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     items: int = 8  # per (task, length, depth) cell
+    digits: int = 5  # digits of passkeys / values: fewer make retrieval easier for small base models
     window: int | None = None  # default: the allocation's window (required without an allocation)
     sinks: int | None = None  # default: the allocation's sinks, else 0
     corpus: str | None = None  # token-shard corpus for perplexity (None: no perplexity)
@@ -62,6 +63,8 @@ class EvalConfig:
         self.tasks = tuple(self.tasks)
         self.lengths = tuple(int(x) for x in self.lengths)
         self.depths = tuple(float(x) for x in self.depths)
+        if not 1 <= int(self.digits) <= 12:
+            raise ConsaError(f"digits must be between 1 and 12, got {self.digits}")
         if any(x < 1 for x in self.lengths):
             raise ConsaError(f"lengths must be positive, got {list(self.lengths)}")
         if any(not (0.0 <= d <= 1.0) for d in self.depths):
@@ -80,7 +83,7 @@ class EvalConfig:
 
 def fingerprint(cfg: EvalConfig, window: int, sinks: int) -> dict:
     """What baselines must share with a result to be reused."""
-    keys = ("tasks", "lengths", "depths", "items", "corpus", "split", "ppl_length", "ppl_sequences", "seed")
+    keys = ("tasks", "lengths", "depths", "items", "digits", "corpus", "split", "ppl_length", "ppl_sequences", "seed")
     d = {k: getattr(cfg, k) for k in keys}
     d.update(window=window, sinks=sinks)
     return json.loads(json.dumps(d))
@@ -126,7 +129,7 @@ def evaluate(
     # ---- shared inputs -----------------------------------------------------------------------
     seqs = _ppl_sequences(cfg, window, documents)
     cell_errors: dict = {}
-    cells = build_items(tokenizer, cfg.tasks, cfg.lengths, cfg.depths, cfg.items, cfg.seed, haystack=haystack, errors=cell_errors) if cfg.tasks else {}
+    cells = build_items(tokenizer, cfg.tasks, cfg.lengths, cfg.depths, cfg.items, cfg.seed, haystack=haystack, errors=cell_errors, digits=cfg.digits) if cfg.tasks else {}
     for (task, length, depth), reason in cell_errors.items():
         say(f"consa eval: skipped {task} at length {length}, depth {depth:g}: {reason}")
     if cells and all(not items for items in cells.values()):
