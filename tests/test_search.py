@@ -239,3 +239,19 @@ def test_search_batches_mix_corpus_windows_with_retrieval_rows(tmp_path):
     args.retrieval_mix = 0.0
     plain = [tok.decode(row) for row in search_batches(args, None, len(tok))(0)["input_ids"]]
     assert not any("magic number" in t for t in plain)
+
+
+def test_chunked_kl_equals_unchunked_value_and_gradient():
+    from consa.train.search import kl_sum
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 37, 50, requires_grad=True)
+    teacher = torch.randn(2, 37, 50)
+    mask = torch.rand(2, 37) > 0.3
+    whole, n_whole = kl_sum(student, teacher, mask, chunk=10_000)
+    (g_whole,) = torch.autograd.grad(whole, student)
+    part, n_part = kl_sum(student, teacher, mask, chunk=8)  # 5 chunks, the last one short
+    (g_part,) = torch.autograd.grad(part, student)
+    assert n_whole == n_part == mask.sum()
+    assert torch.allclose(whole, part, atol=1e-5) and torch.allclose(g_whole, g_part, atol=1e-6)
+    assert whole > 0 and g_whole.abs().sum() > 0

@@ -105,11 +105,29 @@ def _masked_sum(values: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]
     return (values * mask).sum(), mask.sum()
 
 
-def kl_sum(student_logits, teacher_logits, mask=None, temperature: float = 1.0):
-    """(Σ KL over unmasked positions, their count): the parts of :func:`kl_loss`, for a global mean."""
+KL_CHUNK = 2048  # positions per KL chunk: bounds the fp32 softmax copies to chunk × vocab
+
+
+def _kl_positions(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return _masked_sum((t.exp() * (t - s)).sum(-1), mask)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def kl_sum(student_logits, teacher_logits, mask=None, temperature: float = 1.0, chunk: int = KL_CHUNK):
+    """(Σ KL over unmasked positions, their count): the parts of :func:`kl_loss`, for a global mean.
+
+    Long sequences go in chunks of positions, each under activation checkpointing, so the fp32
+    log-softmax copies (4 × positions × vocab floats, 80 GB for 32K × 152K) never exist at once:
+    memory is one chunk's worth; the value and gradient are those of the unchunked sum."""
+    n = student_logits.shape[1]
+    if n <= chunk or not torch.is_grad_enabled():
+        return _masked_sum(_kl_positions(student_logits, teacher_logits, temperature), mask)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(_kl_positions, student_logits[:, i : i + chunk], teacher_logits[:, i : i + chunk], temperature,
+                        use_reentrant=False) for i in range(0, n, chunk)]
+    return _masked_sum(torch.cat(parts, dim=1), mask)
 
 
 def lm_sum(logits, input_ids, mask=None):
