@@ -93,37 +93,3 @@ def recall_accuracy(model, task: RecallTask, n: int = 256, seed: int = 12345, ba
         total += int(mask.sum())
     return hits / max(1, total)
 
-
-ANSWERS = (192, 256)  # two-hop answers (vocab 256)
-
-
-@dataclass
-class TwoHopRecallTask(RecallTask):
-    """Facts key→mid and mid→answer (2·pairs fact positions, shuffled); a query names a key and must
-    produce its answer. Matching the second fact needs the mid the first one gives, so retrieval
-    cannot finish in layer 0: it puts the needed full-attention units deeper than the one-hop task."""
-
-    vocab: int = 256
-
-    def __post_init__(self):
-        if self.seq_len < 2 * self.pairs + 2 * self.queries:
-            raise ValueError(f"seq_len {self.seq_len} is too short for {self.pairs} two-hop chains")
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> dict:
-        b, t, p, q = batch_size, self.seq_len, self.pairs, self.queries
-        keys = torch.stack([torch.randperm(KEYS[1] - KEYS[0], generator=generator)[:p] for _ in range(b)]) + KEYS[0]
-        mids = torch.stack([torch.randperm(VALUES[1] - VALUES[0], generator=generator)[:p] for _ in range(b)]) + VALUES[0]
-        answers = torch.randint(ANSWERS[0], ANSWERS[1], (b, p), generator=generator)
-        first = torch.cat([keys, mids], dim=1)  # fact i: (key_i, mid_i); fact p+i: (mid_i, answer_i)
-        second = torch.cat([mids, answers], dim=1)
-        order = torch.stack([torch.randperm(2 * p, generator=generator) for _ in range(b)])
-        first, second = torch.gather(first, 1, order), torch.gather(second, 1, order)
-        ids = torch.randint(FILLER[0], FILLER[1], (b, t), generator=generator)
-        pick = torch.stack([torch.randperm(p, generator=generator)[:q] for _ in range(b)])
-        start = t - 2 * q
-        ids[:, start::2] = torch.gather(keys, 1, pick)
-        ids[:, start + 1 :: 2] = torch.gather(answers, 1, pick)
-        ids[:, : 2 * p] = first
-        loss_mask = torch.zeros(b, t, dtype=torch.bool)
-        loss_mask[:, start::2] = True
-        return {"input_ids": ids, "fact_values": second, "loss_mask": loss_mask}
