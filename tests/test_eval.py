@@ -223,6 +223,22 @@ def test_greedy_left_padding_matches_unpadded_on_hybrid_model():
         assert alone[0][0] == int(model(torch.tensor([a])).logits[0, -1].argmax())
 
 
+def test_eval_decodes_with_the_hybrid_cache_and_matches_the_full_cache(monkeypatch):
+    from consa.attention.cache import HybridCache
+    from consa.eval import retrieval
+
+    model = tiny_model("llama", num_layers=3)
+    apply_allocation(model, Allocation.from_units([True, False] * 3, "kv_head", model_shape(model), window=4))
+    prompts = [list(range(3, 20)), list(range(40, 47))]  # longer and shorter than W
+    made = []
+    real = retrieval._hybrid_cache
+    monkeypatch.setattr(retrieval, "_hybrid_cache", lambda m: made.append(real(m)) or made[-1])
+    hybrid = greedy_generate_ids(model, prompts, 6, pad_id=0, eos_id=None)
+    assert isinstance(made[0], HybridCache) and made[0].get_seq_length() == 17 + 6 - 1
+    monkeypatch.setattr(retrieval, "_hybrid_cache", lambda m: None)  # transformers' own DynamicCache
+    assert greedy_generate_ids(model, prompts, 6, pad_id=0, eos_id=None) == hybrid
+
+
 # ---- calibration ------------------------------------------------------------------------------------
 def _grid(acc_by_length: dict[int, list[float]]):
     lengths = sorted(acc_by_length)

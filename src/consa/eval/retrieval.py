@@ -65,6 +65,19 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
+def _hybrid_cache(model):
+    """Under a fixed consa allocation, decode with the per-head hybrid cache (SWA heads keep W−1
+    slots) so the eval uses the memory a deployment would; otherwise let the model make its own."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "consa":
+        return None
+    from ..attention.cache import HybridCache
+
+    try:
+        return HybridCache(model)
+    except ValueError:  # some layer is not in fixed mode
+        return None
+
+
 def greedy_generate_ids(
     model, batch: list[list[int]], max_new_tokens: int, *, pad_id: int = 0, eos_id: int | None = None, autocast: str | None = None
 ) -> list[list[int]]:
@@ -82,7 +95,7 @@ def greedy_generate_ids(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out_tokens: list[list[int]] = [[] for _ in batch]
     done = [False] * len(batch)
-    cache = None
+    cache = _hybrid_cache(model)
     step_ids, step_pos = ids, pos
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers >= 5.2x: `past_key_values` renamed
