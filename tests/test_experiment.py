@@ -22,9 +22,9 @@ def _ci_config(src: Path) -> dict:
         "name": "ci", "seed": 0, "device": "cpu", "progress": False,
         "data": {"sources": [str(src)], "vocab_size": 512, "workers": 1},
         "pretrain": {"preset": "tiny", "steps": 3, "batch_size": 4, "seq_len": 128, "retrieval_mix": 0.5,
-                     "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100},
+                     "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100, "bank_digits": 3},
         "search": {"sparsities": [0.5, 0.75], "steps": 3, "batch_size": 2, "mass_batches": 1, "random_seeds": [0, 1, 2]},
-        "eval": {"tasks": ["passkey"], "lengths": [112], "depths": [0.5], "items": 1, "ppl_length": 128,
+        "eval": {"tasks": ["passkey"], "lengths": [112], "depths": [0.5], "items": 1, "digits": 3, "ppl_length": 128,
                  "ppl_sequences": 2, "batch_size": 4},
     }
 
@@ -74,6 +74,26 @@ def test_end_to_end_table_has_every_method_with_equal_swa_counts(finished):
     assert rows["fa_top-layer"]["tokens_after_base"] == 0
     assert (work / "report" / "fa_share_per_layer.png").is_file()
     assert (work / "report" / "heatmap-s0.75-consa-kv_head.png").is_file()
+
+
+def test_digits_reach_the_bank_and_the_eval(finished):
+    """bank_digits / digits in the config: the pretraining bank and the eval both use 3-digit keys."""
+    import re
+
+    import numpy as np
+
+    from consa.data.tokenizer import load_tokenizer
+
+    cfg_path, work, rc = finished
+    assert rc == 0
+    tok = load_tokenizer(next(p.parent for p in work.rglob("tokenizer.json")))
+    bank = np.load(next(work.rglob("bank.npz")))
+    offsets, toks = bank["offsets"], bank["tokens"]
+    keys = [re.findall(r"pass key is (\d+)", tok.decode(toks[offsets[i]:offsets[i + 1]].tolist())) for i in range(len(offsets) - 1)]
+    keys = [k for ks in keys for k in ks]
+    assert keys and all(len(k) == 3 for k in keys)
+    evals = list(work.rglob("eval.json"))
+    assert evals and all(json.loads(p.read_text())["config"]["digits"] == 3 for p in evals)
 
 
 def test_finished_stages_are_skipped(finished, capsys):

@@ -67,6 +67,7 @@ class PretrainStage:
     bank_tasks: list = field(default_factory=lambda: ["passkey", "multikey", "varrecall"])
     bank_min_len: int = 128  # item lengths are drawn uniformly in [bank_min_len, seq_len - 16]
     bank_workers: int = 1
+    bank_digits: int = 5  # digits of passkeys / values in the bank (match the eval's `digits`)
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
@@ -99,6 +100,7 @@ class EvalStage:
     lengths: list = field(default_factory=lambda: [2048, 4096])
     depths: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
     items: int = 8
+    digits: int = 5  # digits of passkeys / values (fewer: easier for small base models)
     ppl_length: int | None = None
     ppl_sequences: int = 16
     batch_size: int = 8
@@ -287,10 +289,11 @@ def stage_data(wd: Workdir) -> dict:
 _WORKER: dict = {}
 
 
-def _bank_init(tok_dir: str) -> None:
+def _bank_init(tok_dir: str, digits: int = 5) -> None:
     from .data.tokenizer import load_tokenizer
 
     _WORKER["tok"] = load_tokenizer(tok_dir)
+    _WORKER["digits"] = digits
 
 
 def _bank_item(args) -> np.ndarray:
@@ -300,13 +303,14 @@ def _bank_item(args) -> np.ndarray:
     task, length, depth, seed = args
     tok = _WORKER["tok"]
     try:
-        item = make_items(task, tok, length, depth, 1, seed, strict=False)[0]
+        item = make_items(task, tok, length, depth, 1, seed, strict=False, digits=_WORKER.get("digits", 5))[0]
     except ConsaError:
         return np.zeros(0, dtype=np.int32)
     return np.asarray(tok.encode(f"{item.prompt} {item.answer}", add_special_tokens=False), dtype=np.int32)
 
 
-def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: int, seed: int, workers: int = 1) -> dict:
+def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: int, seed: int, workers: int = 1,
+               digits: int = 5) -> dict:
     """``n`` retrieval items at random task, length in [min_len, max_len] and depth, saved to ``out``."""
     rng = np.random.default_rng([seed, 42])
     jobs = [(tasks[int(rng.integers(len(tasks)))], int(rng.integers(min_len, max_len + 1)),
@@ -315,10 +319,10 @@ def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: in
     if workers and workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers, initializer=_bank_init, initargs=(str(corpus),)) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_bank_init, initargs=(str(corpus), digits)) as pool:
             rows = pool.map(_bank_item, jobs, chunksize=max(1, n // (4 * workers)))
     else:
-        _bank_init(str(corpus))
+        _bank_init(str(corpus), digits)
         rows = [_bank_item(j) for j in jobs]
     rows = [r for r in rows if len(r)]
     if not rows:
@@ -370,7 +374,7 @@ def stage_pretrain(wd: Workdir) -> dict:
     if p.retrieval_mix > 0 and not wd.bank.is_file():
         _say(f"pretrain: building the retrieval bank ({p.bank_items} items, {p.bank_workers} workers)")
         bank_info = build_bank(wd.corpus, wd.bank, p.bank_items, list(p.bank_tasks), p.bank_min_len,
-                               max(p.bank_min_len, seq_len - 16), cfg.seed, p.bank_workers)
+                               max(p.bank_min_len, seq_len - 16), cfg.seed, p.bank_workers, p.bank_digits)
         _say(f"pretrain: bank {bank_info}")
     shards = TokenShards.open(wd.corpus, "train")
     source = corpus_source(shards)
@@ -520,7 +524,7 @@ def eval_config(cfg: ExperimentConfig, corpus: Path | None):
     from .eval.runner import EvalConfig
 
     e = cfg.eval
-    return EvalConfig(tasks=tuple(e.tasks), lengths=tuple(e.lengths), depths=tuple(e.depths), items=e.items,
+    return EvalConfig(tasks=tuple(e.tasks), lengths=tuple(e.lengths), depths=tuple(e.depths), items=e.items, digits=e.digits,
                       window=cfg.W, corpus=str(corpus) if corpus else None,
                       ppl_length=e.ppl_length, ppl_sequences=e.ppl_sequences, batch_size=e.batch_size,
                       autocast=e.autocast, backend=e.backend, seed=cfg.seed, progress=cfg.progress)
