@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .hybrid import LayerPlan, SplitKV
+from .hybrid import LayerPlan, SplitKV, _take
 from .kernels import KeySlots
 
 
@@ -34,10 +34,6 @@ def _selector(idx: list[int], n: int):
     if idx == list(range(idx[0], idx[0] + len(idx))):
         return slice(idx[0], idx[0] + len(idx))
     return torch.tensor(idx)
-
-
-def _take(x: torch.Tensor, sel) -> torch.Tensor:
-    return x[:, sel] if isinstance(sel, slice) else x.index_select(1, sel.to(x.device))
 
 
 class HybridLayer(CacheLayerMixin):
