@@ -154,3 +154,15 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     other = tiny_model("qwen3", num_layers=2, seed=1)  # same shape, other weights
     with pytest.raises(ConsaError, match="another model"):
         Search(other, SearchConfig(**cfg), batches, tmp_path, progress=False).run(resume=True)
+
+
+def test_teacher_pass_keeps_layers_gathered_for_the_student_pass(tmp_path):
+    """FSDP2 all-gathers each layer for the teacher pass; the student pass right after reuses them
+    instead of gathering again (one all-gather per layer per step saved: 15 → 10 with 4 layers + root)."""
+    script = os.path.join(os.path.dirname(__file__), "helpers", "count_all_gathers.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                        str(tmp_path / "run")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert counts["consa"] < counts["plain"]
+    assert counts["plain"] - counts["consa"] == 5  # one per FSDP group (4 decoder layers + the root)

@@ -211,7 +211,16 @@ class Search:
             if self.teacher is not None:
                 return forward_logits(self.teacher, batch)
             self.mix.z = torch.ones(self.shape.num_layers, self.shape.num_kv_heads, device=self.device)
-            return forward_logits(self.model, batch)
+            if not (self.dist.enabled and hasattr(self.model, "set_reshard_after_forward")):
+                return forward_logits(self.model, batch)
+            # Sharded: keep each layer gathered after the teacher pass, so the student pass that
+            # follows skips its all-gathers (FSDP2's unshard is a no-op on unsharded parameters);
+            # the student pass reshards them again. Costs one unsharded copy of the weights.
+            self.model.set_reshard_after_forward(False)
+            try:
+                return forward_logits(self.model, batch)
+            finally:
+                self.model.set_reshard_after_forward(True)
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
