@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from .errors import ConsaError
+from .files import atomic_write_text, read_json
 
 FORMAT = "consa.allocation"
 VERSION = 1
@@ -256,29 +256,4 @@ class Allocation:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Allocation":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise AllocationError(f"allocation file not found: {path}") from None
-        except OSError as e:
-            raise AllocationError(f"cannot read allocation file {path}: {e.strerror}") from None
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AllocationError(f"allocation file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(doc)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return cls.from_dict(read_json(path, "allocation file", AllocationError))

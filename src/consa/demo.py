@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .allocation import Allocation, atomic_write_text, swa_count
+from .allocation import Allocation, swa_count
+from .files import atomic_write_text
 from .models import apply_allocation, detach, model_shape
 from .recall_task import VOCAB, RecallTask, recall_accuracy, recall_loss
 from .rules import rule_allocation

@@ -153,14 +153,10 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentConfig":
+        from .files import read_json
+
         p = Path(path)
-        if not p.is_file():
-            raise ConsaError(f"experiment config not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConsaError(f"{p}: not valid JSON ({e})") from None
-        cfg = cls.from_dict(d, base_dir=Path.cwd())
+        cfg = cls.from_dict(read_json(p, "experiment config"), base_dir=Path.cwd())
         cfg.source = str(p)
         return cfg
 
@@ -215,7 +211,7 @@ class Workdir:
         return {}
 
     def record(self, stage: str, info: dict) -> None:
-        from .allocation import atomic_write_text
+        from .files import atomic_write_text
 
         self.root.mkdir(parents=True, exist_ok=True)
         st = self.stages()
@@ -508,7 +504,7 @@ def stage_search(wd: Workdir) -> dict:
             rec = {"stem": stem, "method": name, "granularity": gran, "seed": seed, "sparsity": t, "units": n_units,
                    "swa_units": k, "swa_heads": sum(1 for row in alloc.fa for b in row if not b),
                    "seconds": round(time.time() - t0, 2), "tokens_after_base": tokens, **extra}
-            from .allocation import atomic_write_text
+            from .files import atomic_write_text
 
             atomic_write_text(rec_path, json.dumps(rec, indent=1) + "\n")
             records[f"{method_key(t)}/{stem}"] = rec
@@ -755,7 +751,8 @@ def plot_fa_shares(res: dict, path: Path) -> Path:
 
 
 def stage_report(wd: Workdir) -> dict:
-    from .allocation import Allocation, atomic_write_text
+    from .allocation import Allocation
+    from .files import atomic_write_text
     from .heatmap import plot_allocation
 
     cfg = wd.cfg

@@ -26,6 +26,7 @@ import torch
 
 from .allocation import Allocation, AllocationError
 from .errors import ConsaError
+from .files import read_json
 
 KEY = "consa"
 FORMAT = "consa.export"
@@ -157,10 +158,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict | None, Allocation 
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise ExportError(f"{p} is not a model folder (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    cfg = read_json(cfg_path, "model config", ExportError)
     if not isinstance(cfg, dict):
         raise ExportError(f"{cfg_path} does not hold a JSON object")
     _check_weights(p)

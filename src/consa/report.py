@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .allocation import atomic_write_text
+from .files import atomic_write_text, read_json
 from .errors import ConsaError
 
 EVAL_FILE = "eval.json"
@@ -30,12 +30,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     f = d / EVAL_FILE
     if not f.is_file():
         raise ConsaError(f"no {EVAL_FILE} in {d}: not a consa eval run (make one with `consa eval ... --out {d}`)")
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConsaError(f"{f} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ConsaError(f"cannot read {f}: {e.strerror}") from None
+    doc = read_json(f, "eval result")
     from .eval.runner import FORMAT, VERSION
 
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

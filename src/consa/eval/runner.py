@@ -356,7 +356,7 @@ def write_run(result: dict, out: str | os.PathLike) -> Path:
     Each file is written atomically, eval.json last. Returns the directory."""
     import sys
 
-    from ..allocation import atomic_write_text
+    from ..files import atomic_write_text
     from ..plots import plot_retrieval_heatmap
 
     out = Path(out)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ConsaError
+from ..files import atomic_write_text
 from ..presets import get_preset, preset_config
 
 CHECKPOINT = "checkpoint"
@@ -351,13 +352,6 @@ def _batch_rng(seed: int, step: int) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------------- checkpoint
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def _copy_tokenizer(corpus: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
@@ -716,5 +710,5 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
         if not cfg.keep_checkpoint:
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     else:
-        _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
+        atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
     return out

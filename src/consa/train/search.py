@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..allocation import Allocation, atomic_write_text, check_granularity, check_sparsity, swa_count
+from ..allocation import Allocation, check_granularity, check_sparsity, swa_count
+from ..files import atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
 from ..gates import HardConcreteGates, topk_swa
