@@ -10,24 +10,23 @@ from pathlib import Path
 from ..errors import ConsaError
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
+def _comma_list(cast, kind: str):
+    """argparse type: a comma-separated list of ``cast`` values, at least one."""
+
+    def parse(text: str) -> tuple:
+        try:
+            vals = tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return vals
+
+    return parse
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
+_ints = _comma_list(int, "integers")
+_floats = _comma_list(float, "numbers")
 
 
 def _tasks(text: str) -> tuple[str, ...]:
