@@ -4,9 +4,12 @@ Three measurements, all in one run so they share the machine state:
 
 1. **prefill**: one layer's attention at Qwen3-0.6B shape (16 q / 8 kv heads, d = 128, bf16) at
    contexts 8K/32K/128K, windows 512/4096, FA shares 0.25/0.5: full causal SDPA vs the consa path
-   (``consa_attention`` with a fixed plan: SDPA on the FA heads + FlexAttention with a cached
-   closed-form block mask on the SWA heads) vs ideal = full × (FA share + SWA share × window pairs /
-   causal pairs);
+   (``consa_attention`` with a fixed plan: SDPA on the FA heads + the SWA prefill kernel on the SWA
+   heads) vs ideal = full × (FA share + SWA share × window pairs / causal pairs). ``--swa-kernel``
+   times the hybrid once per SWA kernel (``kernels.SWA_PREFILL``: flex = FlexAttention with a cached
+   closed-form block mask, chunked = block-diagonal flash merged by LSE, flash = FlashAttention-2's
+   local window), and each kernel on the SWA heads alone; ``--prefill-overlap`` adds the hybrid with
+   the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``);
 2. **decode**: B = 8, one new token over caches of 32K/128K, full cache vs the split a HybridCache
    holds (FA heads T slots, SWA heads W); time per step and bandwidth on the bytes read (K, V, q, out);
 3. **generate**: a randomly initialised Qwen3-0.6B-shaped model, 32K-token prompt, greedy decoding:
@@ -16,6 +19,9 @@ Times are medians over CUDA-event-timed repeats after warm-up; prefill and decod
 eagerly and as CUDA-graph replays (what a serving loop does), the graph number is the headline.
 
     PYTHONPATH=src python3 benchmarks/attention_speed.py --out $OUT/attention_speed.json
+    PYTHONPATH=src python3 benchmarks/attention_speed.py --contexts 8192,32768,131072 --windows 512,2048,4096 \
+        --fa-shares 0.25 --swa-kernel flex,chunked,flash --prefill-overlap --skip breakdown,decode,generate \
+        --budget-s 180 --out $OUT/swa_prefill.json
 """
 
 from __future__ import annotations
@@ -121,34 +127,63 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def prefill_point(t, w, share, device, dtype, check):
+def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), overlap=False):
+    """Full vs hybrid at one (context, window, FA share); the hybrid once per SWA prefill kernel
+    (``kernels.SWA_PREFILL``), with the SWA heads' kernel alone and, with ``overlap``, the hybrid with
+    ``kernels.PREFILL_OVERLAP``. ``hybrid`` / ``rel_err_vs_masked_sdpa`` are the first kernel's."""
+    from consa.attention import kernels
+
     scale = HEAD_DIM**-0.5
     q, k, v = qkv(1, t, t, device, dtype, seed=t + w)
     n_fa = round(share * KV_HEADS)
+    g = Q_HEADS // KV_HEADS
     full_mod = SimpleNamespace(training=False)
     hyb_mod = module_with_plan(n_fa, w)
     full = lambda: consa_attention(full_mod, q, k, v, None, scale)  # noqa: E731
     hyb = lambda: consa_attention(hyb_mod, q, k, v, None, scale)  # noqa: E731
-    row = {"context": t, "window": w, "fa_share": share}
+    qf, kf, vf = q[:, : n_fa * g], k[:, :n_fa], v[:, :n_fa]
+    qs, ks, vs = q[:, n_fa * g :], k[:, n_fa:], v[:, n_fa:]  # the views the hybrid path attends over
+    swa_only = lambda: kernels.attention(qs, ks, vs, scale=scale, window=w)  # noqa: E731
+    row = {"context": t, "window": w, "fa_share": share, "swa_kernel": swa_kernels[0]}
     if check:  # the fast path against SDPA with an explicit per-head mask (a few queries)
-        out = hyb()[0]  # [B,T,H,D]
         idx = torch.linspace(0, t - 1, 64, device=device).long()
         kpos = torch.arange(t, device=device)
         vis = idx[:, None] >= kpos[None, :]
         band = vis & (idx[:, None] - kpos[None, :] < w)
-        g = Q_HEADS // KV_HEADS
         allowed = torch.stack([vis if h < n_fa * g else band for h in range(Q_HEADS)])[None]
         ref = F.scaled_dot_product_attention(
             q[:, :, idx].float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
             attn_mask=allowed, scale=scale,
-        )
-        row["rel_err_vs_masked_sdpa"] = rel_err(out[:, idx], ref.transpose(1, 2))
+        ).transpose(1, 2)
     f = both(full, device)
-    h = both(hyb, device)
     ratio = share + (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
-    row.update(full=f, hybrid=h, ideal_ms=f["ms"] * ratio, pair_ratio=ratio)
-    row["hybrid_over_ideal"] = h["ms"] / row["ideal_ms"]
-    row["speedup_vs_full"] = f["ms"] / h["ms"]
+    row.update(full=f, ideal_ms=f["ms"] * ratio, pair_ratio=ratio)
+    row["fa_only"] = both(lambda: kernels.attention(qf, kf, vf, scale=scale), device) if n_fa else None
+    row["swa_ideal_ms"] = f["ms"] * (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
+    row["by_kernel"] = {}
+    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP
+    try:
+        for kern in swa_kernels:
+            kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = kern, False
+            r = {}
+            if check:
+                r["rel_err_vs_masked_sdpa"] = rel_err(hyb()[0][:, idx], ref)
+            r["hybrid"] = both(hyb, device)
+            r["swa_only"] = both(swa_only, device)
+            if overlap:
+                kernels.PREFILL_OVERLAP = True
+                r["hybrid_overlap"] = both(hyb, device)
+            r["hybrid_over_ideal"] = r["hybrid"]["ms"] / row["ideal_ms"]
+            r["swa_only_over_ideal"] = r["swa_only"]["ms"] / row["swa_ideal_ms"]
+            row["by_kernel"][kern] = r
+    finally:
+        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = saved
+    first = row["by_kernel"][swa_kernels[0]]
+    row["hybrid"] = first["hybrid"]
+    if check:
+        row["rel_err_vs_masked_sdpa"] = first["rel_err_vs_masked_sdpa"]
+    row["hybrid_over_ideal"] = row["hybrid"]["ms"] / row["ideal_ms"]
+    row["speedup_vs_full"] = f["ms"] / row["hybrid"]["ms"]
     return row
 
 
@@ -325,7 +360,15 @@ def main(argv=None):
     p.add_argument("--gen-fa-share", type=float, default=0.25)
     p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
+    p.add_argument("--swa-kernel", default="flex",
+                   help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: flex,chunked,flash,auto")
+    p.add_argument("--prefill-overlap", action="store_true",
+                   help="also time the hybrid prefill with kernels.PREFILL_OVERLAP (SWA heads on a side stream)")
     a = p.parse_args(argv)
+    swa_kernels = tuple(x.strip() for x in a.swa_kernel.split(",") if x.strip())
+    bad = set(swa_kernels) - {"flex", "chunked", "flash", "auto"}
+    if bad or not swa_kernels:
+        p.error(f"--swa-kernel: unknown {sorted(bad)}; choose from flex,chunked,flash,auto")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -339,6 +382,8 @@ def main(argv=None):
         "torch": torch.__version__,
         "dtype": str(dtype),
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
+        "swa_kernels": list(swa_kernels),
+        "prefill_overlap": a.prefill_overlap,
         "command": "PYTHONPATH=src python3 benchmarks/attention_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     try:
@@ -381,7 +426,7 @@ def main(argv=None):
         for t in contexts:
             for share in shares:
                 for w in windows:
-                    row = guarded("prefill", prefill_point, t, w, share, device, dtype, t <= 32768)
+                    row = guarded("prefill", prefill_point, t, w, share, device, dtype, t <= 32768, swa_kernels, a.prefill_overlap)
                     if row:
                         res["prefill"].append(row)
     if "breakdown" not in skip:
@@ -413,6 +458,18 @@ def print_tables(res):
             f"{r['context']:>7} {r['window']:>5} {r['fa_share']:>5.2f} {r['full']['ms']:>9.3f} {r['hybrid']['ms']:>9.3f} "
             f"{r['ideal_ms']:>9.3f} {r['hybrid_over_ideal']:>9.2f} {r['speedup_vs_full']:>7.2f}x {r['hybrid']['eager_ms']:>9.3f}"
         )
+    rows = [r for r in res["prefill"] if r.get("by_kernel")]
+    if rows:
+        print("\nSWA prefill kernels (ms): SWA heads alone vs their ideal (full x SWA share x window/causal pairs), hybrid layer")
+        print(f"{'ctx':>7} {'W':>5} {'FA':>5} {'kernel':>8} {'swa':>8} {'swa ideal':>9} {'swa/ideal':>9} {'hybrid':>8} {'overlap':>8} {'hyb/ideal':>9} {'rel err':>8}")
+        for r in rows:
+            for kern, x in r["by_kernel"].items():
+                ov = f"{x['hybrid_overlap']['ms']:.3f}" if "hybrid_overlap" in x else ""
+                err = f"{x['rel_err_vs_masked_sdpa']:.1e}" if "rel_err_vs_masked_sdpa" in x else ""
+                print(
+                    f"{r['context']:>7} {r['window']:>5} {r['fa_share']:>5.2f} {kern:>8} {x['swa_only']['ms']:>8.3f} {r['swa_ideal_ms']:>9.3f} "
+                    f"{x['swa_only_over_ideal']:>9.2f} {x['hybrid']['ms']:>8.3f} {ov:>8} {x['hybrid_over_ideal']:>9.2f} {err:>8}"
+                )
     if res.get("breakdown"):
         print("\nbreakdown of the hybrid prefill (ms)")
         for r in res["breakdown"]:

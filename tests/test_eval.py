@@ -3,6 +3,7 @@ calibration logic, and the CLI end to end on a tiny saved model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -338,6 +339,15 @@ def test_evaluate_schema_calibration_and_restores_model(fake_tasks):
     assert "recomputing" in logs[0] and r3["retrieval"]["passkey"]["items"] == 1
     with pytest.raises(ConsaError, match="window"):
         evaluate(model, tok, None, EvalConfig(tasks=(), progress=False), log=None)
+    # items built once and handed in give the same result, and really are the items used
+    from consa.eval.runner import retrieval_items
+
+    cells, errors = retrieval_items(tok, cfg)
+    r4 = evaluate(model, tok, alloc, cfg, documents=docs, log=None, items=(cells, errors))
+    assert r4["retrieval"] == r["retrieval"] and r4["quality"] == r["quality"]
+    other = {k: [dataclasses.replace(it, answer="zz") for it in v] for k, v in cells.items()}
+    r5 = evaluate(model, tok, alloc, cfg, documents=docs, log=None, items=(other, errors), baselines=r["baselines"])
+    assert [e["answer"] for e in r5["retrieval"]["passkey"]["examples"]] == ["zz"]
 
 
 # ---- CLI end to end ---------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ def _ci_config(src: Path) -> dict:
         "name": "ci", "seed": 0, "device": "cpu", "progress": False,
         "data": {"sources": [str(src)], "vocab_size": 512, "workers": 1},
         "pretrain": {"preset": "tiny", "steps": 3, "batch_size": 4, "seq_len": 128, "retrieval_mix": 0.5,
-                     "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100, "bank_digits": 3},
+                     "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100, "bank_digits": 3,
+                     "answer_weight": 1.0},
         "search": {"sparsities": [0.5, 0.75], "steps": 3, "batch_size": 2, "mass_batches": 1, "random_seeds": [0, 1, 2]},
         "eval": {"tasks": ["passkey"], "lengths": [112], "depths": [0.5], "items": 1, "digits": 3, "ppl_length": 128,
                  "ppl_sequences": 2, "batch_size": 4},
@@ -92,6 +93,50 @@ def test_digits_reach_the_bank_and_the_eval(finished):
     keys = [re.findall(r"pass key is (\d+)", tok.decode(toks[offsets[i]:offsets[i + 1]].tolist())) for i in range(len(offsets) - 1)]
     keys = [k for ks in keys for k in ks]
     assert keys and all(len(k) == 3 for k in keys)
+    # every item's answer tokens are recorded, and the batch source marks exactly them
+    from consa.data.shards import TokenShards
+    from consa.experiment import BankSource
+
+    corpus = next(p.parent for p in work.rglob("tokenizer.json"))
+    rows = BankSource(next(work.rglob("bank.npz")), TokenShards.open(corpus, "train"))(4, 128, np.random.default_rng(0))
+    for ids, mask in zip(rows["input_ids"], rows["answer_mask"]):
+        answer = tok.decode(ids[mask].tolist())
+        assert answer.startswith(" ") and answer.strip().isdigit() and len(answer.strip()) == 3, answer
+        assert tok.decode(ids.tolist()).endswith(f"The pass key is{answer}")
+    log = json.loads(next(work.rglob("pretrain_log.json")).read_text())
+    assert log["resolved"]["answer_weight"] == 1.0 and log["history"][-1]["answer_loss"] > 0
+
+
+def test_bank_length_curriculum(finished):
+    """With a curriculum the longest item drawn grows with the step, from the shortest to all of them."""
+    import numpy as np
+
+    from consa.data.shards import TokenShards
+    from consa.experiment import BankSource
+    from consa.train.pretrain import MixedSource, corpus_source
+
+    _, work, _ = finished
+    corpus = next(p.parent for p in work.rglob("tokenizer.json"))
+    shards = TokenShards.open(corpus, "train")
+    bank = BankSource(next(work.rglob("bank.npz")), shards, curriculum_steps=10)
+    lengths = np.diff(bank.offsets)
+    assert len(set(lengths.tolist())) > 2  # the CI bank has items of several lengths
+
+    def drawn(step):  # lengths of the items drawn at this step (each row's answer ends the item)
+        bank.set_step(step)
+        rng = np.random.default_rng(step)
+        return {int(lengths[int(bank.by_length[int(rng.integers(bank.available()))])]) for _ in range(60)}
+
+    assert drawn(0) == {int(lengths.min())}
+    assert max(drawn(5)) < lengths.max() and len(drawn(5)) >= 1
+    assert drawn(10) == set(lengths.tolist()) == drawn(50)
+    # MixedSource passes the step on, and a bank without a curriculum ignores it
+    mix = MixedSource(corpus_source(shards), bank, 0.5)
+    mix.set_step(0)
+    assert bank.step == 0 and bank.available() == int((lengths == lengths.min()).sum())
+    plain = BankSource(next(work.rglob("bank.npz")), shards)
+    plain.set_step(0)
+    assert plain.available() == plain.n
     evals = list(work.rglob("eval.json"))
     assert evals and all(json.loads(p.read_text())["config"]["digits"] == 3 for p in evals)
 

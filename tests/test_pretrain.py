@@ -15,7 +15,7 @@ from consa.cli import main
 from consa.errors import ConsaError
 from consa.presets import PRESETS, get_preset, preset_config, preset_window
 from consa.train.pretrain import (CHECKPOINT, LOG_FILE, MixedSource, PretrainConfig, RetrievalSource, corpus_source,
-                                  lr_at, open_shards, pretrain, _resolve)
+                                  lr_at, open_shards, pretrain, resolve)
 
 # small and fast: 2 layers of the tiny preset's width would differ from the preset, so the tests use
 # the tiny preset itself with short sequences and small batches
@@ -80,7 +80,7 @@ def test_presets_match_the_brief():
 
 
 def test_schedule_warms_up_then_decays_to_floor():
-    r = _resolve(PretrainConfig(corpus=".", out=".", steps=100, warmup=10, lr=1e-3, device="cpu"))
+    r = resolve(PretrainConfig(corpus=".", out=".", steps=100, warmup=10, lr=1e-3, device="cpu"))
     lrs = [lr_at(s, r) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warm-up
@@ -164,6 +164,46 @@ def test_time_limit_stops_cleanly_and_resumes(corpus, tmp_path):
     assert json.loads((out / LOG_FILE).read_text())["steps_done"] == 6 and (out / "config.json").exists()
 
 
+def test_answer_weight_adds_the_mean_answer_loss(corpus, tmp_path):
+    """The extra term is weight × mean CE over the marked answer targets of the whole batch, so a
+    split batch (grad_accum) trains the same; weight 0 is the plain LM loss; and it is recorded."""
+    from transformers import AutoTokenizer
+
+    from consa.train.pretrain import _losses
+
+    tok = AutoTokenizer.from_pretrained(str(corpus))
+    shards = open_shards(corpus, "train")
+    source = MixedSource(corpus_source(shards), RetrievalSource(shards, tok, num_pairs=2, num_queries=1), 0.5)
+    batch = source(4, 160, np.random.default_rng(0))
+    ids, mask = batch["input_ids"], batch["answer_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()
+
+    # the loss terms, against log-softmax picked by hand
+    torch.manual_seed(0)
+    from consa.presets import preset_config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(preset_config("tiny", len(tok)))
+    lm, ans = _losses(model, ids, mask, "cpu", False)
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(lm, nll.mean())
+    torch.testing.assert_close(ans, nll[mask[:, 1:]].sum())
+
+    common = dict(corpus=corpus, steps=3, **{**FAST, "batch_size": 4, "seq_len": 160})
+    runs = {name: pretrain(PretrainConfig(out=tmp_path / name, **common, **kw), batch_source=source)
+            for name, kw in {"w": {"answer_weight": 2.0}, "w_accum": {"answer_weight": 2.0, "grad_accum": 2},
+                             "plain": {}}.items()}
+    w, w_accum, plain = (_weights(runs[n]) for n in ("w", "w_accum", "plain"))
+    for k in w:
+        torch.testing.assert_close(w[k], w_accum[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert any(not torch.allclose(w[k], plain[k], atol=1e-4) for k in w)
+    hist = json.loads((runs["w"] / LOG_FILE).read_text())["history"]
+    assert all(h["answer_loss"] is not None and h["answer_loss"] > 0 for h in hist)
+    with pytest.raises(ConsaError, match="answer-weight"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", answer_weight=-1.0, **common))
+
+
 # ---------------------------------------------------------------------------------------- batches
 
 def test_retrieval_rows_hold_recallable_pairs(corpus):
@@ -172,10 +212,16 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
     tok = AutoTokenizer.from_pretrained(str(corpus))
     shards = open_shards(corpus, "train")
     src = RetrievalSource(shards, tok)
-    rows = src(6, 512, np.random.default_rng(3))
-    assert rows.shape == (6, 512) and rows.dtype == torch.long
-    for row in rows:
+    got = src(6, 512, np.random.default_rng(3))
+    rows, masks = got["input_ids"], got["answer_mask"]
+    assert rows.shape == masks.shape == (6, 512) and rows.dtype == torch.long
+    for row, mask in zip(rows, masks):
         text = tok.decode(row.tolist())
+        # the answer mask covers exactly the values asked back, in order
+        marked = tok.decode(row[mask].tolist())
+        asked_values = [ln.split(" == ")[-1] if ln.startswith("assert ") else ln.split(" is ")[-1].rstrip(".")
+                        for ln in text.rsplit("\n", 2)[-2:]]
+        assert marked == "".join(f" {v}" for v in asked_values), (marked, asked_values)
         asked = text.rsplit("\n", 2)[-2:]  # the queries end the sequence
         for line in asked:
             if line.startswith("assert "):  # code form: `assert key == value`, defined earlier as `key = value`
@@ -191,17 +237,27 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
     except ImportError:
         ts = None
     if ts is not None:
-        row = ts(1, 512, np.random.default_rng(0))
+        got = ts(1, 512, np.random.default_rng(0))
+        row = got["input_ids"]
         assert row.shape == (1, 512) and ts.fallbacks == 0
         text = tok.decode(row[0].tolist())
         answer = text.rstrip()[-5:]  # the item's answer ends the row, and its needle is in the haystack
         assert answer.isdigit() and text.count(answer) >= 2, text[-200:]
-        assert torch.equal(row, ts(1, 512, np.random.default_rng(0)))
+        assert tok.decode(row[0][got["answer_mask"][0]].tolist()) == f" {answer}"
+        assert torch.equal(row, ts(1, 512, np.random.default_rng(0))["input_ids"])
     # deterministic in the rng; the mix keeps shapes and roughly the asked share
-    assert torch.equal(src(2, 200, np.random.default_rng(5)), src(2, 200, np.random.default_rng(5)))
+    assert torch.equal(src(2, 200, np.random.default_rng(5))["input_ids"], src(2, 200, np.random.default_rng(5))["input_ids"])
     mix = MixedSource(corpus_source(shards), lambda b, t, r: torch.full((b, t), -1), 0.25)
     got = [int((mix(8, 16, np.random.default_rng(i))[:, 0] == -1).sum()) for i in range(200)]
     assert np.mean(got) / 8 == pytest.approx(0.25, abs=0.03)
+    # a source with answer masks keeps each mask on its own row through the shuffle
+    mixed = MixedSource(corpus_source(shards), src, 0.5)(8, 300, np.random.default_rng(1))
+    ids, mask = mixed["input_ids"], mixed["answer_mask"]
+    for row, m in zip(ids, mask):
+        text = tok.decode(row.tolist())
+        if m.any():
+            words = tok.decode(row[m].tolist()).split()
+            assert ("magic number" in text or "assert " in text) and words and all(w.isdigit() for w in words)
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -68,6 +68,8 @@ class PretrainStage:
     bank_min_len: int = 128  # item lengths are drawn uniformly in [bank_min_len, seq_len - 16]
     bank_workers: int = 1
     bank_digits: int = 5  # digits of passkeys / values in the bank (match the eval's `digits`)
+    answer_weight: float = 0.0  # extra loss on the bank items' answer tokens (consa.train.pretrain)
+    bank_curriculum: float = 0.0  # share of the steps over which the longest item drawn grows to the longest
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
@@ -174,6 +176,8 @@ class ExperimentConfig:
             raise ConsaError("random needs at least one seed")
         if not 0 <= self.pretrain.retrieval_mix <= 1 or not 0 <= self.search.retrieval_share <= 1:
             raise ConsaError("retrieval_mix and retrieval_share must lie in [0, 1]")
+        if not 0 <= self.pretrain.bank_curriculum <= 1:
+            raise ConsaError(f"pretrain.bank_curriculum must lie in [0, 1], got {self.pretrain.bank_curriculum!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -292,8 +296,8 @@ def _bank_init(tok_dir: str, digits: int = 5) -> None:
     _WORKER["digits"] = digits
 
 
-def _bank_item(args) -> np.ndarray:
-    """One retrieval item (prompt + answer tokens) from the eval's own generator."""
+def _bank_item(args) -> tuple[np.ndarray, int]:
+    """One retrieval item from the eval's own generator: (prompt + answer tokens, answer tokens)."""
     from .data.tasks import make_items
 
     task, length, depth, seed = args
@@ -301,8 +305,9 @@ def _bank_item(args) -> np.ndarray:
     try:
         item = make_items(task, tok, length, depth, 1, seed, strict=False, digits=_WORKER.get("digits", 5))[0]
     except ConsaError:
-        return np.zeros(0, dtype=np.int32)
-    return np.asarray(tok.encode(f"{item.prompt} {item.answer}", add_special_tokens=False), dtype=np.int32)
+        return np.zeros(0, dtype=np.int32), 0
+    answer = tok.encode(f" {item.answer}", add_special_tokens=False)
+    return np.asarray(tok.encode(item.prompt, add_special_tokens=False) + answer, dtype=np.int32), len(answer)
 
 
 def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: int, seed: int, workers: int = 1,
@@ -320,48 +325,71 @@ def build_bank(corpus: Path, out: Path, n: int, tasks, min_len: int, max_len: in
     else:
         _bank_init(str(corpus), digits)
         rows = [_bank_item(j) for j in jobs]
-    rows = [r for r in rows if len(r)]
+    kept = [(j, r) for j, r in zip(jobs, rows) if len(r[0])]
+    rows = [r for _, r in kept]
     if not rows:
         raise ConsaError("no retrieval item could be built for the pretraining bank (lengths too short for the tasks?)")
-    offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    offsets = np.cumsum([0] + [len(r[0]) for r in rows]).astype(np.int64)
     tmp = out.with_name(out.name + ".tmp.npz")
-    toks = np.concatenate(rows)
+    toks = np.concatenate([r[0] for r in rows])
     toks = toks.astype(np.uint16) if toks.max() < 65536 else toks
-    np.savez(tmp, tokens=toks, offsets=offsets,
-             tasks=np.array([j[0] for j, r in zip(jobs, rows)]))
+    np.savez(tmp, tokens=toks, offsets=offsets, answer_lens=np.array([r[1] for r in rows], dtype=np.int32),
+             tasks=np.array([j[0] for j, _ in kept]))
     os.replace(tmp, out)
     return {"items": len(rows), "dropped": n - len(rows), "seconds": round(time.time() - t0, 2)}
 
 
 class BankSource:
     """A pretraining / search batch source: a random bank item per row, its front padded with
-    corpus text up to ``seq_len`` (the item's tail kept if it is longer). Pure function of ``rng``."""
+    corpus text up to ``seq_len`` (the item's tail kept if it is longer), with the answer's tokens
+    marked in ``answer_mask`` (see ``consa.train.pretrain``). Pure function of ``rng`` (and the step).
 
-    def __init__(self, bank_path: Path, shards):
+    ``curriculum_steps > 0``: a length curriculum. At step s only items up to
+    ``shortest + (longest − shortest) · s / curriculum_steps`` tokens are drawn, so the needle starts
+    close to its question and moves away as training goes on (GUIDE §8: the one-hop task trained only
+    with a curriculum). ``set_step`` is called by ``pretrain`` before each batch."""
+
+    def __init__(self, bank_path: Path, shards, curriculum_steps: int = 0):
         z = np.load(bank_path)
         self.tokens, self.offsets, self.shards = z["tokens"], z["offsets"], shards
         self.n = len(self.offsets) - 1
+        if "answer_lens" not in z.files:
+            raise ConsaError(f"{bank_path} was built by an older consa (no answer lengths); delete it to rebuild it")
+        self.answer_lens = z["answer_lens"]
+        lengths = np.diff(self.offsets)
+        self.by_length = np.argsort(lengths, kind="stable")  # item ids, shortest first
+        self.sorted_lengths = lengths[self.by_length]
+        self.curriculum_steps = int(curriculum_steps)
+        self.step: int | None = None
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def available(self) -> int:
+        """How many of the shortest items may be drawn now (all of them without a curriculum)."""
+        if self.curriculum_steps <= 0 or self.step is None or self.step >= self.curriculum_steps:
+            return self.n
+        lo, hi = int(self.sorted_lengths[0]), int(self.sorted_lengths[-1])
+        cap = lo + (hi - lo) * self.step / self.curriculum_steps
+        return max(1, int(np.searchsorted(self.sorted_lengths, cap, side="right")))
 
     def row(self, seq_len: int, rng: np.random.Generator):
-        import torch
+        from .train.pretrain import pad_front
 
-        i = int(rng.integers(self.n))
-        ids = self.tokens[self.offsets[i]: self.offsets[i + 1]][-seq_len:].astype(np.int64)
-        pad = seq_len - len(ids)
-        if pad > 0:
-            ids = np.concatenate([np.asarray(self.shards.sample_batch(1, pad, rng)[0], dtype=np.int64), ids])
-        return torch.from_numpy(ids)
+        i = int(self.by_length[int(rng.integers(self.available()))])
+        return pad_front(self.tokens[self.offsets[i]: self.offsets[i + 1]], int(self.answer_lens[i]), seq_len,
+                         self.shards, rng)
 
-    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator):
-        import torch
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+        from .train.pretrain import stack_rows
 
-        return torch.stack([self.row(seq_len, rng) for _ in range(batch_size)])
+        return stack_rows([self.row(seq_len, rng) for _ in range(batch_size)])
 
 
 # --------------------------------------------------------------------------------------- pretrain
 def stage_pretrain(wd: Workdir) -> dict:
     from .data.shards import TokenShards
-    from .train.pretrain import MixedSource, PretrainConfig, corpus_source, pretrain
+    from .train.pretrain import MixedSource, PretrainConfig, corpus_source, pretrain, resolve
 
     cfg, p = wd.cfg, wd.cfg.pretrain
     _require((wd.corpus / "train" / "meta.json").is_file(), "pretrain", f"the corpus {wd.corpus}", "data", wd)
@@ -372,14 +400,15 @@ def stage_pretrain(wd: Workdir) -> dict:
         bank_info = build_bank(wd.corpus, wd.bank, p.bank_items, list(p.bank_tasks), p.bank_min_len,
                                max(p.bank_min_len, seq_len - 16), cfg.seed, p.bank_workers, p.bank_digits)
         _say(f"pretrain: bank {bank_info}")
-    shards = TokenShards.open(wd.corpus, "train")
-    source = corpus_source(shards)
-    if p.retrieval_mix > 0:
-        source = MixedSource(source, BankSource(wd.bank, shards), p.retrieval_mix)
     pc = PretrainConfig(corpus=str(wd.corpus), out=str(wd.base), preset=p.preset, tokens=p.tokens, steps=p.steps,
                         batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr, device=cfg.device, compile=p.compile,
                         bf16=p.bf16, resume=True, seed=cfg.seed, eval_every=p.eval_every, threads=p.threads,
-                        time_limit=p.time_limit, progress=cfg.progress)
+                        time_limit=p.time_limit, progress=cfg.progress, answer_weight=p.answer_weight)
+    shards = TokenShards.open(wd.corpus, "train")
+    source = corpus_source(shards)
+    if p.retrieval_mix > 0:
+        curriculum = round(p.bank_curriculum * resolve(pc).steps)
+        source = MixedSource(source, BankSource(wd.bank, shards, curriculum_steps=curriculum), p.retrieval_mix)
     pretrain(pc, batch_source=source)
     log_path = wd.base / "pretrain_log.json"
     if not log_path.is_file():
@@ -392,7 +421,8 @@ def stage_pretrain(wd: Workdir) -> dict:
     info = {"model": str(model_dir), "finished": log.get("finished"), "steps": log.get("steps_done"),
             "tokens": log.get("tokens_done"), "parameters": log.get("parameters"),
             "tokens_per_s": log.get("train_tokens_per_s"), "val_loss_first": val[0].get("val_loss"),
-            "val_loss_last": val[-1].get("val_loss"), "retrieval_mix": p.retrieval_mix, "bank": bank_info}
+            "val_loss_last": val[-1].get("val_loss"), "retrieval_mix": p.retrieval_mix, "bank": bank_info,
+            "answer_weight": p.answer_weight, "answer_loss_last": (log.get("history") or [{}])[-1].get("answer_loss")}
     if not log.get("finished"):
         _say(f"pretrain: stopped at its time limit after {info['steps']} steps; the last checkpoint is the base model")
     return info
@@ -411,7 +441,7 @@ def search_batch_fn(shards, bank: BankSource | None, batch: int, seq_len: int, s
         if batch - n_ret:
             rows.append(torch.as_tensor(shards.sample_batch(batch - n_ret, seq_len, rng), dtype=torch.long))
         if n_ret:
-            rows.append(bank(n_ret, seq_len, rng))
+            rows.append(bank(n_ret, seq_len, rng)["input_ids"])
         return {"input_ids": torch.cat(rows)}
 
     return fn
@@ -531,7 +561,7 @@ def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
 
     from .allocation import Allocation
     from .data.tokenizer import load_tokenizer
-    from .eval.runner import evaluate, write_run
+    from .eval.runner import evaluate, retrieval_items, write_run
     from .models import load_model
 
     cfg = wd.cfg
@@ -541,11 +571,12 @@ def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
     model = load_model(base, dtype=_dtype(cfg.eval.dtype, device), device=str(device))
     tok = load_tokenizer(base)
     ecfg = eval_config(cfg, wd.corpus)
+    items = retrieval_items(tok, ecfg)  # once for all runs: the items are the same for every allocation
     full_dir = wd.evals / "full"
     if (full_dir / "eval.json").is_file():
         full = json.loads((full_dir / "eval.json").read_text())
     else:
-        full = evaluate(model, tok, None, ecfg, label="full")
+        full = evaluate(model, tok, None, ecfg, label="full", items=items)
         write_run(full, full_dir)
         _say(f"eval: full + baselines in {full['seconds']} s")
     n_done, n_skipped = 0, 0
@@ -558,7 +589,7 @@ def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
                 n_skipped += 1
                 continue
             alloc = Allocation.load(wd.alloc / method_key(t) / f"{stem}.json")
-            r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=stem, log=None)
+            r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=stem, log=None, items=items)
             write_run(r, out)
             n_done += 1
             _say(f"eval: t={t} {stem}: long Δnll {r['summary']['delta_long_nll']}, retrieval "

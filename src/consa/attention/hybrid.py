@@ -143,12 +143,21 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
         return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend).transpose(1, 2)
     fa_q, fa_k = _heads(plan.fa_kv, group, k.shape[1])
     sw_q, sw_k = _heads(plan.swa_kv, group, k.shape[1])
-    out_fa = attention(_take(q, fa_q), _take(k, fa_k), _take(v, fa_k), scale=scale, mask=mask, dropout=dropout)
-    out_sw = attention(
+    run_fa = lambda: attention(_take(q, fa_q), _take(k, fa_k), _take(v, fa_k), scale=scale, mask=mask, dropout=dropout)  # noqa: E731
+    run_sw = lambda: attention(  # noqa: E731
         _take(q, sw_q), _take(k, sw_k), _take(v, sw_k), scale=scale, mask=mask,
         window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend,
     )
+    if _overlap_prefill(q):
+        out_fa, out_sw = kernels.overlapped(run_fa, run_sw)
+    else:
+        out_fa, out_sw = run_fa(), run_sw()
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _overlap_prefill(q) -> bool:
+    """Prefill with ``kernels.PREFILL_OVERLAP``: the SWA heads run on a side stream beside the FA heads."""
+    return kernels.PREFILL_OVERLAP and q.is_cuda and q.shape[-2] > 1 and not (torch.is_grad_enabled() and q.requires_grad)
 
 
 def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
@@ -159,8 +168,10 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
         _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
         slots=k.swa_slots, backend=plan.backend,
     )
-    if fa_q is not None and sw_q is not None and q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP:
-        # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read.
+    decode_overlap = q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP
+    if fa_q is not None and sw_q is not None and (decode_overlap or _overlap_prefill(q)):
+        # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read
+        # (prefill too, with kernels.PREFILL_OVERLAP).
         out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw)
     else:
         out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None

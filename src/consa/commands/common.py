@@ -43,7 +43,7 @@ def search_batches(args, model, vocab_size: int):
     if args.corpus:
         from ..data.shards import TokenShards
         from ..data.tokenizer import load_tokenizer
-        from ..train.pretrain import MixedSource, corpus_source, retrieval_source
+        from ..train.pretrain import MixedSource, corpus_source, retrieval_source, split_batch
 
         shards = TokenShards.open(args.corpus, "train")
         if shards.num_tokens < t + 1:
@@ -57,7 +57,7 @@ def search_batches(args, model, vocab_size: int):
             source = MixedSource(source, extra, mix)
 
         def from_corpus(step: int) -> dict:
-            return {"input_ids": source(b, t, np.random.default_rng([seed, step]))}
+            return {"input_ids": split_batch(source(b, t, np.random.default_rng([seed, step])))[0]}
 
         return from_corpus
 

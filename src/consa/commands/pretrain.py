@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                    help="share of training sequences that are synthetic retrieval (key → value recall)")
     p.add_argument("--retrieval-source", default="builtin",
                    help="builtin (fast, corpus haystack) | tasks (consa.data.tasks.make_items, ~0.1 s/item) | auto")
+    p.add_argument("--answer-weight", type=float, default=0.0,
+                   help="add this weight × mean cross-entropy on the retrieval rows' answer tokens to the loss "
+                        "(teaches the long-range copy; the logged loss stays the plain LM loss)")
     p.add_argument("--time-limit", type=float,
                    help="seconds: checkpoint and stop cleanly when exceeded (rerun with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,6 +61,7 @@ def run(args) -> int:
         device=args.device, threads=args.threads, compile=args.compile, bf16=args.bf16, resume=args.resume, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         retrieval_mix=args.retrieval_mix, retrieval_source=args.retrieval_source, time_limit=args.time_limit,
+        answer_weight=args.answer_weight,
         progress=not args.no_progress,
     )
     out = pretrain(cfg)

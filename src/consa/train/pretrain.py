@@ -15,10 +15,16 @@ Determinism: the batch of step ``s`` is drawn from ``numpy.random.default_rng([s
 whatever happened before, so a run resumed from a checkpoint replays exactly the steps an
 unbroken run would have taken (bit-identical on CPU; up to kernel non-determinism on GPU).
 
-Batches come from a *batch source*: any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``.
-The default draws windows of the corpus shards and, with ``retrieval_mix > 0``, replaces that share
-of rows by synthetic retrieval sequences (GUIDE §7: retrieval never worked when the base model
-had not seen any in pretraining).
+Batches come from a *batch source*: any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``,
+or a dict ``{"input_ids": LongTensor[B, T], "answer_mask": BoolTensor[B, T]}`` whose mask marks the
+tokens that answer a retrieval question. The default draws windows of the corpus shards and, with
+``retrieval_mix > 0``, replaces that share of rows by synthetic retrieval sequences (GUIDE §7:
+retrieval never worked when the base model had not seen any in pretraining).
+
+``answer_weight`` adds ``answer_weight × mean cross-entropy over the answer tokens`` to the LM loss.
+Why: in a 4K-token retrieval row only the 1–5 answer tokens need the long-range look-up, so under
+the plain LM loss they carry ~0.1% of the gradient, and a 31M-parameter model learned the answers'
+format but not the copy (docs/RESULTS.md, run 1). The logged ``loss`` stays the plain LM loss.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.jinja", "tokenizer.model")
 # fields that must not change when a run is resumed (they change the result)
 _RESUME_FIXED = ("preset", "steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay", "beta1",
-                 "beta2", "grad_clip", "seed", "retrieval_mix", "grad_accum")
+                 "beta2", "grad_clip", "seed", "retrieval_mix", "grad_accum", "answer_weight")
+_RESUME_DEFAULTS = {"answer_weight": 0.0}  # what checkpoints written before a field existed meant
 
 
 # --------------------------------------------------------------------------------------- config
@@ -90,6 +97,7 @@ class PretrainConfig:
     log_every: int = 10
     retrieval_mix: float = 0.0  # share of sequences that are synthetic retrieval
     retrieval_source: str = "builtin"  # builtin | tasks | auto (see retrieval_source())
+    answer_weight: float = 0.0  # extra loss: weight × mean CE on retrieval answer tokens (module doc)
     time_limit: float | None = None  # seconds: checkpoint and stop cleanly (rerun with resume)
     keep_checkpoint: bool = True
     progress: bool = True
@@ -128,6 +136,7 @@ class _Resolved:
     device: str
     bf16: bool
     compile: bool
+    answer_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -142,7 +151,7 @@ def _positive_int(name: str, v: Any, allow_none: bool = True) -> None:
         raise ConsaError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _resolve(cfg: PretrainConfig) -> _Resolved:
+def resolve(cfg: PretrainConfig) -> _Resolved:
     """Validate ``cfg`` (raising ConsaError, touching no file) and fill in the defaults."""
     p = get_preset(cfg.preset)
     for name in ("tokens", "steps", "batch_size", "seq_len", "warmup", "save_every", "eval_every", "grad_accum",
@@ -157,6 +166,9 @@ def _resolve(cfg: PretrainConfig) -> _Resolved:
         raise ConsaError(f"--lr must be a positive number, got {cfg.lr!r}")
     if not 0.0 <= float(cfg.retrieval_mix) <= 1.0:
         raise ConsaError(f"--retrieval-mix must be in [0, 1], got {cfg.retrieval_mix!r}")
+    aw = cfg.answer_weight
+    if isinstance(aw, bool) or not isinstance(aw, (int, float)) or not (math.isfinite(aw) and aw >= 0):
+        raise ConsaError(f"--answer-weight must be a number >= 0, got {aw!r}")
     if cfg.retrieval_source not in ("auto", "builtin", "tasks"):
         raise ConsaError(f"retrieval_source must be auto, builtin or tasks, got {cfg.retrieval_source!r}")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
@@ -178,7 +190,7 @@ def _resolve(cfg: PretrainConfig) -> _Resolved:
         beta2=float(cfg.beta2), grad_clip=float(cfg.grad_clip), grad_accum=cfg.grad_accum, seed=int(cfg.seed),
         retrieval_mix=float(cfg.retrieval_mix), save_every=cfg.save_every or max(1, math.ceil(steps / 10)),
         eval_every=cfg.eval_every or max(1, math.ceil(steps / 10)), eval_batches=cfg.eval_batches,
-        log_every=cfg.log_every, device=device, bf16=bf16, compile=bool(cfg.compile),
+        log_every=cfg.log_every, device=device, bf16=bf16, compile=bool(cfg.compile), answer_weight=float(aw),
     )
 
 
@@ -206,9 +218,23 @@ def lr_at(step: int, r: _Resolved) -> float:
 # ---------------------------------------------------------------------------------------- data
 
 class BatchSource(Protocol):
-    """Anything that turns (batch_size, seq_len, rng) into a LongTensor [batch_size, seq_len]."""
+    """Anything that turns (batch_size, seq_len, rng) into a LongTensor [batch_size, seq_len], or a
+    dict with ``input_ids`` and a boolean ``answer_mask`` of the same shape (module doc)."""
 
-    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor: ...
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor | dict: ...
+
+
+def split_batch(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, answer_mask)`` of what a batch source returned (an all-False mask for a tensor)."""
+    if isinstance(batch, dict):
+        ids, mask = batch["input_ids"], batch.get("answer_mask")
+    else:
+        ids, mask = batch, None
+    if mask is None:
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ConsaError(f"batch source gave answer_mask of shape {tuple(mask.shape)} for input_ids {tuple(ids.shape)}")
+    return ids, mask.bool()
 
 
 def open_shards(corpus_dir: str | Path, split: str = "train"):
@@ -239,7 +265,7 @@ class RetrievalSource:
     use prose (``The magic number for kalomi is 48213.`` … ``What is the magic number for
     kalomi? The magic number for kalomi is 48213.``), half code (``kalomi = 48213`` …
     ``assert kalomi == 48213``): the phrasing of the eval tasks, with keys of its own.
-    Loss is the ordinary LM loss on every token, so the answers teach look-up across the context.
+    Rows come with an ``answer_mask`` over the values in the questions.
     """
 
     def __init__(self, shards, tokenizer, num_pairs: int = 4, num_queries: int = 2, value_digits: int = 5):
@@ -260,15 +286,24 @@ class RetrievalSource:
         code = bool(rng.integers(0, 2))
         if code:
             needles = [self._encode(f"\n{key} = {val}\n") for key, val in zip(keys, values)]
-            ask = [f"\nassert {keys[i]} == {values[i]}" for i in rng.permutation(k)[: self.num_queries]]
+            ask = [(f"\nassert {keys[i]} ==", f" {values[i]}", "") for i in rng.permutation(k)[: self.num_queries]]
         else:
             needles = [self._encode(f"\nThe magic number for {key} is {val}.\n") for key, val in zip(keys, values)]
-            ask = [f"\nWhat is the magic number for {keys[i]}? The magic number for {keys[i]} is {values[i]}."
+            ask = [(f"\nWhat is the magic number for {keys[i]}? The magic number for {keys[i]} is", f" {values[i]}", ".")
                    for i in rng.permutation(k)[: self.num_queries]]
-        query = self._encode("".join(ask))
+        # encoded piece by piece so the answer tokens are known (byte-level pre-tokenization splits
+        # at the space before a number and at the period after it, so this equals encoding the whole)
+        query: list[int] = []
+        answer: list[bool] = []
+        for pieces in ask:
+            for j, piece in enumerate(pieces):
+                ids = self._encode(piece) if piece else []
+                query += ids
+                answer += [j == 1] * len(ids)
         budget = seq_len - sum(map(len, needles)) - len(query)
         if budget < 1:  # too short for the task: fall back to plain text
-            return torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
+            ids = torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
+            return ids, torch.zeros(seq_len, dtype=torch.bool)
         hay = np.asarray(self.shards.sample_batch(1, budget, rng)[0], dtype=np.int64).tolist()
         cuts = sorted(rng.integers(0, budget + 1, size=k).tolist())
         out: list[int] = []
@@ -277,10 +312,16 @@ class RetrievalSource:
             out += hay[prev:c] + needle
             prev = c
         out += hay[prev:] + query
-        return torch.tensor(out[:seq_len], dtype=torch.long)
+        mask = [False] * (len(out) - len(query)) + answer
+        return torch.tensor(out[:seq_len], dtype=torch.long), torch.tensor(mask[:seq_len], dtype=torch.bool)
 
-    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
-        return torch.stack([self._row(seq_len, rng) for _ in range(batch_size)])
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+        return stack_rows([self._row(seq_len, rng) for _ in range(batch_size)])
+
+
+def stack_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """A batch dict from ``(ids, answer_mask)`` rows."""
+    return {"input_ids": torch.stack([r[0] for r in rows]), "answer_mask": torch.stack([r[1] for r in rows])}
 
 
 class TasksSource:
@@ -288,7 +329,8 @@ class TasksSource:
     (passkey, multikey, varrecall, mqar at a random depth; its default haystacks). Each item's
     prompt + answer is fitted to ``seq_len`` by prepending corpus text. About 0.1 s per item on a
     CPU core, so it slows GPU pretraining; the built-in :class:`RetrievalSource` is the default.
-    Raises ``ImportError`` when the module is not there."""
+    Rows come with an ``answer_mask`` over the answer's tokens. Raises ``ImportError`` when the
+    module is not there."""
 
     def __init__(self, shards, tokenizer, tasks: tuple[str, ...] | None = None):
         from ..data.tasks import TASKS, make_items
@@ -305,15 +347,27 @@ class TasksSource:
                                    int(rng.integers(0, 2**31 - 1)), strict=False)[0]
         except ConsaError:  # e.g. seq_len too short for the task with this tokenizer: plain text
             self.fallbacks += 1
-            return torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
-        ids = list(self.tok.encode(f"{item.prompt} {item.answer}", add_special_tokens=False))[-seq_len:]
-        pad = seq_len - len(ids)
-        if pad > 0:
-            ids = np.asarray(self.shards.sample_batch(1, pad, rng)[0], dtype=np.int64).tolist() + ids
-        return torch.tensor(ids, dtype=torch.long)
+            ids = torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
+            return ids, torch.zeros(seq_len, dtype=torch.bool)
+        ids = list(self.tok.encode(item.prompt, add_special_tokens=False))
+        ans = list(self.tok.encode(f" {item.answer}", add_special_tokens=False))
+        return pad_front(ids + ans, len(ans), seq_len, self.shards, rng)
 
-    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
-        return torch.stack([self._row(seq_len, rng) for _ in range(batch_size)])
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+        return stack_rows([self._row(seq_len, rng) for _ in range(batch_size)])
+
+
+def pad_front(ids, answer_len: int, seq_len: int, shards, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, answer_mask)`` of one retrieval item whose last ``answer_len`` tokens are the answer,
+    fitted to ``seq_len`` by prepending corpus text (or keeping the item's tail if it is longer)."""
+    ids = np.asarray(ids, dtype=np.int64)[-seq_len:]
+    pad = seq_len - len(ids)
+    if pad > 0:
+        ids = np.concatenate([np.asarray(shards.sample_batch(1, pad, rng)[0], dtype=np.int64), ids])
+    mask = np.zeros(seq_len, dtype=bool)
+    if answer_len:
+        mask[-min(answer_len, seq_len):] = True
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class MixedSource:
@@ -323,15 +377,24 @@ class MixedSource:
     def __init__(self, base: BatchSource, extra: BatchSource, fraction: float):
         self.base, self.extra, self.fraction = base, extra, float(fraction)
 
-    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+    def set_step(self, step: int) -> None:
+        """Forwarded to the parts that have it (see ``pretrain``)."""
+        for part in (self.base, self.extra):
+            if hasattr(part, "set_step"):
+                part.set_step(step)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor | dict:
         n = min(batch_size, int(math.floor(self.fraction * batch_size + rng.random())))
         parts = []
         if batch_size - n:
             parts.append(self.base(batch_size - n, seq_len, rng))
         if n:
             parts.append(self.extra(n, seq_len, rng))
-        batch = torch.cat(parts)
-        return batch[torch.from_numpy(rng.permutation(batch_size))]
+        perm = torch.from_numpy(rng.permutation(batch_size))
+        if not any(isinstance(p, dict) for p in parts):
+            return torch.cat(parts)[perm]
+        ids, masks = zip(*(split_batch(p) for p in parts))
+        return {"input_ids": torch.cat(ids)[perm], "answer_mask": torch.cat(masks)[perm]}
 
 
 def retrieval_source(shards, tokenizer, kind: str = "builtin") -> tuple[BatchSource, str]:
@@ -488,11 +551,19 @@ def _make_optimizer(model, r: _Resolved) -> torch.optim.Optimizer:
 
 
 def _loss(model, batch: torch.Tensor, device: str, bf16: bool) -> torch.Tensor:
+    return _losses(model, batch, None, device, bf16)[0]
+
+
+def _losses(model, batch: torch.Tensor, answer_mask: torch.Tensor | None, device: str, bf16: bool):
+    """``(mean LM cross-entropy, summed cross-entropy over answer targets)`` of one micro-batch;
+    the answer term is ``None`` without a mask. A target counts as an answer where the mask marks it."""
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=batch).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    ans = None if answer_mask is None else (ce * answer_mask[:, 1:].reshape(-1)).sum()
+    return ce.mean(), ans
 
 
 @torch.no_grad()
@@ -539,7 +610,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
     if isinstance(cfg, dict):
         cfg = PretrainConfig.from_dict(cfg)
     t_start = time.time()
-    r = _resolve(cfg)
+    r = resolve(cfg)
     corpus, out = Path(cfg.corpus), Path(cfg.out)
     if not corpus.is_dir():
         raise ConsaError(f"--corpus {corpus}: no such directory")
@@ -571,7 +642,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
     if ckpt is not None:
         state0 = json.loads((ckpt / STATE_FILE).read_text())
         prev = state0["resolved"]
-        changed = [k for k in _RESUME_FIXED if prev.get(k) != asdict(r).get(k)]
+        changed = [k for k in _RESUME_FIXED if prev.get(k, _RESUME_DEFAULTS.get(k)) != asdict(r).get(k)]
         if changed:
             raise ConsaError(f"--resume: {', '.join(changed)} differ from the checkpoint's run "
                              f"({', '.join(f'{k}={prev.get(k)!r}' for k in changed)})")
@@ -656,22 +727,32 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
     try:
         while step < r.steps:
             t0 = time.perf_counter()
-            batch = batch_source(r.batch_size, r.seq_len, _batch_rng(r.seed, step))
+            if hasattr(batch_source, "set_step"):  # e.g. a length curriculum; still a pure function of the step
+                batch_source.set_step(step)
+            batch, answer_mask = split_batch(batch_source(r.batch_size, r.seq_len, _batch_rng(r.seed, step)))
             if tuple(batch.shape) != (r.batch_size, r.seq_len):
                 raise ConsaError(f"batch source gave shape {tuple(batch.shape)}, expected {(r.batch_size, r.seq_len)}")
+            # answer CE is averaged over the whole batch's answer targets, so grad_accum changes nothing
+            n_answers = int(answer_mask[:, 1:].sum())
             lr = lr_at(step, r)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, answer_sum = 0.0, 0.0
             for i in range(r.grad_accum):
                 mb = batch[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-                loss = _loss(fwd, mb, device, r.bf16)
-                (loss / r.grad_accum).backward()
+                am = answer_mask[i * micro:(i + 1) * micro].to(device, non_blocking=True) if n_answers else None
+                loss, ans = _losses(fwd, mb, am, device, r.bf16)
+                total = loss / r.grad_accum
+                if ans is not None:
+                    total = total + r.answer_weight * ans / n_answers
+                    answer_sum += ans.detach()
+                total.backward()
                 loss_sum += loss.detach()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_val = float(loss_sum) / r.grad_accum
+            answer_val = float(answer_sum) / n_answers if n_answers else None
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
@@ -679,9 +760,13 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
             if not math.isfinite(loss_val):
                 raise ConsaError(f"loss is {loss_val} at step {step}; lower --lr")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{seg_tokens / train_time:,.0f}", lr=f"{lr:.2e}")
+            post = {"loss": f"{loss_val:.3f}"}
+            if answer_val is not None:
+                post["ans"] = f"{answer_val:.3f}"
+            bar.set_postfix(**post, tok_s=f"{seg_tokens / train_time:,.0f}", lr=f"{lr:.2e}")
             if step % r.log_every == 0 or step == r.steps:
                 log["history"].append({"step": step, "tokens": step * r.tokens_per_step, "loss": round(loss_val, 5),
+                                       "answer_loss": None if answer_val is None else round(answer_val, 5),
                                        "lr": lr, "grad_norm": round(float(gnorm), 4), "step_s": round(dt, 4)})
             if step % r.eval_every == 0 or step == r.steps:
                 v = evaluate(model, val_batches, device, r.bf16)
