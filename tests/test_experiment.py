@@ -190,3 +190,35 @@ def test_experiment_configs_in_the_repo_load():
         assert cfg.W == cfg.context // 16
     assert run_all  # imported API
     assert Workdir
+
+
+def test_pretrain_source_mixes_corpus_bank_and_dense_rows(finished):
+    """dense_mix of the rows are dense recall rows, retrieval_mix of the rest bank items, each with its answers marked."""
+    import numpy as np
+
+    from consa.data.tokenizer import load_tokenizer
+    from consa.experiment import pretrain_source
+
+    cfg_path, work, _ = finished
+    d = json.loads(cfg_path.read_text())
+    d["pretrain"].update(dense_mix=0.5, dense_pairs=2, dense_queries=1)
+    cfg = ExperimentConfig.from_dict(d)
+    cfg.data.corpus = str(next(p.parent for p in work.rglob("tokenizer.json")))
+    wd = Workdir(work, cfg)
+    tok = load_tokenizer(cfg.data.corpus)
+    kinds = {"dense": 0, "bank": 0, "corpus": 0}
+    for step in range(6):
+        batch = pretrain_source(wd, 3)(8, 128, np.random.default_rng(step))
+        for ids, mask in zip(batch["input_ids"], batch["answer_mask"]):
+            text, answer = tok.decode(ids.tolist()), tok.decode(ids[mask].tolist())
+            if "pass key" in text and mask.any():
+                kinds["bank"] += 1
+                assert text.endswith(f"The pass key is{answer}")
+            elif mask.any():
+                kinds["dense"] += 1
+                assert answer.strip().isdigit() and len(answer.strip()) == 3  # bank_digits
+            else:
+                kinds["corpus"] += 1
+    assert kinds["dense"] >= 12 and kinds["bank"] >= 3 and kinds["corpus"] >= 3, kinds
+    with pytest.raises(ConsaError, match="dense_queries"):
+        ExperimentConfig.from_dict({**d, "pretrain": {**d["pretrain"], "dense_queries": 3}})

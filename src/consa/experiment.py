@@ -70,6 +70,12 @@ class PretrainStage:
     bank_digits: int = 5  # digits of passkeys / values in the bank (match the eval's `digits`)
     answer_weight: float = 0.0  # extra loss on the bank items' answer tokens (consa.train.pretrain)
     bank_curriculum: float = 0.0  # share of the steps over which the longest item drawn grows to the longest
+    # dense recall rows (consa.train.pretrain.RetrievalSource): dense_pairs "key -> value" statements and
+    # dense_queries of them asked back per row, in the multikey / varrecall phrasings with keys of their
+    # own; dense_mix of all rows (the bank then gets retrieval_mix of the rest)
+    dense_mix: float = 0.0
+    dense_pairs: int = 16
+    dense_queries: int = 8
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
@@ -178,6 +184,11 @@ class ExperimentConfig:
             raise ConsaError("retrieval_mix and retrieval_share must lie in [0, 1]")
         if not 0 <= self.pretrain.bank_curriculum <= 1:
             raise ConsaError(f"pretrain.bank_curriculum must lie in [0, 1], got {self.pretrain.bank_curriculum!r}")
+        p = self.pretrain
+        if not 0 <= p.dense_mix <= 1:
+            raise ConsaError(f"pretrain.dense_mix must lie in [0, 1], got {p.dense_mix!r}")
+        if not 1 <= p.dense_queries <= p.dense_pairs:
+            raise ConsaError(f"pretrain.dense_queries must lie in [1, dense_pairs], got {p.dense_queries!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -388,8 +399,7 @@ class BankSource:
 
 # --------------------------------------------------------------------------------------- pretrain
 def stage_pretrain(wd: Workdir) -> dict:
-    from .data.shards import TokenShards
-    from .train.pretrain import MixedSource, PretrainConfig, corpus_source, pretrain, resolve
+    from .train.pretrain import PretrainConfig, pretrain, resolve
 
     cfg, p = wd.cfg, wd.cfg.pretrain
     _require((wd.corpus / "train" / "meta.json").is_file(), "pretrain", f"the corpus {wd.corpus}", "data", wd)
@@ -404,12 +414,7 @@ def stage_pretrain(wd: Workdir) -> dict:
                         batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr, device=cfg.device, compile=p.compile,
                         bf16=p.bf16, resume=True, seed=cfg.seed, eval_every=p.eval_every, threads=p.threads,
                         time_limit=p.time_limit, progress=cfg.progress, answer_weight=p.answer_weight)
-    shards = TokenShards.open(wd.corpus, "train")
-    source = corpus_source(shards)
-    if p.retrieval_mix > 0:
-        curriculum = round(p.bank_curriculum * resolve(pc).steps)
-        source = MixedSource(source, BankSource(wd.bank, shards, curriculum_steps=curriculum), p.retrieval_mix)
-    pretrain(pc, batch_source=source)
+    pretrain(pc, batch_source=pretrain_source(wd, resolve(pc).steps))
     log_path = wd.base / "pretrain_log.json"
     if not log_path.is_file():
         log_path = wd.base / "checkpoint" / "pretrain_log.json"
@@ -426,6 +431,26 @@ def stage_pretrain(wd: Workdir) -> dict:
     if not log.get("finished"):
         _say(f"pretrain: stopped at its time limit after {info['steps']} steps; the last checkpoint is the base model")
     return info
+
+
+def pretrain_source(wd: Workdir, steps: int):
+    """The pretraining batch source of the config: corpus windows, ``retrieval_mix`` of them replaced by
+    bank items (with the length curriculum), then ``dense_mix`` of all rows by dense recall rows."""
+    from .data.shards import TokenShards
+    from .data.tokenizer import load_tokenizer
+    from .train.pretrain import MixedSource, RetrievalSource, corpus_source
+
+    p = wd.cfg.pretrain
+    shards = TokenShards.open(wd.corpus, "train")
+    source = corpus_source(shards)
+    if p.retrieval_mix > 0:
+        bank = BankSource(wd.bank, shards, curriculum_steps=round(p.bank_curriculum * steps))
+        source = MixedSource(source, bank, p.retrieval_mix)
+    if p.dense_mix > 0:
+        dense = RetrievalSource(shards, load_tokenizer(wd.corpus), num_pairs=p.dense_pairs,
+                                num_queries=p.dense_queries, value_digits=p.bank_digits)
+        source = MixedSource(source, dense, p.dense_mix)
+    return source
 
 
 # ----------------------------------------------------------------------------------------- search
