@@ -245,6 +245,18 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
         assert answer.isdigit() and text.count(answer) >= 2, text[-200:]
         assert tok.decode(row[0][got["answer_mask"][0]].tolist()) == f" {answer}"
         assert torch.equal(row, ts(1, 512, np.random.default_rng(0))["input_ids"])
+    # pairs, questions and digits as asked (through the factory the CLI uses)
+    from consa.train.pretrain import retrieval_source
+
+    dense, kind = retrieval_source(shards, tok, "builtin", pairs=6, queries=3, digits=2)
+    got = dense(3, 512, np.random.default_rng(9))
+    for row, mask in zip(got["input_ids"], got["answer_mask"]):
+        text, words = tok.decode(row.tolist()), tok.decode(row[mask].tolist()).split()
+        assert kind == "builtin" and len(words) == 3 and all(w.isdigit() and len(w) == 2 for w in words), words
+        import re
+
+        statements = re.findall(r"\n(?:The magic number for \w+ is|\w+ =) \d\d\.?\n", text)
+        assert len(statements) == 6, statements
     # deterministic in the rng; the mix keeps shapes and roughly the asked share
     assert torch.equal(src(2, 200, np.random.default_rng(5))["input_ids"], src(2, 200, np.random.default_rng(5))["input_ids"])
     mix = MixedSource(corpus_source(shards), lambda b, t, r: torch.full((b, t), -1), 0.25)
@@ -263,7 +275,7 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
 # ------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["missing corpus", "unknown preset", "zero steps", "negative tokens", "both budgets",
-                                  "bad mix"])
+                                  "bad mix", "more queries than pairs", "bad digits", "negative answer weight"])
 def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, case):
     out = tmp_path / "never"
     args = {"missing corpus": ["--corpus", str(tmp_path / "nope"), "--steps", "2"],
@@ -271,7 +283,11 @@ def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, case
             "zero steps": ["--corpus", str(corpus), "--steps", "0"],
             "negative tokens": ["--corpus", str(corpus), "--tokens", "-5"],
             "both budgets": ["--corpus", str(corpus), "--steps", "2", "--tokens", "100"],
-            "bad mix": ["--corpus", str(corpus), "--steps", "2", "--retrieval-mix", "1.5"]}[case]
+            "bad mix": ["--corpus", str(corpus), "--steps", "2", "--retrieval-mix", "1.5"],
+            "more queries than pairs": ["--corpus", str(corpus), "--steps", "2", "--retrieval-pairs", "2",
+                                        "--retrieval-queries", "3"],
+            "bad digits": ["--corpus", str(corpus), "--steps", "2", "--retrieval-digits", "0"],
+            "negative answer weight": ["--corpus", str(corpus), "--steps", "2", "--answer-weight", "-1"]}[case]
     code = main(["pretrain", *args, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2

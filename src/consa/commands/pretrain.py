@@ -43,6 +43,11 @@ def register(subparsers) -> None:
                    help="share of training sequences that are synthetic retrieval (key → value recall)")
     p.add_argument("--retrieval-source", default="builtin",
                    help="builtin (fast, corpus haystack) | tasks (consa.data.tasks.make_items, ~0.1 s/item) | auto")
+    p.add_argument("--retrieval-pairs", type=int, default=4,
+                   help="builtin retrieval rows: key -> value statements per row")
+    p.add_argument("--retrieval-queries", type=int, default=2,
+                   help="builtin retrieval rows: how many of the statements are asked back at the end")
+    p.add_argument("--retrieval-digits", type=int, default=5, help="digits of the values / pass keys (1..9)")
     p.add_argument("--answer-weight", type=float, default=0.0,
                    help="add this weight × mean cross-entropy on the retrieval rows' answer tokens to the loss "
                         "(teaches the long-range copy; the logged loss stays the plain LM loss)")
@@ -61,7 +66,8 @@ def run(args) -> int:
         device=args.device, threads=args.threads, compile=args.compile, bf16=args.bf16, resume=args.resume, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         retrieval_mix=args.retrieval_mix, retrieval_source=args.retrieval_source, time_limit=args.time_limit,
-        answer_weight=args.answer_weight,
+        answer_weight=args.answer_weight, retrieval_pairs=args.retrieval_pairs,
+        retrieval_queries=args.retrieval_queries, retrieval_digits=args.retrieval_digits,
         progress=not args.no_progress,
     )
     out = pretrain(cfg)

@@ -57,8 +57,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.jinja", "tokenizer.model")
 # fields that must not change when a run is resumed (they change the result)
 _RESUME_FIXED = ("preset", "steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay", "beta1",
-                 "beta2", "grad_clip", "seed", "retrieval_mix", "grad_accum", "answer_weight")
-_RESUME_DEFAULTS = {"answer_weight": 0.0}  # what checkpoints written before a field existed meant
+                 "beta2", "grad_clip", "seed", "retrieval_mix", "grad_accum", "answer_weight", "retrieval_pairs",
+                 "retrieval_queries", "retrieval_digits")
+_RESUME_DEFAULTS = {"answer_weight": 0.0, "retrieval_pairs": 4, "retrieval_queries": 2, "retrieval_digits": 5}  # what checkpoints written before a field existed meant
 
 
 # --------------------------------------------------------------------------------------- config
@@ -98,6 +99,9 @@ class PretrainConfig:
     retrieval_mix: float = 0.0  # share of sequences that are synthetic retrieval
     retrieval_source: str = "builtin"  # builtin | tasks | auto (see retrieval_source())
     answer_weight: float = 0.0  # extra loss: weight × mean CE on retrieval answer tokens (module doc)
+    retrieval_pairs: int = 4  # builtin source: "key -> value" statements per row ...
+    retrieval_queries: int = 2  # ... and how many of them are asked back at the end
+    retrieval_digits: int = 5  # digits of the values (builtin) / pass keys and values (tasks)
     time_limit: float | None = None  # seconds: checkpoint and stop cleanly (rerun with resume)
     keep_checkpoint: bool = True
     progress: bool = True
@@ -137,6 +141,9 @@ class _Resolved:
     bf16: bool
     compile: bool
     answer_weight: float = 0.0
+    retrieval_pairs: int = 4
+    retrieval_queries: int = 2
+    retrieval_digits: int = 5
     extra: dict = field(default_factory=dict)
 
     @property
@@ -169,6 +176,12 @@ def resolve(cfg: PretrainConfig) -> _Resolved:
     aw = cfg.answer_weight
     if isinstance(aw, bool) or not isinstance(aw, (int, float)) or not (math.isfinite(aw) and aw >= 0):
         raise ConsaError(f"--answer-weight must be a number >= 0, got {aw!r}")
+    _positive_int("--retrieval-pairs", cfg.retrieval_pairs, allow_none=False)
+    _positive_int("--retrieval-queries", cfg.retrieval_queries, allow_none=False)
+    if cfg.retrieval_queries > cfg.retrieval_pairs:
+        raise ConsaError(f"--retrieval-queries {cfg.retrieval_queries} is more than --retrieval-pairs {cfg.retrieval_pairs}")
+    if isinstance(cfg.retrieval_digits, bool) or cfg.retrieval_digits not in range(1, 10):
+        raise ConsaError(f"--retrieval-digits must be an integer in 1..9, got {cfg.retrieval_digits!r}")
     if cfg.retrieval_source not in ("auto", "builtin", "tasks"):
         raise ConsaError(f"retrieval_source must be auto, builtin or tasks, got {cfg.retrieval_source!r}")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
@@ -191,6 +204,7 @@ def resolve(cfg: PretrainConfig) -> _Resolved:
         retrieval_mix=float(cfg.retrieval_mix), save_every=cfg.save_every or max(1, math.ceil(steps / 10)),
         eval_every=cfg.eval_every or max(1, math.ceil(steps / 10)), eval_batches=cfg.eval_batches,
         log_every=cfg.log_every, device=device, bf16=bf16, compile=bool(cfg.compile), answer_weight=float(aw),
+        retrieval_pairs=cfg.retrieval_pairs, retrieval_queries=cfg.retrieval_queries, retrieval_digits=cfg.retrieval_digits,
     )
 
 
@@ -332,10 +346,10 @@ class TasksSource:
     Rows come with an ``answer_mask`` over the answer's tokens. Raises ``ImportError`` when the
     module is not there."""
 
-    def __init__(self, shards, tokenizer, tasks: tuple[str, ...] | None = None):
+    def __init__(self, shards, tokenizer, tasks: tuple[str, ...] | None = None, digits: int = 5):
         from ..data.tasks import TASKS, make_items
 
-        self.make_items, self.shards, self.tok = make_items, shards, tokenizer
+        self.make_items, self.shards, self.tok, self.digits = make_items, shards, tokenizer, digits
         self.tasks = tuple(tasks or TASKS)
         self.fallbacks = 0  # rows that could not be built and were replaced by corpus text
 
@@ -344,7 +358,7 @@ class TasksSource:
         length = max(64, int((seq_len - 8) / 1.03))
         try:
             item = self.make_items(task, self.tok, length, float(rng.uniform(0.05, 0.95)), 1,
-                                   int(rng.integers(0, 2**31 - 1)), strict=False)[0]
+                                   int(rng.integers(0, 2**31 - 1)), strict=False, digits=self.digits)[0]
         except ConsaError:  # e.g. seq_len too short for the task with this tokenizer: plain text
             self.fallbacks += 1
             ids = torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
@@ -397,17 +411,19 @@ class MixedSource:
         return {"input_ids": torch.cat(ids)[perm], "answer_mask": torch.cat(masks)[perm]}
 
 
-def retrieval_source(shards, tokenizer, kind: str = "builtin") -> tuple[BatchSource, str]:
+def retrieval_source(shards, tokenizer, kind: str = "builtin", *, pairs: int = 4, queries: int = 2,
+                     digits: int = 5) -> tuple[BatchSource, str]:
     """The retrieval batch source of ``kind`` and the name of the one chosen: ``builtin``
-    (:class:`RetrievalSource`), ``tasks`` (:class:`TasksSource`), or ``auto`` (tasks when the
-    module imports, else builtin)."""
+    (:class:`RetrievalSource` with ``pairs`` statements and ``queries`` questions per row),
+    ``tasks`` (:class:`TasksSource`), or ``auto`` (tasks when the module imports, else builtin).
+    ``digits``: of the values / pass keys."""
     if kind in ("auto", "tasks"):
         try:
-            return TasksSource(shards, tokenizer), "tasks"
+            return TasksSource(shards, tokenizer, digits=digits), "tasks"
         except ImportError as e:
             if kind == "tasks":
                 raise ConsaError(f"retrieval source 'tasks' needs consa.data.tasks ({e})") from None
-    return RetrievalSource(shards, tokenizer), "builtin"
+    return RetrievalSource(shards, tokenizer, num_pairs=pairs, num_queries=queries, value_digits=digits), "builtin"
 
 
 def _batch_rng(seed: int, step: int) -> np.random.Generator:
@@ -677,7 +693,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
         if r.retrieval_mix > 0:
             kind = state0["retrieval_source"] if state0 and state0.get("retrieval_source") in ("builtin", "tasks") \
                 else cfg.retrieval_source
-            extra, kind = retrieval_source(train_shards, tokenizer, kind)
+            extra, kind = retrieval_source(train_shards, tokenizer, kind, pairs=r.retrieval_pairs,
+                                           queries=r.retrieval_queries, digits=r.retrieval_digits)
             batch_source = MixedSource(batch_source, extra, r.retrieval_mix)
             src_name = f"corpus+{kind}"
     val_rng = np.random.default_rng([r.seed, 1])
