@@ -272,6 +272,38 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
             assert ("magic number" in text or "assert " in text) and words and all(w.isdigit() for w in words)
 
 
+def test_retrieval_curriculum_moves_the_statements_away_from_the_questions(corpus):
+    """With a curriculum the statements sit in the last ``span`` tokens before the questions, a span
+    that grows from ``min_span`` to the whole row."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(corpus))
+    src = RetrievalSource(open_shards(corpus, "train"), tok, num_pairs=2, num_queries=1, value_digits=2,
+                          curriculum_steps=10, min_span=10)
+
+    def distances(step):  # tokens from each asked key's statement to the question
+        src.set_step(step)
+        out = []
+        for i in range(12):
+            row = src(1, 400, np.random.default_rng([step, i]))["input_ids"][0]
+            text = tok.decode(row.tolist())
+            key = re.findall(r"(?:assert |magic number for )(\w+)", text.rsplit("\n", 1)[-1])[-1]
+            first, ask = text.find(key), text.rfind("\n")
+            out.append(len(tok.encode(text[first:ask])))
+        return out
+
+    src.set_step(0)
+    assert src.span(300) == 10 and src.span(5) == 5
+    src.set_step(5)
+    assert src.span(310) == 160
+    near, far = distances(0), distances(10)
+    statement = max(len(tok.encode(f"\nThe magic number for {k} is 48.\n")) for k in ("kalomi", "zizizi", "sososo"))
+    assert max(near) <= 10 + 2 * statement + 2, (near, statement)  # the span plus the two statements
+    assert max(far) > 100, far
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["missing corpus", "unknown preset", "zero steps", "negative tokens", "both budgets",

@@ -76,6 +76,7 @@ class PretrainStage:
     dense_mix: float = 0.0
     dense_pairs: int = 16
     dense_queries: int = 8
+    dense_curriculum: float = 0.0  # share of the steps over which the statements' span grows to the whole row
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
@@ -185,8 +186,9 @@ class ExperimentConfig:
         if not 0 <= self.pretrain.bank_curriculum <= 1:
             raise ConsaError(f"pretrain.bank_curriculum must lie in [0, 1], got {self.pretrain.bank_curriculum!r}")
         p = self.pretrain
-        if not 0 <= p.dense_mix <= 1:
-            raise ConsaError(f"pretrain.dense_mix must lie in [0, 1], got {p.dense_mix!r}")
+        if not 0 <= p.dense_mix <= 1 or not 0 <= p.dense_curriculum <= 1:
+            raise ConsaError(f"pretrain.dense_mix and dense_curriculum must lie in [0, 1], got {p.dense_mix!r}, "
+                             f"{p.dense_curriculum!r}")
         if not 1 <= p.dense_queries <= p.dense_pairs:
             raise ConsaError(f"pretrain.dense_queries must lie in [1, dense_pairs], got {p.dense_queries!r}")
 
@@ -448,7 +450,8 @@ def pretrain_source(wd: Workdir, steps: int):
         source = MixedSource(source, bank, p.retrieval_mix)
     if p.dense_mix > 0:
         dense = RetrievalSource(shards, load_tokenizer(wd.corpus), num_pairs=p.dense_pairs,
-                                num_queries=p.dense_queries, value_digits=p.bank_digits)
+                                num_queries=p.dense_queries, value_digits=p.bank_digits,
+                                curriculum_steps=round(p.dense_curriculum * steps))
         source = MixedSource(source, dense, p.dense_mix)
     return source
 

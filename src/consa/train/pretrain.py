@@ -279,12 +279,26 @@ class RetrievalSource:
     use prose (``The magic number for kalomi is 48213.`` … ``What is the magic number for
     kalomi? The magic number for kalomi is 48213.``), half code (``kalomi = 48213`` …
     ``assert kalomi == 48213``): the phrasing of the eval tasks, with keys of its own.
-    Rows come with an ``answer_mask`` over the values in the questions.
+    Rows come with an ``answer_mask`` over the values in the questions. ``curriculum_steps > 0``:
+    the statements sit in the last :meth:`span` haystack tokens, so the look-up starts short and
+    grows to the whole row (``set_step`` is called by ``pretrain``).
     """
 
-    def __init__(self, shards, tokenizer, num_pairs: int = 4, num_queries: int = 2, value_digits: int = 5):
+    def __init__(self, shards, tokenizer, num_pairs: int = 4, num_queries: int = 2, value_digits: int = 5,
+                 curriculum_steps: int = 0, min_span: int = 64):
         self.shards, self.tok = shards, tokenizer
         self.num_pairs, self.num_queries, self.value_digits = num_pairs, num_queries, value_digits
+        self.curriculum_steps, self.min_span, self.step = int(curriculum_steps), int(min_span), None
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def span(self, budget: int) -> int:
+        """How many haystack tokens before the questions the statements may sit in: ``min_span`` at step
+        0, growing linearly to the whole row over ``curriculum_steps`` (all of it without a curriculum)."""
+        if self.curriculum_steps <= 0 or self.step is None or self.step >= self.curriculum_steps:
+            return budget
+        return min(budget, round(self.min_span + (budget - self.min_span) * self.step / self.curriculum_steps))
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -319,7 +333,7 @@ class RetrievalSource:
             ids = torch.as_tensor(self.shards.sample_batch(1, seq_len, rng)[0], dtype=torch.long)
             return ids, torch.zeros(seq_len, dtype=torch.bool)
         hay = np.asarray(self.shards.sample_batch(1, budget, rng)[0], dtype=np.int64).tolist()
-        cuts = sorted(rng.integers(0, budget + 1, size=k).tolist())
+        cuts = sorted(rng.integers(budget - self.span(budget), budget + 1, size=k).tolist())
         out: list[int] = []
         prev = 0
         for c, needle in zip(cuts, needles):
