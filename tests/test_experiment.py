@@ -122,10 +122,12 @@ def test_bank_length_curriculum(finished):
     lengths = np.diff(bank.offsets)
     assert len(set(lengths.tolist())) > 2  # the CI bank has items of several lengths
 
-    def drawn(step):  # lengths of the items drawn at this step (each row's answer ends the item)
+    items = [bank.tokens[bank.offsets[i]: bank.offsets[i + 1]].astype(np.int64) for i in range(bank.n)]
+
+    def drawn(step):  # lengths of the items in real rows of this step (each item ends its row)
         bank.set_step(step)
-        rng = np.random.default_rng(step)
-        return {int(lengths[int(bank.by_length[int(rng.integers(bank.available()))])]) for _ in range(60)}
+        rows = bank(60, 128, np.random.default_rng(step))["input_ids"].numpy()
+        return {len(it) for row in rows for it in items if np.array_equal(row[-len(it):], it)}
 
     assert drawn(0) == {int(lengths.min())}
     assert max(drawn(5)) < lengths.max() and len(drawn(5)) >= 1
