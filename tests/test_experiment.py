@@ -224,3 +224,53 @@ def test_pretrain_source_mixes_corpus_bank_and_dense_rows(finished):
     assert kinds["dense"] >= 12 and kinds["bank"] >= 3 and kinds["corpus"] >= 3, kinds
     with pytest.raises(ConsaError, match="dense_queries"):
         ExperimentConfig.from_dict({**d, "pretrain": {**d["pretrain"], "dense_queries": 3}})
+
+
+def test_base_from_runs_a_variant_on_the_same_base_model(finished, tmp_path, capsys):
+    """--base-from: a search/eval variant adopts another workdir's base model and bank instead of pretraining."""
+    from consa.allocation import Allocation
+
+    cfg_path, work, _ = finished
+    d = json.loads(cfg_path.read_text())
+    d["name"] = "ci-variant"
+    d["search"].update(sparsities=[0.5], methods=["attn_mass-kv_head", "fa_top-layer"])
+    var = tmp_path / "variant.json"
+    var.write_text(json.dumps(d))
+    w2 = tmp_path / "w2"
+    argv = ["experiment", "all", "--config", str(var), "--workdir", str(w2), "--base-from", str(work)]
+    assert main(argv) == 0
+    pre = json.loads((w2 / "stages.json").read_text())["pretrain"]
+    assert pre["adopted_from"] == str(work.resolve())
+    assert Path(pre["model"]) == Path(json.loads((work / "stages.json").read_text())["pretrain"]["model"]).resolve()
+    assert Path(pre["bank_file"]) == (work / "bank.npz").resolve()
+    assert not (w2 / "base").exists() and not (w2 / "bank.npz").exists()
+    # the attention-mass score reads the model and bank rows: same base + same bank -> same allocation
+    a1 = Allocation.load(work / "alloc" / "s0.5" / "attn_mass-kv_head.json")
+    a2 = Allocation.load(w2 / "alloc" / "s0.5" / "attn_mass-kv_head.json")
+    assert a1.fa == a2.fa
+    assert "`--base-from`" in (w2 / "report" / "results.md").read_text()
+    assert main(argv) == 0  # a rerun with the same source is a no-op, not an error
+    capsys.readouterr()
+    # bad sources: one clear line each, and nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fresh = tmp_path / "fresh"
+    own = tmp_path / "own"  # a workdir with a base model of its own
+    own.mkdir()
+    (own / "stages.json").write_text(json.dumps({"pretrain": {"done": True, "model": str(tmp_path / "elsewhere")}}))
+    cases = [(["--workdir", str(fresh), "--base-from", str(empty)], "no stages.json there"),
+             (["--workdir", str(w2), "--base-from", str(w2)], "names the workdir itself"),
+             (["--workdir", str(own), "--base-from", str(w2)], "already has its own pretrain stage")]
+    for extra, msg in cases:
+        assert main(["experiment", "search", "--config", str(var), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert not fresh.exists()
+    d["pretrain"]["preset"] = "small-gpu"
+    var.write_text(json.dumps(d))
+    assert main(["experiment", "search", "--config", str(var), "--workdir", str(fresh), "--base-from", str(work)]) == 2
+    assert "does not have the shape of preset 'small-gpu'" in capsys.readouterr().err
+    assert not fresh.exists()
+    # an adopted workdir never pretrains into itself
+    with pytest.raises(ConsaError, match="uses the base model of"):
+        run_stage("pretrain", ExperimentConfig.load(cfg_path), w2, force=True)

@@ -53,3 +53,23 @@ def test_topk_exact_count_including_ties(n, k):
 def test_topk_rejects_impossible_counts():
     with pytest.raises(ValueError):
         topk_swa(torch.zeros(4), 5)
+
+
+def test_cut_agreement_counts_units_whose_own_gate_matches_the_cut():
+    from consa.gates import cut_agreement
+
+    gates = HardConcreteGates(4)
+    with torch.no_grad():  # two clearly open gates, two clearly closed: a 2-of-4 SWA cut agrees everywhere
+        gates.log_alpha.copy_(torch.tensor([4.0, -4.0, 3.0, -5.0]))
+    p = gates.prob_nonzero()
+    fa = topk_swa(gates.log_alpha, 2)
+    assert fa == [True, False, True, False]
+    assert cut_agreement(p, fa) == 1.0
+    # a 3-of-4 cut must close the open gate 2 (lower than gate 0): that one unit disagrees
+    assert cut_agreement(p, topk_swa(gates.log_alpha, 3)) == 0.75
+    # undecided gates, all near closed: the cut's FA units are the ones that disagree
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-2.0, -2.1, -1.9, -2.2]))
+    assert cut_agreement(gates.prob_nonzero(), topk_swa(gates.log_alpha, 2)) == 0.5
+    with pytest.raises(ValueError, match="4 gates but 3 units"):
+        cut_agreement(p, [True, False, True])

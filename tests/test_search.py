@@ -42,6 +42,21 @@ def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
     assert alloc.num_swa == round(t * 8 + 1e-9) if t != 0.5 else alloc.num_swa == 4
     # every step was logged with both sparsities and λ
     assert {"expected_sparsity", "hard_sparsity", "lambda1", "loss"} <= set(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]))
+    # search.json says how far the top-k cut only confirms the gates' own decisions
+    from consa.gates import cut_agreement
+
+    summary = json.loads((tmp_path / "search.json").read_text())
+    assert summary["cut_agreement"] == cut_agreement(s.gates.prob_nonzero(), alloc.units)
+    assert 0.0 <= summary["cut_agreement"] <= 1.0
+
+
+def test_an_unfinished_search_warns_that_the_gates_have_not_separated(tmp_path, capsys):
+    """Two steps leave every gate open (init log α = 3), so a 6-of-8 SWA cut disagrees with 6 gates."""
+    model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
+    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=2, checkpoint_every=0)
+    Search(model, cfg, _batches, tmp_path, progress=False).run()
+    assert json.loads((tmp_path / "search.json").read_text())["cut_agreement"] == 0.25
+    assert "only 25% of the gates agree with the top-k cut" in capsys.readouterr().err
 
 
 def test_lagrangian_term_pushes_towards_target(tmp_path):

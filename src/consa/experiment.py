@@ -17,6 +17,8 @@ One JSON config drives five stages, each resuming from the previous stage's outp
 A finished stage (recorded in ``WORKDIR/stages.json`` with its wall time) is skipped; inside a stage
 every finished piece (an allocation, an eval run) is skipped too, so a stage killed by a time limit
 continues where it stopped. A stage whose prerequisite is missing stops with one clear error.
+``adopt_base`` (``consa experiment ... --base-from OTHER``) lets a variant (more search steps, other
+sparsities) use another workdir's finished base model and bank instead of pretraining again.
 
 Token budget after the base model: ConSA and Duo-style use ``search.steps × batch × seq_len`` tokens
 of gate training each; the attention-mass score reads ``mass_batches × batch × seq_len`` tokens without
@@ -215,12 +217,17 @@ class Workdir:
         self.root, self.cfg = Path(root), cfg
         self.corpus = Path(cfg.data.corpus) if cfg.data.corpus else self.root / "corpus"
         self.base = self.root / "base"
-        self.bank = self.root / "bank.npz"
         self.alloc = self.root / "alloc"
         self.search_runs = self.root / "search"
         self.evals = self.root / "eval"
         self.report = self.root / "report"
         self.stages_file = self.root / "stages.json"
+
+    @property
+    def bank(self) -> Path:
+        """The retrieval bank: this workdir's own, or the one of the workdir its base model came from."""
+        adopted = self.stages().get("pretrain", {}).get("bank_file")
+        return Path(adopted) if adopted else self.root / "bank.npz"
 
     def stages(self) -> dict:
         if self.stages_file.is_file():
@@ -245,6 +252,43 @@ class Workdir:
         if info.get("done") and info.get("model"):
             return Path(info["model"])
         return None
+
+
+def adopt_base(wd: Workdir, other: str | Path) -> dict:
+    """Record the finished base model (and retrieval bank) of workdir ``other`` as ``wd``'s pretrain stage.
+
+    Search and eval variants (more search steps, other sparsities or windows) then run on the very same
+    base model without pretraining again; the report names where the base came from. Idempotent for the
+    same source; a workdir that already has a different base model is refused."""
+    from .presets import get_preset
+
+    src = Workdir(other, wd.cfg)
+    if src.root.resolve() == wd.root.resolve():
+        raise ConsaError(f"--base-from {other} names the workdir itself")
+    if not src.stages_file.is_file():
+        raise ConsaError(f"--base-from {other}: no stages.json there (not an experiment workdir)")
+    base = src.base_model_dir()
+    if base is None or not src.done("pretrain"):
+        raise ConsaError(f"--base-from {other}: its pretrain stage has not finished")
+    base = base.resolve()
+    mine = wd.stages().get("pretrain")
+    if mine:
+        if mine.get("done") and Path(mine.get("model", "")).resolve() == base:
+            return mine
+        raise ConsaError(f"{wd.root} already has its own pretrain stage ({mine.get('model')}); use a fresh --workdir")
+    mc = json.loads((base / "config.json").read_text())
+    pre = get_preset(wd.cfg.pretrain.preset)
+    want = {"num_hidden_layers": pre.num_layers, "hidden_size": pre.hidden_size,
+            "num_attention_heads": pre.num_heads, "num_key_value_heads": pre.num_kv_heads}
+    bad = {k: (mc.get(k), v) for k, v in want.items() if mc.get(k) != v}
+    if bad:
+        raise ConsaError(f"--base-from {other}: its base model does not have the shape of preset "
+                         f"{pre.name!r} in this config (model vs preset: {bad})")
+    rec = {**src.stages()["pretrain"], "model": str(base), "adopted_from": str(src.root.resolve()),
+           "bank_file": str(src.bank.resolve()) if src.bank.is_file() else None}
+    wd.record("pretrain", rec)
+    _say(f"pretrain: adopted the base model {base} (from {src.root})")
+    return rec
 
 
 def _require(cond: bool, stage: str, what: str, prev: str, wd: Workdir) -> None:
@@ -404,6 +448,9 @@ def stage_pretrain(wd: Workdir) -> dict:
     from .train.pretrain import PretrainConfig, pretrain, resolve
 
     cfg, p = wd.cfg, wd.cfg.pretrain
+    adopted = wd.stages().get("pretrain", {}).get("adopted_from")
+    if adopted:
+        raise ConsaError(f"{wd.root} uses the base model of {adopted} (--base-from); pretrain in a fresh --workdir")
     _require((wd.corpus / "train" / "meta.json").is_file(), "pretrain", f"the corpus {wd.corpus}", "data", wd)
     seq_len = cfg.context
     bank_info = None
@@ -540,7 +587,8 @@ def stage_search(wd: Workdir) -> dict:
                 detach(model)
                 summ = json.loads((out_dir / "search.json").read_text())
                 extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
-                         "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity")}
+                         "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
+                         "cut_agreement": summ.get("cut_agreement")}
                 tokens = train_tokens
             elif name == "duo":
                 alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
@@ -700,7 +748,7 @@ def collect(wd: Workdir) -> dict:
                        fa_share_per_layer=st["fa_share_per_layer"], fa_blocks=st["fa_blocks"],
                        fa_bottom=st["fa_share_bottom_third"], fa_middle=st["fa_share_middle_third"],
                        fa_top=st["fa_share_top_third"], tokens_after_base=meta.get("tokens_after_base", 0),
-                       search_seconds=meta.get("seconds"), seed=seed,
+                       search_seconds=meta.get("seconds"), seed=seed, cut_agreement=meta.get("cut_agreement"),
                        gap_closed=((s_nll - row["long_nll"]) / (s_nll - f_nll)) if (
                            row["long_nll"] is not None and f_nll is not None and s_nll is not None and s_nll - f_nll > 1e-9) else None)
             key = f"{name}-{gran}"
@@ -771,8 +819,8 @@ def format_tables(res: dict) -> str:
 
 
 def format_structure(res: dict) -> str:
-    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? | gates agreeing with the cut |",
+             "|---|---|---|---|---|---|---|"]
     for key, tab in res["tables"].items():
         for name, r in tab["rows"].items():
             if not any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
@@ -780,8 +828,10 @@ def format_structure(res: dict) -> str:
             pattern = (r["fa_bottom"] < r["fa_middle"] and r["contiguity"] == 1.0)
             blocks = ", ".join(f"{a}–{b - 1}" for a, b in r["fa_blocks"])
             lines.append(f"| {tab['sparsity']} | {name} | {r['fa_bottom']:.2f} / {r['fa_middle']:.2f} / {r['fa_top']:.2f} | "
-                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} |")
-    return "\n".join(lines) + "\n"
+                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} | {_fmt(r.get('cut_agreement'), 2)} |")
+    return "\n".join(lines) + "\n" + (
+        "\nGates agreeing with the cut: share of a ConSA search's units whose own gate (P(z ≠ 0) ≥ 0.5 = FA) matches the "
+        "final top-k; well below 1 the search had not finished and more steps would likely change the allocation.\n")
 
 
 def plot_fa_shares(res: dict, path: Path) -> Path:
@@ -835,6 +885,8 @@ def stage_report(wd: Workdir) -> dict:
               pre.get("steps"), pre.get("tokens"), pre.get("parameters"), _fmt(pre.get("val_loss_first")),
               _fmt(pre.get("val_loss_last")), pre.get("tokens_per_s"),
               "" if pre.get("finished", True) else " (stopped at its time limit: last checkpoint used)"),
+          *([f"The base model and bank come from the workdir `{pre['adopted_from']}` (`--base-from`); "
+             "the pretrain wall time is that workdir's.", ""] if pre.get("adopted_from") else []),
           f"Long-range NLL (positions > 2W): full attention {_fmt(res['full_long_nll'], 4)}, all-SWA "
           f"{_fmt(res['all_swa_long_nll'], 4)}.", "",
           format_tables(res), "### Structure of the data-driven allocations", "", format_structure(res)]

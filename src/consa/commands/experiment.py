@@ -2,7 +2,8 @@
 
 Stages: data, pretrain, search, eval, report, or all. Each resumes from the previous stage's output in
 WORKDIR and records its wall time in WORKDIR/stages.json; a finished stage is skipped (``--force``
-reruns it). See ``consa.experiment`` and docs/RESULTS.md.
+reruns it). ``--base-from OTHER`` takes the finished base model and bank of workdir OTHER instead of
+pretraining. See ``consa.experiment`` and docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rerun the stage even when stages.json says it is done")
     p.add_argument("--time-budget", type=float, help="seconds after which the eval stage stops starting new runs "
                    "(what it finished stays; the next call continues)")
+    p.add_argument("--base-from", metavar="WORKDIR", help="use the finished base model and bank of another "
+                   "experiment workdir instead of pretraining (search/eval variants on the same base)")
     p.set_defaults(func=run)
 
 
@@ -26,12 +29,14 @@ def run(args) -> int:
     import time
 
     from ..errors import ConsaError
-    from ..experiment import STAGES, ExperimentConfig, run_all, run_stage
+    from ..experiment import STAGES, ExperimentConfig, Workdir, adopt_base, run_all, run_stage
 
     if args.stage not in (*STAGES, "all"):
         raise ConsaError(f"unknown stage {args.stage!r}; choose one of {', '.join(STAGES)} or all")
     cfg = ExperimentConfig.load(args.config)
     workdir = args.workdir or f"runs/{cfg.name}"
+    if args.base_from:
+        adopt_base(Workdir(workdir, cfg), args.base_from)
     deadline = time.time() + args.time_budget if args.time_budget else None
     if args.stage == "all":
         out = run_all(cfg, workdir, deadline=deadline)

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..allocation import Allocation, check_granularity, check_sparsity, swa_coun
 from ..files import atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
-from ..gates import HardConcreteGates, topk_swa
+from ..gates import HardConcreteGates, cut_agreement, topk_swa
 from ..models import attach_gates, model_shape
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
@@ -106,6 +107,7 @@ def _masked_sum(values: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]
     return (values * mask).sum(), mask.sum()
 
 
+AGREEMENT_WARN = 0.9  # below this share of gates agreeing with the cut, `run` warns that the search is unfinished
 KL_CHUNK = 2048  # positions per KL chunk: bounds the fp32 softmax copies to chunk × vocab
 
 
@@ -338,11 +340,21 @@ class Search:
         from safetensors.torch import save_file
 
         save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(self.out_dir / "gates.safetensors"))
+        agree = self.cut_agreement(alloc)
+        if agree < AGREEMENT_WARN and self.step > 0:
+            print(f"consa search: only {agree:.0%} of the gates agree with the top-k cut: they have not separated "
+                  f"yet, and more --steps would likely change the allocation", file=sys.stderr, flush=True)
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
-                   "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size}
+                   "cut_agreement": agree, "num_units": self.n_units, "num_swa": self.num_swa,
+                   "world_size": self.dist.world_size}
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc
+
+    def cut_agreement(self, alloc: Allocation) -> float:
+        """How far the final top-k cut only confirms the gates' own decisions (see ``gates.cut_agreement``)."""
+        with torch.no_grad():
+            return cut_agreement(self.gates.prob_nonzero(), alloc.units)
 
     def allocation(self) -> Allocation:
         fa = topk_swa(self.gates.log_alpha, self.num_swa)
