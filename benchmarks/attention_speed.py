@@ -8,8 +8,9 @@ Three measurements, all in one run so they share the machine state:
    heads) vs ideal = full × (FA share + SWA share × window pairs / causal pairs). ``--swa-kernel``
    times the hybrid once per SWA kernel (``kernels.SWA_PREFILL``: flex = FlexAttention with a cached
    closed-form block mask, chunked = block-diagonal flash merged by LSE, flash = FlashAttention-2's
-   local window), and each kernel on the SWA heads alone; ``--prefill-overlap`` adds the hybrid with
-   the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``);
+   local window; fused = all heads in one FlexAttention call with a per-head block mask,
+   ``kernels.HYBRID_PREFILL = "fused"``), and each kernel on the SWA heads alone; ``--prefill-overlap``
+   adds the hybrid with the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``);
 2. **decode**: B = 8, one new token over caches of 32K/128K, full cache vs the split a HybridCache
    holds (FA heads T slots, SWA heads W); time per step and bandwidth on the bytes read (K, V, q, out);
 3. **generate**: a randomly initialised Qwen3-0.6B-shaped model, 32K-token prompt, greedy decoding:
@@ -161,10 +162,12 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
     row["fa_only"] = both(lambda: kernels.attention(qf, kf, vf, scale=scale), device) if n_fa else None
     row["swa_ideal_ms"] = f["ms"] * (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
     row["by_kernel"] = {}
-    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP
+    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL
     try:
         for kern in swa_kernels:
-            kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = kern, False
+            # "fused": one FlexAttention call over all heads; its "swa_only" is the auto kernel's
+            kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = ("auto" if kern == "fused" else kern), False
+            kernels.HYBRID_PREFILL = "fused" if kern == "fused" else "split"
             r = {}
             if check:
                 r["rel_err_vs_masked_sdpa"] = rel_err(hyb()[0][:, idx], ref)
@@ -177,7 +180,7 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
             r["swa_only_over_ideal"] = r["swa_only"]["ms"] / row["swa_ideal_ms"]
             row["by_kernel"][kern] = r
     finally:
-        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = saved
+        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL = saved
     first = row["by_kernel"][swa_kernels[0]]
     row["hybrid"] = first["hybrid"]
     if check:
@@ -361,14 +364,15 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
     p.add_argument("--swa-kernel", default="flex",
-                   help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: flex,chunked,flash,auto")
+                   help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: "
+                   "flex,chunked,flash,auto, and fused (all heads in one FlexAttention call, kernels.HYBRID_PREFILL)")
     p.add_argument("--prefill-overlap", action="store_true",
                    help="also time the hybrid prefill with kernels.PREFILL_OVERLAP (SWA heads on a side stream)")
     a = p.parse_args(argv)
     swa_kernels = tuple(x.strip() for x in a.swa_kernel.split(",") if x.strip())
-    bad = set(swa_kernels) - {"flex", "chunked", "flash", "auto"}
+    bad = set(swa_kernels) - {"flex", "chunked", "flash", "auto", "fused"}
     if bad or not swa_kernels:
-        p.error(f"--swa-kernel: unknown {sorted(bad)}; choose from flex,chunked,flash,auto")
+        p.error(f"--swa-kernel: unknown {sorted(bad)}; choose from flex,chunked,flash,auto,fused")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

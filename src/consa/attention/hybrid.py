@@ -8,7 +8,9 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
   ``out = z·FA + (1 − z)·SWA`` (z of a KV head is shared by its query group);
 * **fixed mode** (eval/serving): runs FA heads with the causal kernel and SWA heads with the windowed
   kernel, each on its own head group (contiguous after ``models.reorder_heads``), over either a plain
-  key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns.
+  key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns. With
+  ``kernels.HYBRID_PREFILL = "fused"`` a plain prefill runs both groups in one FlexAttention call
+  with a per-head block mask instead (no split, no merge).
 
 A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
 Padding survives because the mask interface registered under the same name is transformers' own
@@ -141,6 +143,10 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
     group = q.shape[1] // k.shape[1]
     if not plan.fa_kv:
         return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend).transpose(1, 2)
+    if _fused_prefill(plan, q, k, mask, dropout):
+        fa = set(plan.fa_kv)
+        heads = tuple(h // group in fa for h in range(q.shape[1]))
+        return kernels.flex_hybrid(q, k, v, heads, plan.window, plan.sinks, scale).transpose(1, 2)
     fa_q, fa_k = _heads(plan.fa_kv, group, k.shape[1])
     sw_q, sw_k = _heads(plan.swa_kv, group, k.shape[1])
     run_fa = lambda: attention(_take(q, fa_q), _take(k, fa_k), _take(v, fa_k), scale=scale, mask=mask, dropout=dropout)  # noqa: E731
@@ -153,6 +159,13 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
     else:
         out_fa, out_sw = run_fa(), run_sw()
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _fused_prefill(plan, q, k, mask, dropout) -> bool:
+    """``kernels.HYBRID_PREFILL == "fused"`` on a plain prefill (no padding mask, Tq = Tk, inference,
+    a plan that allows FlexAttention): both head groups in one FlexAttention call."""
+    return (kernels.HYBRID_PREFILL == "fused" and plan.backend in ("auto", "flex") and mask is None and dropout == 0.0 and q.shape[-2] == k.shape[-2] > 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
 
 
 def _overlap_prefill(q) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import _flash_window_op, chunked_sliding, flash_sliding
-from .masks import offset_mask_mod, sliding_window_mask_mod
+from .masks import hybrid_mask_mod, offset_mask_mod, sliding_window_mask_mod
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,34 @@ def _sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int, device
     return sliding_block_mask(q_len, kv_len, window, sinks, device)
 
 
+def _block_sets(q_len: int, kv_len: int, window: int | None, sinks: int, device, block: int):
+    """(partial, full) boolean [nq, nk] block sets of the causal (``window=None``) or sliding mask,
+    in closed form from block corners (queries are the last ``q_len`` of ``kv_len`` slots)."""
+    q_off = kv_len - q_len
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    qi = torch.arange(nq, device=device)[:, None]
+    kj = torch.arange(nk, device=device)[None, :]
+    q_lo, q_hi = qi * block + q_off, torch.clamp((qi + 1) * block, max=q_len) - 1 + q_off
+    k_lo, k_hi = kj * block, torch.clamp((kj + 1) * block, max=kv_len) - 1
+    d_min, d_max = q_lo - k_hi, q_hi - k_lo  # range of q − k over the block
+    if window is None:
+        return (d_max >= 0) & (d_min < 0), d_min >= 0
+    band_any = (d_max >= 0) & (d_min <= window - 1)
+    band_full = (d_min >= 0) & (d_max <= window - 1)
+    if sinks:
+        sink_any = (k_lo < sinks) & (d_max >= 0)
+        sink_full = (k_hi < sinks) & (d_min >= 0)
+        band_any, band_full = band_any | sink_any, band_full | sink_full
+    return band_any & ~band_full, band_full
+
+
+def _to_indices(m: torch.Tensor):
+    """BlockMask (num, idx) of a boolean [H, nq, nk] block set: the True columns first, in order."""
+    num = m.sum(-1).to(torch.int32)
+    idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None].contiguous(), idx[None].contiguous()
+
+
 def sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int = 0, device="cpu", block: int = BLOCK):
     """FlexAttention BlockMask of the sliding window (queries are the last ``q_len`` of ``kv_len`` slots).
 
@@ -149,30 +177,33 @@ def sliding_block_mask(q_len: int, kv_len: int, window: int, sinks: int = 0, dev
     from torch.nn.attention.flex_attention import BlockMask
 
     q_off = kv_len - q_len
-    nq, nk = -(-q_len // block), -(-kv_len // block)
-    qi = torch.arange(nq, device=device)[:, None]
-    kj = torch.arange(nk, device=device)[None, :]
-    q_lo, q_hi = qi * block + q_off, torch.clamp((qi + 1) * block, max=q_len) - 1 + q_off
-    k_lo, k_hi = kj * block, torch.clamp((kj + 1) * block, max=kv_len) - 1
-    d_min, d_max = q_lo - k_hi, q_hi - k_lo  # range of q − k over the block
-    band_any = (d_max >= 0) & (d_min <= window - 1)
-    band_full = (d_min >= 0) & (d_max <= window - 1)
-    if sinks:
-        sink_any = (k_lo < sinks) & (d_max >= 0)
-        sink_full = (k_hi < sinks) & (d_min >= 0)
-        band_any, band_full = band_any | sink_any, band_full | sink_full
-    partial = band_any & ~band_full
-
-    def to_indices(m):
-        num = m.sum(-1).to(torch.int32)
-        # stable sort puts the True columns first, in increasing order
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num[None, None].contiguous(), idx[None, None].contiguous()
-
-    kv_num, kv_idx = to_indices(partial)
-    full_num, full_idx = to_indices(band_full)
+    partial, full = _block_sets(q_len, kv_len, window, sinks, device, block)
+    kv_num, kv_idx = _to_indices(partial[None])
+    full_num, full_idx = _to_indices(full[None])
     mask_mod = offset_mask_mod(sliding_window_mask_mod(window, sinks), q_off) if q_off else sliding_window_mask_mod(window, sinks)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+
+
+def hybrid_block_mask(seq_len: int, fa_heads: tuple[bool, ...], window: int, sinks: int = 0, device="cpu",
+                      block: int = BLOCK):
+    """One BlockMask over all query heads of a prefill: causal blocks for FA heads (``fa_heads[h]``),
+    the sliding band for the others, so both head groups run in a single FlexAttention call."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    fa = torch.tensor(fa_heads, dtype=torch.bool, device=device)
+    sets = [_block_sets(seq_len, seq_len, w, sinks, device, block) for w in (None, window)]
+    pick = fa[:, None, None]
+    partial = torch.where(pick, sets[0][0][None], sets[1][0][None])
+    full = torch.where(pick, sets[0][1][None], sets[1][1][None])
+    kv_num, kv_idx = _to_indices(partial)
+    full_num, full_idx = _to_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=hybrid_mask_mod(fa, window, sinks), seq_lengths=(seq_len, seq_len))
+
+
+@lru_cache(maxsize=64)
+def _hybrid_block_mask(seq_len: int, fa_heads: tuple[bool, ...], window: int, sinks: int, device: str):
+    return hybrid_block_mask(seq_len, fa_heads, window, sinks, device)
 
 
 _compiled_flex = None
@@ -189,6 +220,30 @@ def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor
     block_mask = _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device))
     extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+
+
+HYBRID_PREFILL = "split"  # "split": FA heads on SDPA + SWA heads on their own kernel, merged; "fused": one
+# FlexAttention call over all heads with a per-head block mask (no split, no merge; not yet measured on the GPU)
+
+
+def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float) -> torch.Tensor:
+    """Hybrid prefill (Tq = Tk, no padding) in one FlexAttention call: query head h attends causally
+    where ``fa_heads[h]``, else over the sliding window. Compiled on CUDA; eager (slow) elsewhere."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _hybrid_block_mask(q.shape[-2], tuple(fa_heads), window, sinks, str(q.device))
+    gqa = q.shape[1] != k.shape[1]
+    if not q.is_cuda:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
 
 
 # ---- sliding-window prefill on flash kernels (CUDA; the chunked one also on CPU) -------------------

@@ -40,6 +40,16 @@ def sliding_window_mask_mod(window: int, sinks: int = 0) -> MaskMod:
     return sliding
 
 
+def hybrid_mask_mod(fa_heads: torch.Tensor, window: int, sinks: int = 0) -> MaskMod:
+    """Per query head: causal where ``fa_heads[h]`` (a bool tensor over query heads), else the sliding window."""
+    sliding = sliding_window_mask_mod(window, sinks)
+
+    def hybrid(b, h, q_idx, kv_idx):
+        return sliding(b, h, q_idx, kv_idx) | (fa_heads[h] & (q_idx >= kv_idx))
+
+    return hybrid
+
+
 def offset_mask_mod(mask_mod: MaskMod, q_offset: int, kv_offset: int = 0) -> MaskMod:
     """Shift local indices to cache slots (for decode / chunked prefill where q starts at ``q_offset``)."""
 
