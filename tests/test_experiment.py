@@ -178,6 +178,9 @@ def test_bad_config_is_rejected(tmp_path):
     p.write_text(json.dumps({"name": "x", "search": {"sparsities": [1.5]}}))
     with pytest.raises(ConsaError, match="sparsities"):
         ExperimentConfig.load(p)
+    p.write_text(json.dumps({"name": "x", "search": {"until_agreement": 2}}))
+    with pytest.raises(ConsaError, match="until_agreement"):
+        ExperimentConfig.load(p)
     p.write_text(json.dumps({"name": "x", "searchh": {}}))
     with pytest.raises(ConsaError, match="unknown experiment config keys: searchh"):
         ExperimentConfig.load(p)

@@ -270,3 +270,37 @@ def test_chunked_kl_equals_unchunked_value_and_gradient():
     assert n_whole == n_part == mask.sum()
     assert torch.allclose(whole, part, atol=1e-5) and torch.allclose(g_whole, g_part, atol=1e-6)
     assert whole > 0 and g_whole.abs().sum() > 0
+
+
+def _search(tmp_path, init=None, **kw):
+    model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)  # 8 KV-head units
+    cfg = SearchConfig(**{"sparsity": 0.75, "window": 5, "seq_len": 40, "checkpoint_every": 0, **kw})
+    s = Search(model, cfg, _batches, tmp_path, progress=False)
+    if init is not None:
+        with torch.no_grad():
+            s.gates.log_alpha.copy_(torch.tensor(init))
+    s.run()
+    return json.loads((tmp_path / "search.json").read_text())
+
+
+def test_until_agreement_extends_an_undecided_search_up_to_max_steps(tmp_path):
+    # all gates open (init log α = 3): a 6-of-8 SWA cut disagrees with 6 of them, so the search goes on
+    summ = _search(tmp_path / "a", steps=3, until_agreement=1.0, max_steps=7)
+    assert summ["steps_done"] == 7 and summ["extra_steps"] == 4
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 7
+    # off by default: exactly the planned steps
+    assert _search(tmp_path / "b", steps=3)["steps_done"] == 3
+    # a threshold the gates already meet (all open, 2-of-8 SWA cut: 6 of 8 agree) adds nothing
+    assert _search(tmp_path / "c", sparsity=0.25, steps=3, until_agreement=0.7)["steps_done"] == 3
+
+
+def test_until_agreement_stops_as_soon_as_the_gates_agree(tmp_path):
+    decided = [8.0, 8.0, -8.0, -8.0, -8.0, -8.0, -8.0, -8.0]  # 2 FA, 6 SWA: what a 0.75 cut keeps
+    summ = _search(tmp_path, init=decided, steps=3, gate_lr=1e-4, warmup_frac=0.0, until_agreement=1.0, max_steps=50)
+    assert summ["cut_agreement"] == 1.0 and summ["steps_done"] == 3
+
+
+def test_until_agreement_settings_are_checked():
+    for bad in ({"until_agreement": 1.5}, {"until_agreement": -0.1}, {"max_steps": 2}):
+        with pytest.raises(ConsaError, match="until_agreement|max_steps"):
+            SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=3, **bad).validate()

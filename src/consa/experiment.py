@@ -91,6 +91,8 @@ class SearchStage:
     sparsities: list = field(default_factory=lambda: [0.5, 0.75, 0.875])
     methods: list = field(default_factory=lambda: list(ALL_METHODS))
     steps: int = 100
+    until_agreement: float = 0.0  # ConSA only: extend past `steps` until this share of gates agrees with the cut
+    max_steps: int = 0  # cap of that extension (0: 4 × steps)
     batch_size: int = 8
     seq_len: int | None = None  # default: the pretraining sequence length
     retrieval_share: float = 0.5  # share of each search batch that is retrieval items
@@ -181,6 +183,8 @@ class ExperimentConfig:
         bad = [m for m in self.search.methods if m not in ALL_METHODS]
         if bad:
             raise ConsaError(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}")
+        if not 0 <= self.search.until_agreement <= 1 or (self.search.max_steps and self.search.max_steps < self.search.steps):
+            raise ConsaError("search.until_agreement must be in [0, 1] and search.max_steps 0 or at least search.steps")
         if "random-kv_head" in self.search.methods and len(self.search.random_seeds) < 1:
             raise ConsaError("random needs at least one seed")
         if not 0 <= self.pretrain.retrieval_mix <= 1 or not 0 <= self.search.retrieval_share <= 1:
@@ -579,6 +583,7 @@ def stage_search(wd: Workdir) -> dict:
             tokens = 0
             if name == "consa":
                 scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
+                                    until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
                                     seed=cfg.seed, checkpoint_every=0, backend=s.backend)
                 out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
@@ -588,8 +593,8 @@ def stage_search(wd: Workdir) -> dict:
                 summ = json.loads((out_dir / "search.json").read_text())
                 extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
                          "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
-                         "cut_agreement": summ.get("cut_agreement")}
-                tokens = train_tokens
+                         "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done")}
+                tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len
             elif name == "duo":
                 alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
                 extra, tokens = {}, train_tokens

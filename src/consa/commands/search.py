@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4, help="global batch (split over --nproc processes)")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--until-agreement", type=float, default=0.0, metavar="A",
+                   help="after --steps, keep training at the target until this share of the gates agrees with the "
+                   "top-k cut (1.0: every gate decided; 0: off). search.json reports the final share")
+    p.add_argument("--max-steps", type=int, default=0, help="cap for --until-agreement (0: 4 × --steps)")
     p.add_argument("--gate-lr", type=float, default=0.05)
     p.add_argument("--controller", default="lagrangian", help="lagrangian or project")
     p.add_argument("--warmup-frac", type=float, default=0.4, help="share of steps over which the target ramps up")
@@ -75,7 +79,8 @@ def run(args) -> int:
 
     cfg = SearchConfig(
         sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
-        sinks=args.sinks, steps=args.steps, gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
+        sinks=args.sinks, steps=args.steps, until_agreement=args.until_agreement, max_steps=args.max_steps,
+        gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
         lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
     )

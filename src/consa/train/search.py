@@ -49,6 +49,10 @@ class SearchConfig:
     granularity: str = "kv_head"
     sinks: int = 0
     steps: int = 300
+    # after ``steps``, keep training at the target until this share of the gates agrees with the top-k
+    # cut (``gates.cut_agreement``), for at most ``max_steps`` steps in all (0: 4 × steps); 0 = off
+    until_agreement: float = 0.0
+    max_steps: int = 0
     gate_lr: float = 0.05
     init_log_alpha: float = 3.0
     warmup_frac: float = 0.4
@@ -75,6 +79,10 @@ class SearchConfig:
             )
         if self.steps < 1:
             raise ConsaError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.until_agreement <= 1.0:
+            raise ConsaError(f"until_agreement must be in [0, 1], got {self.until_agreement}")
+        if self.max_steps and self.max_steps < self.steps:
+            raise ConsaError(f"max_steps ({self.max_steps}) must be at least steps ({self.steps})")
         if self.train_weights not in ("none", "full", "lora"):
             raise ConsaError(f"train_weights must be none, full or lora, got {self.train_weights!r}")
         if self.controller not in ("lagrangian", "project"):
@@ -320,7 +328,7 @@ class Search:
         metrics_path = self.out_dir / "metrics.jsonl"
         mode = "a" if resume else "w"
         with (open(metrics_path, mode) if main else open(os.devnull, "w")) as mf:
-            while self.step < self.cfg.steps:
+            while self.step < self.cfg.steps or self._extend(bar):
                 rec = self.train_step()
                 mf.write(json.dumps(rec) + "\n")
                 if bar is not None:
@@ -343,13 +351,32 @@ class Search:
         agree = self.cut_agreement(alloc)
         if agree < AGREEMENT_WARN and self.step > 0:
             print(f"consa search: only {agree:.0%} of the gates agree with the top-k cut: they have not separated "
-                  f"yet, and more --steps would likely change the allocation", file=sys.stderr, flush=True)
+                  f"yet, and more steps would likely change the allocation (--steps, or --until-agreement 1)",
+                  file=sys.stderr, flush=True)
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
-                   "cut_agreement": agree, "num_units": self.n_units, "num_swa": self.num_swa,
-                   "world_size": self.dist.world_size}
+                   "cut_agreement": agree, "steps_done": self.step, "extra_steps": max(0, self.step - self.cfg.steps),
+                   "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size}
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.max_steps or 4 * self.cfg.steps
+
+    def _extend(self, bar) -> bool:
+        """Past the planned steps: one more step while the gates disagree with the cut (``until_agreement``)."""
+        if not self.cfg.until_agreement or self.step >= self.max_steps:
+            return False
+        with torch.no_grad():
+            agree = cut_agreement(self.gates.prob_nonzero(), topk_swa(self.gates.log_alpha, self.num_swa))
+        if agree >= self.cfg.until_agreement:
+            return False
+        if bar is not None and bar.total != self.max_steps:
+            bar.total = self.max_steps
+            bar.set_description(f"consa search (gates {agree:.0%} decided)")
+            bar.refresh()
+        return True
 
     def cut_agreement(self, alloc: Allocation) -> float:
         """How far the final top-k cut only confirms the gates' own decisions (see ``gates.cut_agreement``)."""
