@@ -210,29 +210,11 @@ _compiled_flex = None
 FLEX_KERNEL_OPTIONS: dict | None = None  # e.g. {"BLOCK_M": 128, "BLOCK_N": 64}; None = FlexAttention's defaults
 
 
-def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor:
-    """Sliding-window prefill with FlexAttention; the block mask is built once per shape and cached."""
+def _run_flex(q, k, v, block_mask, scale: float) -> torch.Tensor:
+    """FlexAttention under ``block_mask``: compiled once on CUDA, eager (slow, for the CPU twins) elsewhere."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device))
-    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
-
-
-HYBRID_PREFILL = "split"  # "split": FA heads on SDPA + SWA heads on their own kernel, merged; "fused": one
-# FlexAttention call over all heads with a per-head block mask (no split, no merge; not yet measured on the GPU)
-
-
-def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float) -> torch.Tensor:
-    """Hybrid prefill (Tq = Tk, no padding) in one FlexAttention call: query head h attends causally
-    where ``fa_heads[h]``, else over the sliding window. Compiled on CUDA; eager (slow) elsewhere."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = _hybrid_block_mask(q.shape[-2], tuple(fa_heads), window, sinks, str(q.device))
     gqa = q.shape[1] != k.shape[1]
     if not q.is_cuda:
         import warnings
@@ -244,6 +226,21 @@ def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, sc
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
+
+
+def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor:
+    """Sliding-window prefill with FlexAttention; the block mask is built once per shape and cached."""
+    return _run_flex(q, k, v, _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device)), scale)
+
+
+HYBRID_PREFILL = "split"  # "split": FA heads on SDPA + SWA heads on their own kernel, merged; "fused": one
+# FlexAttention call over all heads with a per-head block mask (no split, no merge; not yet measured on the GPU)
+
+
+def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float) -> torch.Tensor:
+    """Hybrid prefill (Tq = Tk, no padding) in one FlexAttention call: query head h attends causally
+    where ``fa_heads[h]``, else over the sliding window. The block mask is built once and cached."""
+    return _run_flex(q, k, v, _hybrid_block_mask(q.shape[-2], tuple(fa_heads), window, sinks, str(q.device)), scale)
 
 
 # ---- sliding-window prefill on flash kernels (CUDA; the chunked one also on CPU) -------------------

@@ -348,7 +348,7 @@ class Search:
         from safetensors.torch import save_file
 
         save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(self.out_dir / "gates.safetensors"))
-        agree = self.cut_agreement(alloc)
+        agree = self.cut_agreement()
         if agree < AGREEMENT_WARN and self.step > 0:
             print(f"consa search: only {agree:.0%} of the gates agree with the top-k cut: they have not separated "
                   f"yet, and more steps would likely change the allocation (--steps, or --until-agreement 1)",
@@ -368,8 +368,7 @@ class Search:
         """Past the planned steps: one more step while the gates disagree with the cut (``until_agreement``)."""
         if not self.cfg.until_agreement or self.step >= self.max_steps:
             return False
-        with torch.no_grad():
-            agree = cut_agreement(self.gates.prob_nonzero(), topk_swa(self.gates.log_alpha, self.num_swa))
+        agree = self.cut_agreement()
         if agree >= self.cfg.until_agreement:
             return False
         if bar is not None and bar.total != self.max_steps:
@@ -378,10 +377,10 @@ class Search:
             bar.refresh()
         return True
 
-    def cut_agreement(self, alloc: Allocation) -> float:
-        """How far the final top-k cut only confirms the gates' own decisions (see ``gates.cut_agreement``)."""
+    def cut_agreement(self) -> float:
+        """How far the top-k cut of the current gates only confirms their own decisions (``gates.cut_agreement``)."""
         with torch.no_grad():
-            return cut_agreement(self.gates.prob_nonzero(), alloc.units)
+            return cut_agreement(self.gates.prob_nonzero(), topk_swa(self.gates.log_alpha, self.num_swa))
 
     def allocation(self) -> Allocation:
         fa = topk_swa(self.gates.log_alpha, self.num_swa)
