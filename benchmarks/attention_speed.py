@@ -217,13 +217,22 @@ def decode_point(t, w, share, batch, device, dtype, bw):
     h = both(hyb, device)
     from consa.attention import kernels
 
-    kernels.DECODE_OVERLAP = False
-    try:
+    saved = kernels.DECODE_KERNEL, kernels.DECODE_OVERLAP
+    try:  # the SDPA pair (side stream, then serial) against the default one-launch Triton decode
+        kernels.DECODE_KERNEL = "sdpa"
+        h_sdpa = both(hyb, device)
+        err_sdpa = rel_err(hyb()[0], ref)
+        kernels.DECODE_OVERLAP = False
         h_serial = both(hyb, device)
     finally:
-        kernels.DECODE_OVERLAP = True
+        kernels.DECODE_KERNEL, kernels.DECODE_OVERLAP = saved
+    # the parts alone: where a gap to the bytes-ideal time comes from
+    fa_only = both(lambda: kernels.attention(q[:, : n_fa * g], kf, vf, scale=scale), device)
+    swa_only = both(lambda: kernels.attention(q[:, n_fa * g :], ks, vs, scale=scale, window=w, slots=slots), device)
     return {
-        "hybrid_no_overlap": h_serial,
+        "decode_kernel": kernels.DECODE_KERNEL, "hybrid_sdpa": h_sdpa, "rel_err_sdpa": err_sdpa,
+        "hybrid_sdpa_no_overlap": h_serial, "fa_only": fa_only, "swa_only": swa_only,
+        "fa_only_TBps": (2 * kf.numel() * esz) / (fa_only["ms"] * 1e-3) / 1e12,
         "cache": t, "batch": batch, "window": w, "fa_share": share,
         "rel_err": rel_err(out, ref),
         "full": f, "hybrid": h,
@@ -234,6 +243,41 @@ def decode_point(t, w, share, batch, device, dtype, bw):
         "bytes_ideal_ms": bytes_hyb / bw * 1e3,
         "speedup_vs_full": f["ms"] / h["ms"],
     }
+
+
+def decode_sweep_point(t, w, share, batch, device, dtype, bw):
+    """The one-launch Triton decode alone under each launch setting (``triton_decode`` knobs):
+    key block, programs per SM on the long heads, warps, pipeline stages."""
+    from consa.attention import triton_decode as td
+
+    scale = HEAD_DIM**-0.5
+    n_fa = round(share * KV_HEADS)
+    q, k, v = qkv(batch, 1, t + 1, device, dtype, seed=7)
+    kf, vf = k[:, :n_fa].contiguous(), v[:, :n_fa].contiguous()
+    ks, vs = k[:, n_fa:, t + 1 - w :].contiguous(), v[:, n_fa:, t + 1 - w :].contiguous()
+    heads = td.head_tables(KV_HEADS, tuple(range(n_fa)), device)
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = 2 * (kf.numel() + ks.numel()) * esz + 2 * q.numel() * esz
+    saved = td.BLOCK_N, td.FILL, td.NUM_WARPS, td.NUM_STAGES
+    rows = []
+    try:
+        for block in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    for fill in (2, 4, 8):
+                        td.BLOCK_N, td.FILL, td.NUM_WARPS, td.NUM_STAGES = block, fill, warps, stages
+                        cfg = {"block": block, "warps": warps, "stages": stages, "fill": fill}
+                        try:
+                            ms = time_ms(lambda: td.hybrid_decode(q, kf, vf, ks, vs, heads, scale), device, target_ms=60, graph=True)
+                            rows.append({**cfg, "ms": ms, "bw_fraction": nbytes / (ms * 1e-3) / bw})
+                        except Exception as e:
+                            rows.append({**cfg, "error": str(e)[:200]})
+    finally:
+        td.BLOCK_N, td.FILL, td.NUM_WARPS, td.NUM_STAGES = saved
+    ok = [r for r in rows if "ms" in r]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    return {"cache": t, "batch": batch, "window": w, "fa_share": share, "bytes_ideal_ms": nbytes / bw * 1e3,
+            "best": best, "configs": rows}
 
 
 def breakdown_point(t, w, share, device, dtype):
@@ -319,12 +363,17 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
         peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
         return out, dt, kv, peak
 
+    from consa.attention import kernels
+
+    saved = kernels.DECODE_KERNEL
     for name, make in (
         ("full", lambda: DynamicCache(config=model.config)),
         ("hybrid", lambda: HybridCache(model)),
+        ("hybrid_sdpa", lambda: HybridCache(model)),  # decode on the SDPA pair instead of one Triton launch
     ):
         if name == "hybrid":
             consa.apply_allocation(model, alloc)
+        kernels.DECODE_KERNEL = "sdpa" if name == "hybrid_sdpa" else saved
         run(make, 2)  # warm-up (compiles the flex kernel for this shape)
         _, t_prefill, _, _ = run(make, 1)
         out, t_total, kv, peak = run(make, new_tokens)
@@ -337,6 +386,7 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
             "peak_mem_over_weights_bytes": peak,
         }
         results[name + "_tokens"] = out[0, context:].tolist()[:16]
+    kernels.DECODE_KERNEL = saved
     results["kv_ratio"] = results["hybrid"]["kv_bytes"] / results["full"]["kv_bytes"]
     results["same_first_tokens"] = results["full_tokens"] == results["hybrid_tokens"]
     return results
@@ -361,7 +411,7 @@ def main(argv=None):
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-window", type=int, default=512)
     p.add_argument("--gen-fa-share", type=float, default=0.25)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,generate")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,breakdown,decode,sweep,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
     p.add_argument("--swa-kernel", default="flex",
                    help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: "
@@ -396,7 +446,7 @@ def main(argv=None):
         info["transformers"] = transformers.__version__
     except Exception:  # pragma: no cover
         pass
-    res = {"info": info, "prefill": [], "breakdown": [], "decode": [], "generate": None, "errors": []}
+    res = {"info": info, "prefill": [], "breakdown": [], "decode": [], "sweep": [], "generate": None, "errors": []}
     bw = copy_bandwidth(device, (1 << 31) if device.type == "cuda" else (1 << 24))
     info["copy_bandwidth_TBps"] = bw / 1e12
 
@@ -445,6 +495,15 @@ def main(argv=None):
                     row = guarded("decode", decode_point, t, w, share, a.decode_batch, device, dtype, bw)
                     if row:
                         res["decode"].append(row)
+    if "sweep" not in skip:
+        for t, w, share in ((32768, 512, 0.25), (32768, 4096, 0.25), (131072, 512, 0.25), (32768, 4096, 0.5)):
+            if a.smoke:
+                t, w = 1024, 64
+            row = guarded("sweep", decode_sweep_point, t, w, share, a.decode_batch, device, dtype, bw)
+            if row:
+                res["sweep"].append(row)
+            if a.smoke:
+                break
     if "generate" not in skip:
         res["generate"] = guarded("generate", generate_point, a.gen_context, a.gen_tokens, a.gen_window, a.gen_fa_share, device, dtype, a.smoke)
     save()
@@ -480,16 +539,26 @@ def print_tables(res):
             parts = "  ".join(f"{k}={v['ms']:.3f}" for k, v in r.items() if isinstance(v, dict) and "ms" in v)
             print(f"  ctx {r['context']} W {r['window']} FA {r['fa_share']}: {parts}")
     print("\ndecode, one step (ms; graph replay); bandwidth on the bytes each path reads")
-    print(f"{'cache':>7} {'B':>3} {'W':>5} {'FA':>5} {'full':>8} {'TB/s':>6} {'hybrid':>8} {'TB/s':>6} {'%copyBW':>7} {'bytes-ideal':>11}")
+    print(f"{'cache':>7} {'B':>3} {'W':>5} {'FA':>5} {'full':>8} {'TB/s':>6} {'hybrid':>8} {'TB/s':>6} {'%copyBW':>7} {'bytes-ideal':>11} {'sdpa pair':>9} {'rel err':>8}")
     for r in res["decode"]:
+        sdpa = f"{r['hybrid_sdpa']['ms']:.4f}" if "hybrid_sdpa" in r else ""
         print(
             f"{r['cache']:>7} {r['batch']:>3} {r['window']:>5} {r['fa_share']:>5.2f} {r['full']['ms']:>8.4f} {r['full_TBps']:>6.2f} "
-            f"{r['hybrid']['ms']:>8.4f} {r['hybrid_TBps']:>6.2f} {100 * r['hybrid_bw_fraction']:>6.1f}% {r['bytes_ideal_ms']:>11.4f}"
+            f"{r['hybrid']['ms']:>8.4f} {r['hybrid_TBps']:>6.2f} {100 * r['hybrid_bw_fraction']:>6.1f}% {r['bytes_ideal_ms']:>11.4f} "
+            f"{sdpa:>9} {r['rel_err']:>8.1e}"
         )
+    for r in res.get("sweep", []):
+        b = r["best"]
+        if b:
+            print(f"\ntriton decode sweep at cache {r['cache']} W {r['window']} FA {r['fa_share']}: best block {b['block']} "
+                  f"warps {b['warps']} stages {b['stages']} fill {b['fill']}: {b['ms']:.4f} ms, {100 * b['bw_fraction']:.1f}% of copy BW "
+                  f"(bytes-ideal {r['bytes_ideal_ms']:.4f})")
     g = res.get("generate")
     if g:
         print(f"\ngenerate: context {g['context']}, {g['new_tokens']} new tokens, W={g['window']}, FA share {g['fa_share']}")
-        for n in ("full", "hybrid"):
+        for n in ("full", "hybrid", "hybrid_sdpa"):
+            if n not in g:
+                continue
             r = g[n]
             peak = r["peak_mem_over_weights_bytes"]
             print(

@@ -8,7 +8,8 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
   ``out = z·FA + (1 − z)·SWA`` (z of a KV head is shared by its query group);
 * **fixed mode** (eval/serving): runs FA heads with the causal kernel and SWA heads with the windowed
   kernel, each on its own head group (contiguous after ``models.reorder_heads``), over either a plain
-  key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns. With
+  key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns (a decode step
+  over the split keys is one Triton launch for both groups, ``triton_decode``). With
   ``kernels.HYBRID_PREFILL = "fused"`` a plain prefill runs both groups in one FlexAttention call
   with a per-head block mask instead (no split, no merge).
 
@@ -25,7 +26,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from . import kernels
+from . import kernels, triton_decode
 from .kernels import KeySlots, attention
 
 NAME = "consa"
@@ -177,6 +178,9 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     group = q.shape[1] // (k.fa.shape[1] + k.swa.shape[1])
     fa_q, _ = _heads(plan.fa_kv, group, plan.num_kv_heads) or (None, None)
     sw_q, _ = _heads(plan.swa_kv, group, plan.num_kv_heads) or (None, None)
+    if fa_q is not None and sw_q is not None and _one_launch_decode(plan, q, k, v, mask):
+        heads = triton_decode.head_tables(plan.num_kv_heads, tuple(plan.fa_kv), q.device)
+        return triton_decode.hybrid_decode(q, k.fa, v.fa, k.swa, v.swa, heads, scale)
     run_sw = lambda: attention(  # noqa: E731
         _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
         slots=k.swa_slots, backend=plan.backend,
@@ -194,6 +198,14 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     if out_sw is None:
         return out_fa.transpose(1, 2)
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _one_launch_decode(plan, q, k: SplitKV, v: SplitKV, mask) -> bool:
+    """Decode (one query, no padding mask) where every held key is visible: both head groups in one
+    Triton launch (``kernels.DECODE_KERNEL``), reading the cache where it lies."""
+    return (kernels.DECODE_KERNEL == "auto" and mask is None and q.shape[-2] == 1
+            and kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks)
+            and triton_decode.usable(q, k.fa, v.fa, k.swa, v.swa))
 
 
 def _merge(q, fa_q, out_fa, sw_q, out_sw):

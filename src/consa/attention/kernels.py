@@ -98,8 +98,7 @@ def attention(
         band = None if mask is not None else _band(q_off, tq, tk, slots, None, 0, q.device)
     else:
         # Decode over a cache that holds only visible keys needs no mask at all.
-        regular_visible = tk == slots.num_sinks or slots.offset >= q_off - window + 1
-        if tq == 1 and regular_visible and slots.num_sinks <= sinks:
+        if tq == 1 and decode_sees_all(tk, slots, window, sinks, total):
             band = None
             if mask is None:
                 return _sdpa(q, k, v, None, False, scale, dropout)
@@ -110,6 +109,14 @@ def attention(
     if band is not None:
         mask = band if mask is None else (mask & band)
     return _sdpa(q, k, v, mask, False, scale, dropout)
+
+
+def decode_sees_all(tk: int, slots: KeySlots, window: int, sinks: int, total: int | None = None) -> bool:
+    """Whether a decode query (the last of ``total`` slots) sees every one of the ``tk`` keys held at
+    ``slots`` under a window of ``window`` plus ``sinks`` sinks: then it needs no mask."""
+    total = slots.offset + (tk - slots.num_sinks) if total is None else total
+    regular_visible = tk == slots.num_sinks or slots.offset >= total - window
+    return regular_visible and slots.num_sinks <= sinks
 
 
 @lru_cache(maxsize=32)
@@ -272,8 +279,10 @@ def _swa_prefill_kernel(q, k, v, window: int, backend: str):
     return None
 
 
-# ---- decode overlap (CUDA) -----------------------------------------------------------------------
-DECODE_OVERLAP = True  # run the SWA heads' decode kernel on a side stream beside the FA heads' one
+# ---- hybrid decode (CUDA) ------------------------------------------------------------------------
+DECODE_KERNEL = "auto"  # "auto": both head groups in one Triton split-KV launch (triton_decode) where it
+# applies (one query, no padding mask, all held keys visible), else SDPA per group; "sdpa": always SDPA
+DECODE_OVERLAP = True  # SDPA decode: run the SWA heads' kernel on a side stream beside the FA heads' one
 _side_streams: dict = {}
 
 

@@ -1,0 +1,219 @@
+"""One-launch decode over a hybrid cache: split-KV flash decoding of FA and SWA heads together.
+
+The SDPA decode path runs the FA heads and the SWA heads as two kernels and merges them with a third.
+At small caches this costs a fixed ~10 µs a step, and with only the FA heads' few KV heads in its grid
+the FA kernel reads the cache well below the bandwidth a full-width decode reaches. Here one Triton
+grid covers (batch, KV head, split): each program reads one chunk of its head's keys (FA heads from
+the FA tensor, SWA heads from the SWA tensor, so no copy or gather) for all query heads of its group,
+and a second small kernel merges the splits by log-sum-exp straight into the [B, 1, H, D] layout the
+model wants. Every held key is visible to a decode query (the hybrid cache keeps only those), so the
+kernel needs no mask; callers check that (``kernels.decode_sees_all``) and fall back otherwise.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
+imported; tests/conftest.py sets it on machines without CUDA), which is how the CPU tests hold them
+to the float64 reference.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+try:  # triton ships with CUDA builds of torch; CPU installs may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+# Launch settings: of 24 swept on the H200 (bf16, d=128, B=8; 32K caches with W=512/4096 and FA share
+# 0.25/0.5, 128K with W=512), the one never more than 3.4% behind the best at any point
+# (benchmarks/attention_speed.py, section "sweep"; docs/bench/decode_sweep_h200.json).
+BLOCK_N = 128  # keys per inner step
+NUM_WARPS = 8
+NUM_STAGES = 2
+FILL = 2  # programs on the long heads per SM
+COMBINE_BLOCK = 16  # splits per step of the merge kernel
+MAX_SPLITS = 256
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS,
+             s_qb, s_qh,
+             s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
+             s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
+             s_ob, s_oh, s_os, s_lb, s_lh,
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, CHUNK, qk_scale,
+             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (b, p): p < N_FA·NS_FA is split p % NS_FA of FA head p // NS_FA, the rest split the SWA
+    heads alike (a flat grid, so short heads launch no empty programs). It writes the softmax-weighted
+    values of its key chunk for the head's query group and the chunk's log2-sum-exp (scores in the log2
+    domain: ``qk_scale`` = scale · log2 e)."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    if p < N_FA * NS_FA:
+        i = p // NS_FA
+        s = p % NS_FA
+        k_base = KF + b * s_kfb + i.to(tl.int64) * s_kfh
+        v_base = VF + b * s_vfb + i.to(tl.int64) * s_vfh
+        s_kt = s_kft
+        s_vt = s_vft
+        length = T_FA
+        slot = i
+    else:
+        r = p - N_FA * NS_FA
+        i = r // NS_SW
+        s = r % NS_SW
+        k_base = KS + b * s_ksb + i.to(tl.int64) * s_ksh
+        v_base = VS + b * s_vsb + i.to(tl.int64) * s_vsh
+        s_kt = s_kst
+        s_vt = s_vst
+        length = T_SW
+        slot = N_FA + i
+    h = tl.load(HEADS + slot)  # the model's KV head index
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, length)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    rows = h * G + offs_g
+    q = tl.load(Q + b * s_qb + rows[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        n = start + offs_n
+        valid = n < hi
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_base + n[:, None].to(tl.int64) * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p_ = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p_, 1)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * s_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p_.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]  # every split holds at least one key
+    tl.store(OP + b * s_ob + rows[:, None] * s_oh + s * s_os + offs_d[None, :], out, mask=gmask[:, None] & dmask[None, :])
+    tl.store(LP + b * s_lb + rows * s_lh + s, m_i + tl.log2(l_i), mask=gmask)
+
+
+def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, N_KV, NS_FA, NS_SW,
+             G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NS_PAD: tl.constexpr, SB: tl.constexpr):
+    """Program (b, query head): merge the head's splits by their log2-sum-exp."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    code = tl.load(HEADS + N_KV + h // G)
+    ns = tl.where(code >= 0, NS_FA, NS_SW)
+    offs_all = tl.arange(0, NS_PAD)
+    lse = tl.load(LP + b * s_lb + h * s_lh + offs_all, mask=offs_all < ns, other=float("-inf"))
+    m = tl.max(lse, 0)
+    total = tl.sum(tl.exp2(lse - m), 0)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    acc = tl.zeros([D_PAD], tl.float32)
+    offs_s = tl.arange(0, SB)
+    for start in range(0, ns, SB):
+        sp = start + offs_s
+        smask = sp < ns
+        w = tl.exp2(tl.load(LP + b * s_lb + h * s_lh + sp, mask=smask, other=float("-inf")) - m)
+        o = tl.load(OP + b * s_ob + h * s_oh + sp[:, None] * s_os + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    tl.store(O + b * s_Ob + h * s_Oh + offs_d, (acc / total).to(O.dtype.element_ty), mask=dmask)
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    # Lengths are not specialised (a length of 1 would turn one branch's value into a constant of
+    # another type); strides are, so the compiler sees 16-aligned rows and vectorises the loads.
+    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW")
+    return (triton.jit(_partial, do_not_specialize=counts),
+            triton.jit(_combine, do_not_specialize=("N_KV", "NS_FA", "NS_SW")))
+
+
+def interpreted() -> bool:
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+ON_CPU = False  # let the model path take the kernel on CPU tensors under the interpreter (tests only: slow)
+
+
+@lru_cache(maxsize=64)
+def head_tables(num_kv_heads: int, fa_kv: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 [2·H_kv]: the KV heads in kernel order (FA heads, then SWA heads), then for each KV head
+    its index among the FA heads, or −(its index among the SWA heads) − 1."""
+    fa = {h: i for i, h in enumerate(fa_kv)}
+    swa = [h for h in range(num_kv_heads) if h not in fa]
+    code = [fa[h] if h in fa else -swa.index(h) - 1 for h in range(num_kv_heads)]
+    return torch.tensor(list(fa_kv) + swa + code, dtype=torch.int32, device=device)
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def num_splits(batch: int, long_heads: int, longest: int, device: torch.device) -> int:
+    """Enough key chunks that the programs on the long heads fill the GPU ``FILL`` times over (the
+    short heads' programs finish at once and do not count)."""
+    want = -(-FILL * _sm_count(device) // max(1, batch * long_heads))
+    return max(1, min(want, -(-longest // BLOCK_N), MAX_SPLITS))
+
+
+def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
+    """Whether the kernel can take these tensors: one query, unit stride on the head dim, a dtype
+    tl.dot takes, no gradient, CUDA (or the interpreter on CPU)."""
+    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or q.shape[-2] != 1 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if any(x.dtype != q.dtype or x.device != q.device or x.stride(-1) != 1 or x.shape[-2] == 0 for x in kv):
+        return False
+    return q.stride(-1) == 1 and not (torch.is_grad_enabled() and q.requires_grad)
+
+
+def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, splits: int | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over every held key of its head's group.
+
+    q [B, Hq, 1, D]; k_fa/v_fa [B, n_fa, T, D]; k_swa/v_swa [B, n_swa, m, D]; ``heads`` from
+    :func:`head_tables`. ``splits``: key chunks on the longer group (default :func:`num_splits`).
+    Returns [B, 1, Hq, D] in q's dtype.
+    """
+    b, hq, _, d = q.shape
+    n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
+    group = hq // (n_fa + n_sw)
+    t_fa, t_sw = k_fa.shape[-2], k_swa.shape[-2]
+    longest = max(t_fa, t_sw)
+    ns = splits or num_splits(b, n_fa if t_fa >= t_sw else n_sw, longest, q.device)
+    chunk = -(-longest // ns)
+    chunk = -(-chunk // BLOCK_N) * BLOCK_N  # whole key blocks per split
+    ns_fa, ns_sw = -(-t_fa // chunk), -(-t_sw // chunk)
+    d_pad = max(16, triton.next_power_of_2(d))
+    part = torch.empty(b, hq, max(ns_fa, ns_sw), d_pad, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, max(ns_fa, ns_sw), dtype=torch.float32, device=q.device)
+    out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
+    partial, combine = _kernels()
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    partial[(b, n_fa * ns_fa + n_sw * ns_sw)](
+        q, k_fa, v_fa, k_swa, v_swa, part, lse, heads,
+        q.stride(0), q.stride(1),
+        k_fa.stride(0), k_fa.stride(1), k_fa.stride(2), v_fa.stride(0), v_fa.stride(1), v_fa.stride(2),
+        k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        n_fa, ns_fa, ns_sw, t_fa, t_sw, chunk, scale * 1.4426950408889634,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    combine[(b, hq)](
+        part, lse, out, heads, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(2), n_fa + n_sw, ns_fa, ns_sw,
+        G=group, D=d, D_PAD=d_pad, NS_PAD=max(2, triton.next_power_of_2(max(ns_fa, ns_sw))), SB=COMBINE_BLOCK,
+    )
+    return out

@@ -1,0 +1,190 @@
+"""The one-launch hybrid decode kernel (``attention.triton_decode``) against the float64 reference.
+
+On machines without CUDA, tests/conftest.py sets TRITON_INTERPRET=1, so the Triton kernels run in the
+interpreter on CPU tensors (fp32 and fp16; the interpreter mishandles bf16, which the GPU test covers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import consa
+from consa.allocation import Allocation
+from consa.attention import kernels, triton_decode
+from consa.attention.cache import HybridCache
+from consa.attention.kernels import KeySlots
+from consa.tiny import tiny_model
+
+def _old_interpreter() -> bool:
+    """Triton's interpreter before 3.9 breaks on numpy 2.4+ (int() of a 1-element array)."""
+    import numpy
+
+    version = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    return triton_decode.interpreted() and version(triton_decode.triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 4)
+
+
+pytestmark = pytest.mark.skipif(
+    not triton_decode.available() or not (torch.cuda.is_available() or triton_decode.interpreted()) or _old_interpreter(),
+    reason="needs triton: CUDA, or its interpreter (TRITON_INTERPRET=1 before import; pip install '.[triton-interpreter]')",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, scale):
+    """float64 softmax over every held key of each query head's KV head."""
+    n_kv = k_fa.shape[1] + k_sw.shape[1]
+    group = q.shape[1] // n_kv
+    swa_kv = [h for h in range(n_kv) if h not in fa_kv]
+    outs = []
+    for h in range(n_kv):
+        k, v = (k_fa[:, fa_kv.index(h)], v_fa[:, fa_kv.index(h)]) if h in fa_kv else (k_sw[:, swa_kv.index(h)], v_sw[:, swa_kv.index(h)])
+        s = torch.einsum("bgd,btd->bgt", q[:, h * group : (h + 1) * group, 0].double(), k.double()) * scale
+        outs.append(torch.einsum("bgt,btd->bgd", s.softmax(-1), v.double()))
+    return torch.cat(outs, 1)[:, None]  # [B, 1, Hq, D]
+
+
+def _inputs(b, hq, fa_kv, n_kv, t, m, d, dtype, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
+    q = r(b, hq, 1, d)
+    if strided:  # views into longer buffers, as a preallocated cache would hand over
+        k_fa, v_fa = r(b, len(fa_kv), t + 9, d)[:, :, 3 : t + 3], r(b, len(fa_kv), t + 9, d)[:, :, 5 : t + 5]
+    else:
+        k_fa, v_fa = r(b, len(fa_kv), t, d), r(b, len(fa_kv), t, d)
+    k_sw, v_sw = r(b, n_kv - len(fa_kv), m, d), r(b, n_kv - len(fa_kv), m, d)
+    return q, k_fa, v_fa, k_sw, v_sw
+
+
+CASES = [
+    # batch, q heads, FA kv heads, kv heads, FA length, SWA length, head dim, splits
+    (2, 6, [1], 3, 37, 5, 24, None),  # GQA group 2, odd lengths, head dim not a power of two
+    (3, 8, [0, 5], 8, 130, 64, 32, 3),  # MHA, non-contiguous FA heads, several splits
+    (1, 9, [2], 3, 200, 17, 16, 7),  # group 3; SWA heads leave most splits empty
+    (2, 4, [1], 2, 1, 1, 16, None),  # one key each
+    (1, 4, [0], 2, 70, 90, 16, 4),  # SWA heads hold more keys than FA heads (a long sink prefix)
+    (2, 4, [1], 2, 20, 300, 16, None),  # the same, splits sized on the SWA heads
+]
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.float32, 16), (torch.float32, 128), (torch.float16, 64)])
+@pytest.mark.parametrize("b,hq,fa_kv,n_kv,t,m,d,splits", CASES)
+def test_kernel_equals_reference(monkeypatch, dtype, block, b, hq, fa_kv, n_kv, t, m, d, splits):
+    monkeypatch.setattr(triton_decode, "BLOCK_N", block)  # 16: many key blocks per split
+    q, k_fa, v_fa, k_sw, v_sw = _inputs(b, hq, fa_kv, n_kv, t, m, d, dtype, strided=t > 100)
+    heads = triton_decode.head_tables(n_kv, tuple(fa_kv), q.device)
+    out = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, heads, d**-0.5, splits=splits)
+    assert out.shape == (b, 1, hq, d) and out.dtype == dtype
+    ref = _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    # the check can fail: a wrong head map (FA and SWA heads swapped round) is far off
+    if m == t:
+        return
+    wrong = triton_decode.head_tables(n_kv, tuple(h for h in range(n_kv) if h not in fa_kv)[: len(fa_kv)], q.device)
+    bad = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, wrong, d**-0.5, splits=splits)
+    assert (bad.double() - ref).abs().max() > 10 * tol
+
+
+def test_head_tables():
+    # kernel order (FA heads, then SWA heads), then each head's code
+    assert triton_decode.head_tables(5, (1, 3), torch.device("cpu")).tolist() == [1, 3, 0, 2, 4, -1, 0, -2, 1, -3]
+
+
+def test_num_splits_fills_the_device_and_stays_in_bounds(monkeypatch):
+    monkeypatch.setattr(triton_decode, "FILL", 4)
+    monkeypatch.setattr(triton_decode, "BLOCK_N", 64)
+    dev = torch.device("cpu")  # counts as 4 SMs
+    assert triton_decode.num_splits(1, 2, 10_000, dev) == 8  # 16 programs / 2 heads
+    assert triton_decode.num_splits(1, 2, 70, dev) == 2  # no more splits than key blocks
+    assert triton_decode.num_splits(64, 8, 10_000, dev) == 1
+
+
+def _tiny(window, sinks):
+    model = tiny_model("qwen3", num_layers=2, num_heads=6, num_kv_heads=3, hidden_size=72)
+    shape = consa.model_shape(model)
+    alloc = Allocation.from_units([False, True, False, True, False, False], "kv_head", shape, window, sinks)
+    consa.apply_allocation(model, alloc)
+    return model
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Let the model path take the kernel on CPU (the interpreter) and count its calls."""
+    calls = []
+    real = triton_decode.hybrid_decode
+    monkeypatch.setattr(triton_decode, "ON_CPU", True)
+    monkeypatch.setattr(triton_decode, "hybrid_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+interpreter_only = pytest.mark.skipif(not triton_decode.interpreted(), reason="the model tests run the kernel on CPU tensors")
+
+
+@interpreter_only
+@pytest.mark.parametrize("window,sinks", [(4, 0), (5, 2)])
+def test_model_decode_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
+    """Greedy decode of a tiny hybrid Qwen3 through the HybridCache: the one-launch kernel gives the
+    SDPA pair's logits at every step (prompt shorter and longer than the window)."""
+    model = _tiny(window, sinks)
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        cache, out, x = HybridCache(model), [], ids
+        with torch.no_grad():
+            for _ in range(4):
+                logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+                out.append(logits)
+                x = logits.argmax(-1, keepdim=True)
+        return torch.stack(out)
+
+    got = run()
+    assert len(on_cpu) == 2 * 3  # 2 layers x 3 decode steps
+    monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
+    want = run()
+    assert len(on_cpu) == 6
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@interpreter_only
+def test_padding_mask_and_hidden_keys_take_the_sdpa_path(on_cpu):
+    """A left-padded batch brings a mask, and keys a window no longer sees need one: no kernel then."""
+    model = _tiny(4, 0)
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cache = HybridCache(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache, use_cache=True)
+    assert on_cpu == []
+    assert kernels.decode_sees_all(3, KeySlots(0, 5), window=4, sinks=0)  # slots 5..7, query at 7
+    assert kernels.decode_sees_all(4, KeySlots(0, 4), window=4, sinks=0)  # slots 4..7: all within 4 of 7
+    assert not kernels.decode_sees_all(5, KeySlots(0, 3), window=4, sinks=0)  # slot 3 is 4 behind the query
+    assert not kernels.decode_sees_all(5, KeySlots(2, 6), window=4, sinks=1)  # 2 sink slots held, 1 allowed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t,m,b", [(32768, 511, 8), (4099, 4095, 1), (129, 3, 3)])
+def test_kernel_on_gpu_bf16(t, m, b):
+    fa_kv = [0, 1]
+    q, k_fa, v_fa, k_sw, v_sw = _inputs(b, 16, fa_kv, 8, t, m, 128, torch.bfloat16)
+    run = lambda: triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, triton_decode.head_tables(8, (0, 1), q.device), 128**-0.5)  # noqa: E731
+    out = run()
+    ref = _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, 128**-0.5)
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-2
+    # deterministic, eager and replayed from a CUDA graph (the merge order is fixed)
+    outs = [run() for _ in range(100)]
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+        with torch.cuda.graph(graph, stream=side):
+            captured = run()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(100):
+        graph.replay()
+        outs.append(captured.clone())
+    assert all(torch.equal(o, out) for o in outs)
