@@ -31,16 +31,22 @@ pytestmark = pytest.mark.skipif(
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, scale):
-    """float64 softmax over every held key of each query head's KV head."""
+def _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, scale, mask=None, slots=KeySlots()):
+    """float64 softmax over every held key of each query head's KV head; with a [B, T] padding mask,
+    only over keys whose slot (FA key j: slot j; SWA keys: ``slots``) is True. No visible key: 0."""
     n_kv = k_fa.shape[1] + k_sw.shape[1]
     group = q.shape[1] // n_kv
     swa_kv = [h for h in range(n_kv) if h not in fa_kv]
     outs = []
     for h in range(n_kv):
-        k, v = (k_fa[:, fa_kv.index(h)], v_fa[:, fa_kv.index(h)]) if h in fa_kv else (k_sw[:, swa_kv.index(h)], v_sw[:, swa_kv.index(h)])
+        if h in fa_kv:
+            k, v, pos = k_fa[:, fa_kv.index(h)], v_fa[:, fa_kv.index(h)], torch.arange(k_fa.shape[-2])
+        else:
+            k, v, pos = k_sw[:, swa_kv.index(h)], v_sw[:, swa_kv.index(h)], slots.positions(k_sw.shape[-2], "cpu")
         s = torch.einsum("bgd,btd->bgt", q[:, h * group : (h + 1) * group, 0].double(), k.double()) * scale
-        outs.append(torch.einsum("bgt,btd->bgd", s.softmax(-1), v.double()))
+        if mask is not None:
+            s = s.masked_fill(~mask[:, pos].to(s.device)[:, None, :], float("-inf"))
+        outs.append(torch.einsum("bgt,btd->bgd", s.softmax(-1).nan_to_num(0.0), v.double()))
     return torch.cat(outs, 1)[:, None]  # [B, 1, Hq, D]
 
 
@@ -84,6 +90,36 @@ def test_kernel_equals_reference(monkeypatch, dtype, block, b, hq, fa_kv, n_kv, 
     wrong = triton_decode.head_tables(n_kv, tuple(h for h in range(n_kv) if h not in fa_kv)[: len(fa_kv)], q.device)
     bad = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, wrong, d**-0.5, splits=splits)
     assert (bad.double() - ref).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_kernel_with_padding_mask_and_sinks(monkeypatch, block):
+    """A left-padded batch (row 0 padded past several whole splits, row 2 with holes, row 3 with no
+    visible key at all) over FA keys at every slot and SWA keys holding 3 sinks plus a tail."""
+    monkeypatch.setattr(triton_decode, "BLOCK_N", block)
+    b, hq, n_kv, fa_kv, t, sinks, tail, d = 4, 6, 3, [2], 150, 3, 20, 16
+    q, k_fa, v_fa, k_sw, v_sw = _inputs(b, hq, fa_kv, n_kv, t, sinks + tail, d, torch.float32, seed=4)
+    slots = KeySlots(sinks, t - tail)
+    g = torch.Generator().manual_seed(9)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, :140] = False  # only the last 10 slots visible: sinks masked, most splits empty
+    mask[1, :2] = False  # two of the three sinks masked
+    mask[2] = torch.rand(t, generator=g) > 0.5
+    mask[3] = False
+    heads = triton_decode.head_tables(n_kv, tuple(fa_kv), q.device)
+    ref = _reference(q, k_fa, v_fa, k_sw, v_sw, fa_kv, d**-0.5, mask, slots)
+    for m in (mask.to(DEV), mask[:, None, None, :].to(DEV)):  # [B, T] and transformers' [B, 1, 1, T]
+        out = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, heads, d**-0.5, mask=m,
+                                          swa_sinks=sinks, swa_offset=t - tail, splits=5)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    assert out[3].abs().max() == 0
+    # the check can fail: dropping the mask, or misplacing the SWA tail by one slot, is caught
+    no_mask = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, heads, d**-0.5, splits=5)
+    shifted = triton_decode.hybrid_decode(q, k_fa, v_fa, k_sw, v_sw, heads, d**-0.5, mask=mask.to(DEV),
+                                          swa_sinks=sinks, swa_offset=t - tail - 1, splits=5)
+    assert (no_mask.double() - ref)[:3].abs().max() > 1e-3
+    assert (shifted.double() - ref).abs().max() > 1e-3
 
 
 def test_head_tables():
@@ -147,17 +183,29 @@ def test_model_decode_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
 
 
 @interpreter_only
-def test_padding_mask_and_hidden_keys_take_the_sdpa_path(on_cpu):
-    """A left-padded batch brings a mask, and keys a window no longer sees need one: no kernel then."""
-    model = _tiny(4, 0)
-    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("window,sinks", [(4, 0), (5, 2)])
+def test_left_padded_generate_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
+    """model.generate on a left-padded batch: the kernel reads the padding mask and gives the SDPA
+    pair's tokens and scores."""
+    model = _tiny(window, sinks)
+    ids = torch.randint(3, 101, (3, 8), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    cache = HybridCache(model)
+    mask[0, :3] = 0
+    mask[2, :6] = 0  # padding longer than the window
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache, use_cache=True)
-    assert on_cpu == []
+        got = model.generate(ids, past_key_values=HybridCache(model), **kw)
+        assert len(on_cpu) == 2 * 3  # 2 layers x 3 decode steps
+        monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
+        want = model.generate(ids, past_key_values=HybridCache(model), **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=0)
+
+
+def test_keys_outside_the_window_need_a_mask():
+    """Only caches whose held keys are all inside the query's window take the kernel."""
     assert kernels.decode_sees_all(3, KeySlots(0, 5), window=4, sinks=0)  # slots 5..7, query at 7
     assert kernels.decode_sees_all(4, KeySlots(0, 4), window=4, sinks=0)  # slots 4..7: all within 4 of 7
     assert not kernels.decode_sees_all(5, KeySlots(0, 3), window=4, sinks=0)  # slot 3 is 4 behind the query

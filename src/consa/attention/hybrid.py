@@ -180,7 +180,8 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     sw_q, _ = _heads(plan.swa_kv, group, plan.num_kv_heads) or (None, None)
     if fa_q is not None and sw_q is not None and _one_launch_decode(plan, q, k, v, mask):
         heads = triton_decode.head_tables(plan.num_kv_heads, tuple(plan.fa_kv), q.device)
-        return triton_decode.hybrid_decode(q, k.fa, v.fa, k.swa, v.swa, heads, scale)
+        return triton_decode.hybrid_decode(q, k.fa, v.fa, k.swa, v.swa, heads, scale, mask=mask,
+                                           swa_sinks=k.swa_slots.num_sinks, swa_offset=k.swa_slots.offset)
     run_sw = lambda: attention(  # noqa: E731
         _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
         slots=k.swa_slots, backend=plan.backend,
@@ -201,10 +202,16 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
 
 
 def _one_launch_decode(plan, q, k: SplitKV, v: SplitKV, mask) -> bool:
-    """Decode (one query, no padding mask) where every held key is visible: both head groups in one
-    Triton launch (``kernels.DECODE_KERNEL``), reading the cache where it lies."""
-    return (kernels.DECODE_KERNEL == "auto" and mask is None and q.shape[-2] == 1
-            and kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks)
+    """Decode (one query) where every held key is inside the window: both head groups in one Triton
+    launch (``kernels.DECODE_KERNEL``), reading the cache where it lies. A padding mask must be one
+    boolean row per sequence over all slots (what transformers builds for a left-padded batch)."""
+    if kernels.DECODE_KERNEL != "auto" or q.shape[-2] != 1:
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+                             or mask.shape[-1] != k.fa.shape[-2]):
+        return False
+    total = mask.shape[-1] if mask is not None else None
+    return (kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks, total)
             and triton_decode.usable(q, k.fa, v.fa, k.swa, v.swa))
 
 

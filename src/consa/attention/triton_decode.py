@@ -6,8 +6,9 @@ the FA kernel reads the cache well below the bandwidth a full-width decode reach
 grid covers (batch, KV head, split): each program reads one chunk of its head's keys (FA heads from
 the FA tensor, SWA heads from the SWA tensor, so no copy or gather) for all query heads of its group,
 and a second small kernel merges the splits by log-sum-exp straight into the [B, 1, H, D] layout the
-model wants. Every held key is visible to a decode query (the hybrid cache keeps only those), so the
-kernel needs no mask; callers check that (``kernels.decode_sees_all``) and fall back otherwise.
+model wants. Every held key is inside a decode query's window (the hybrid cache keeps only those;
+callers check it with ``kernels.decode_sees_all``), so the only mask is the optional padding row of
+a left-padded batch, read per key slot.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
 imported; tests/conftest.py sets it on machines without CUDA), which is how the CPU tests hold them
@@ -41,18 +42,20 @@ def available() -> bool:
     return triton is not None
 
 
-def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS,
+def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
              s_qb, s_qh,
              s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
              s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
-             s_ob, s_oh, s_os, s_lb, s_lh,
-             N_FA, NS_FA, NS_SW, T_FA, T_SW, CHUNK, qk_scale,
+             s_ob, s_oh, s_os, s_lb, s_lh, s_mb, s_mt,
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale,
              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
     """Program (b, p): p < N_FA·NS_FA is split p % NS_FA of FA head p // NS_FA, the rest split the SWA
     heads alike (a flat grid, so short heads launch no empty programs). It writes the softmax-weighted
     values of its key chunk for the head's query group and the chunk's log2-sum-exp (scores in the log2
-    domain: ``qk_scale`` = scale · log2 e)."""
+    domain: ``qk_scale`` = scale · log2 e). With ``HAS_MASK``, key j is also dropped where the padding
+    mask row ``MASK[b]`` is False at its slot: j for FA keys; for SWA keys j below ``SW_SINKS`` (the
+    sinks), else j + ``SW_DELTA``."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     if p < N_FA * NS_FA:
@@ -64,6 +67,8 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS,
         s_vt = s_vft
         length = T_FA
         slot = i
+        lim = 0 * T_FA  # FA keys sit at their own slots
+        delta = 0 * T_FA
     else:
         r = p - N_FA * NS_FA
         i = r // NS_SW
@@ -74,6 +79,8 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS,
         s_vt = s_vst
         length = T_SW
         slot = N_FA + i
+        lim = SW_SINKS
+        delta = SW_DELTA
     h = tl.load(HEADS + slot)  # the model's KV head index
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, length)
@@ -93,16 +100,23 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS,
         valid = n < hi
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(k_base + n[:, None].to(tl.int64) * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if HAS_MASK:
+            key_slot = tl.where(n < lim, n, n + delta)
+            valid = valid & (tl.load(MASK + b * s_mb + key_slot.to(tl.int64) * s_mt, mask=valid, other=0) != 0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p_ = tl.exp2(qk - m_new[:, None])
+        if HAS_MASK:  # a block with every key masked adds nothing (and must not make NaNs)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every block holds a visible key
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p_ = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p_, 1)
         v = tl.load(v_base + n[:, None].to(tl.int64) * s_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p_.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]  # every split holds at least one key
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a split whose keys are all masked: 0, weight 0
     tl.store(OP + b * s_ob + rows[:, None] * s_oh + s * s_os + offs_d[None, :], out, mask=gmask[:, None] & dmask[None, :])
     tl.store(LP + b * s_lb + rows * s_lh + s, m_i + tl.log2(l_i), mask=gmask)
 
@@ -117,7 +131,9 @@ def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, N_KV, N
     offs_all = tl.arange(0, NS_PAD)
     lse = tl.load(LP + b * s_lb + h * s_lh + offs_all, mask=offs_all < ns, other=float("-inf"))
     m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no visible key at all: the output is 0
     total = tl.sum(tl.exp2(lse - m), 0)
+    total = tl.where(total > 0, total, 1.0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < D
     acc = tl.zeros([D_PAD], tl.float32)
@@ -135,7 +151,7 @@ def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, N_KV, N
 def _kernels():
     # Lengths are not specialised (a length of 1 would turn one branch's value into a constant of
     # another type); strides are, so the compiler sees 16-aligned rows and vectorises the loads.
-    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW")
+    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW", "SW_SINKS", "SW_DELTA")
     return (triton.jit(_partial, do_not_specialize=counts),
             triton.jit(_combine, do_not_specialize=("N_KV", "NS_FA", "NS_SW")))
 
@@ -179,12 +195,15 @@ def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
     return q.stride(-1) == 1 and not (torch.is_grad_enabled() and q.requires_grad)
 
 
-def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, splits: int | None = None) -> torch.Tensor:
+def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, mask: torch.Tensor | None = None,
+                  swa_sinks: int = 0, swa_offset: int = 0, splits: int | None = None) -> torch.Tensor:
     """Attention of one query per sequence over every held key of its head's group.
 
     q [B, Hq, 1, D]; k_fa/v_fa [B, n_fa, T, D]; k_swa/v_swa [B, n_swa, m, D]; ``heads`` from
-    :func:`head_tables`. ``splits``: key chunks on the longer group (default :func:`num_splits`).
-    Returns [B, 1, Hq, D] in q's dtype.
+    :func:`head_tables`. ``mask``: an optional boolean padding mask over all T slots, [B, T] (or
+    transformers' [B, 1, 1, T]); the SWA keys sit at slots 0…``swa_sinks``−1, then ``swa_offset``, … .
+    ``splits``: key chunks on the longer group (default :func:`num_splits`).
+    Returns [B, 1, Hq, D] in q's dtype; a query that sees no key gets 0.
     """
     b, hq, _, d = q.shape
     n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
@@ -201,15 +220,19 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
     partial, combine = _kernels()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
+    mask_arg = mask if mask is not None else heads  # any pointer: not read without a mask
     partial[(b, n_fa * ns_fa + n_sw * ns_sw)](
-        q, k_fa, v_fa, k_swa, v_swa, part, lse, heads,
+        q, k_fa, v_fa, k_swa, v_swa, part, lse, heads, mask_arg,
         q.stride(0), q.stride(1),
         k_fa.stride(0), k_fa.stride(1), k_fa.stride(2), v_fa.stride(0), v_fa.stride(1), v_fa.stride(2),
         k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        n_fa, ns_fa, ns_sw, t_fa, t_sw, chunk, scale * 1.4426950408889634,
+        mask_arg.stride(0), mask_arg.stride(-1),
+        n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, scale * 1.4426950408889634,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HAS_MASK=mask is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     combine[(b, hq)](
         part, lse, out, heads, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
