@@ -281,7 +281,8 @@ def _swa_prefill_kernel(q, k, v, window: int, backend: str):
 
 # ---- hybrid decode (CUDA) ------------------------------------------------------------------------
 DECODE_KERNEL = "auto"  # "auto": both head groups in one Triton split-KV launch (triton_decode) where it
-# applies (one query, no padding mask, all held keys visible), else SDPA per group; "sdpa": always SDPA
+# applies (CUDA, one query, at most one padding row per sequence, every held key inside the window),
+# else SDPA per group; "sdpa": always SDPA per group
 DECODE_OVERLAP = True  # SDPA decode: run the SWA heads' kernel on a side stream beside the FA heads' one
 _side_streams: dict = {}
 
