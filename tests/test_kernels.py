@@ -85,3 +85,15 @@ def test_flex_sliding_on_gpu(t, window, sinks):
     ref = reference_attention(q.float(), k.float(), v.float(), _allowed(pos, pos, window, sinks)[None, None], 128**-0.5)
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 1e-2
+
+
+def test_prefill_overlap_setting(monkeypatch):
+    """``PREFILL_OVERLAP``: "auto" overlaps prefills up to AUTO_OVERLAP_MAX_TOKENS queries, never decode."""
+    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", "auto")
+    limit = kernels.AUTO_OVERLAP_MAX_TOKENS
+    assert [kernels.overlap_wanted(n) for n in (1, 2, limit, limit + 1)] == [False, True, True, False]
+    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", True)
+    assert kernels.overlap_wanted(limit + 1) and not kernels.overlap_wanted(1)
+    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", False)
+    assert not kernels.overlap_wanted(2)
+    assert not kernels.overlap_prefill(torch.randn(1, 2, 8, 4))  # CPU tensors never take a side stream

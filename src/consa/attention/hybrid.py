@@ -155,7 +155,7 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
         _take(q, sw_q), _take(k, sw_k), _take(v, sw_k), scale=scale, mask=mask,
         window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend,
     )
-    if _overlap_prefill(q):
+    if kernels.overlap_prefill(q):
         out_fa, out_sw = kernels.overlapped(run_fa, run_sw)
     else:
         out_fa, out_sw = run_fa(), run_sw()
@@ -167,11 +167,6 @@ def _fused_prefill(plan, q, k, mask, dropout) -> bool:
     a plan that allows FlexAttention): both head groups in one FlexAttention call."""
     return (kernels.HYBRID_PREFILL == "fused" and plan.backend in ("auto", "flex") and mask is None and dropout == 0.0 and q.shape[-2] == k.shape[-2] > 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
-
-
-def _overlap_prefill(q) -> bool:
-    """Prefill with ``kernels.PREFILL_OVERLAP``: the SWA heads run on a side stream beside the FA heads."""
-    return kernels.PREFILL_OVERLAP and q.is_cuda and q.shape[-2] > 1 and not (torch.is_grad_enabled() and q.requires_grad)
 
 
 def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
@@ -187,7 +182,7 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
         slots=k.swa_slots, backend=plan.backend,
     )
     decode_overlap = q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP
-    if fa_q is not None and sw_q is not None and (decode_overlap or _overlap_prefill(q)):
+    if fa_q is not None and sw_q is not None and (decode_overlap or kernels.overlap_prefill(q)):
         # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read
         # (prefill too, with kernels.PREFILL_OVERLAP).
         out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw)
