@@ -192,14 +192,20 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
     return row
 
 
-def decode_point(t, w, share, batch, device, dtype, bw):
-    scale = HEAD_DIM**-0.5
+def decode_inputs(t, w, share, batch, device, dtype):
+    """One decode step after t tokens: the query, the full cache and what a hybrid cache holds of it
+    (FA heads first: every slot; SWA heads: the last w slots)."""
     n_fa = round(share * KV_HEADS)
     q, k, v = qkv(batch, 1, t + 1, device, dtype, seed=7)
     k, v = k.contiguous(), v.contiguous()  # a cache's storage
     kf, vf = k[:, :n_fa].contiguous(), v[:, :n_fa].contiguous()
     ks, vs = k[:, n_fa:, t + 1 - w :].contiguous(), v[:, n_fa:, t + 1 - w :].contiguous()
-    slots = KeySlots(0, t + 1 - w)
+    return n_fa, q, k, v, kf, vf, ks, vs, KeySlots(0, t + 1 - w)
+
+
+def decode_point(t, w, share, batch, device, dtype, bw):
+    scale = HEAD_DIM**-0.5
+    n_fa, q, k, v, kf, vf, ks, vs, slots = decode_inputs(t, w, share, batch, device, dtype)
     split_k, split_v = SplitKV(kf, ks, slots), SplitKV(vf, vs, slots)
     mod = module_with_plan(n_fa, w)
     full_mod = SimpleNamespace(training=False)
@@ -257,10 +263,7 @@ def decode_sweep_point(t, w, share, batch, device, dtype, bw):
     from consa.attention import triton_decode as td
 
     scale = HEAD_DIM**-0.5
-    n_fa = round(share * KV_HEADS)
-    q, k, v = qkv(batch, 1, t + 1, device, dtype, seed=7)
-    kf, vf = k[:, :n_fa].contiguous(), v[:, :n_fa].contiguous()
-    ks, vs = k[:, n_fa:, t + 1 - w :].contiguous(), v[:, n_fa:, t + 1 - w :].contiguous()
+    n_fa, q, _, _, kf, vf, ks, vs, _ = decode_inputs(t, w, share, batch, device, dtype)
     heads = td.head_tables(KV_HEADS, tuple(range(n_fa)), device)
     esz = torch.finfo(dtype).bits // 8
     nbytes = 2 * (kf.numel() + ks.numel()) * esz + 2 * q.numel() * esz
@@ -372,27 +375,29 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
     from consa.attention import kernels
 
     saved = kernels.DECODE_KERNEL
-    for name, make in (
-        ("full", lambda: DynamicCache(config=model.config)),
-        ("hybrid", lambda: HybridCache(model)),
-        ("hybrid_sdpa", lambda: HybridCache(model)),  # decode on the SDPA pair instead of one Triton launch
-    ):
-        if name == "hybrid":
-            consa.apply_allocation(model, alloc)
-        kernels.DECODE_KERNEL = "sdpa" if name == "hybrid_sdpa" else saved
-        run(make, 2)  # warm-up (compiles the flex kernel for this shape)
-        _, t_prefill, _, _ = run(make, 1)
-        out, t_total, kv, peak = run(make, new_tokens)
-        results[name] = {
-            "prefill_s": t_prefill,
-            "total_s": t_total,
-            "decode_tokens_per_s": (new_tokens - 1) / max(t_total - t_prefill, 1e-9),
-            "tokens_per_s_overall": new_tokens / t_total,
-            "kv_bytes": kv,
-            "peak_mem_over_weights_bytes": peak,
-        }
-        results[name + "_tokens"] = out[0, context:].tolist()[:16]
-    kernels.DECODE_KERNEL = saved
+    try:
+        for name, make in (
+            ("full", lambda: DynamicCache(config=model.config)),
+            ("hybrid", lambda: HybridCache(model)),
+            ("hybrid_sdpa", lambda: HybridCache(model)),  # decode on the SDPA pair instead of one Triton launch
+        ):
+            if name == "hybrid":
+                consa.apply_allocation(model, alloc)
+            kernels.DECODE_KERNEL = "sdpa" if name == "hybrid_sdpa" else saved
+            run(make, 2)  # warm-up (compiles the flex kernel for this shape)
+            _, t_prefill, _, _ = run(make, 1)
+            out, t_total, kv, peak = run(make, new_tokens)
+            results[name] = {
+                "prefill_s": t_prefill,
+                "total_s": t_total,
+                "decode_tokens_per_s": (new_tokens - 1) / max(t_total - t_prefill, 1e-9),
+                "tokens_per_s_overall": new_tokens / t_total,
+                "kv_bytes": kv,
+                "peak_mem_over_weights_bytes": peak,
+            }
+            results[name + "_tokens"] = out[0, context:].tolist()[:16]
+    finally:
+        kernels.DECODE_KERNEL = saved
     results["kv_ratio"] = results["hybrid"]["kv_bytes"] / results["full"]["kv_bytes"]
     results["same_first_tokens"] = results["full_tokens"] == results["hybrid_tokens"]
     return results

@@ -205,7 +205,7 @@ def _one_launch_decode(plan, q, k: SplitKV, v: SplitKV, mask) -> bool:
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
                              or mask.shape[-1] != k.fa.shape[-2]):
         return False
-    total = mask.shape[-1] if mask is not None else None
+    total = k.fa.shape[-2]  # FA heads hold every slot
     return (kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks, total)
             and triton_decode.usable(q, k.fa, v.fa, k.swa, v.swa))
 

@@ -2,10 +2,10 @@
 
 The SDPA decode path runs the FA heads and the SWA heads as two kernels and merges them with a third.
 At small caches this costs a fixed ~10 µs a step, and with only the FA heads' few KV heads in its grid
-the FA kernel reads the cache well below the bandwidth a full-width decode reaches. Here one Triton
-grid covers (batch, KV head, split): each program reads one chunk of its head's keys (FA heads from
-the FA tensor, SWA heads from the SWA tensor, so no copy or gather) for all query heads of its group,
-and a second small kernel merges the splits by log-sum-exp straight into the [B, 1, H, D] layout the
+the FA kernel reads the cache well below the bandwidth a full-width decode reaches. Here one flat
+Triton grid covers every (sequence, KV head, key chunk) that holds keys: each program reads one chunk
+of its head's keys (FA heads from the FA tensor, SWA heads from the SWA tensor, so no copy or gather)
+for all query heads of its group, and a second small kernel merges the splits by log-sum-exp straight into the [B, 1, H, D] layout the
 model wants. Every held key is inside a decode query's window (the hybrid cache keeps only those;
 callers check it with ``kernels.decode_sees_all``), so the only mask is the optional padding row of
 a left-padded batch, read per key slot.
@@ -58,6 +58,8 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
     sinks), else j + ``SW_DELTA``."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
+    # The two branches pick the tensor (and its strides) a program reads: in a Triton kernel that is
+    # a branch on the program id, not a gather.
     if p < N_FA * NS_FA:
         i = p // NS_FA
         s = p % NS_FA
