@@ -8,9 +8,11 @@ Three measurements, all in one run so they share the machine state:
    heads) vs ideal = full × (FA share + SWA share × window pairs / causal pairs). ``--swa-kernel``
    times the hybrid once per SWA kernel (``kernels.SWA_PREFILL``: flex = FlexAttention with a cached
    closed-form block mask, chunked = block-diagonal flash merged by LSE, flash = FlashAttention-2's
-   local window; fused = all heads in one FlexAttention call with a per-head block mask,
-   ``kernels.HYBRID_PREFILL = "fused"``), and each kernel on the SWA heads alone; ``--prefill-overlap``
-   adds the hybrid with the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``);
+   local window, triton = the banded Triton kernel; fused / tfused = all heads in one FlexAttention /
+   banded Triton call, ``kernels.HYBRID_PREFILL``), and each kernel on the SWA heads alone;
+   ``--prefill-overlap`` adds the hybrid with the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``)
+   with no stream priority, the FA heads first and the SWA heads first (``kernels.OVERLAP_PRIORITY``);
+   section ``prefill_sweep`` times the banded Triton kernel under each launch setting;
 2. **decode**: B = 8, one new token over caches of 32K/128K, full cache vs the split a HybridCache
    holds (FA heads T slots, SWA heads W); time per step and bandwidth on the bytes read (K, V, q, out);
 3. **generate**: a randomly initialised Qwen3-0.6B-shaped model, 32K-token prompt, greedy decoding:
@@ -160,14 +162,18 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
     ratio = share + (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
     row.update(full=f, ideal_ms=f["ms"] * ratio, pair_ratio=ratio)
     row["fa_only"] = both(lambda: kernels.attention(qf, kf, vf, scale=scale), device) if n_fa else None
+    if check and n_fa and device.type == "cuda":  # the FA heads alone on each causal kernel there is
+        row["fa_only_by_kernel"] = fa_kernels(qf, kf, vf, scale, device)
     row["swa_ideal_ms"] = f["ms"] * (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
     row["by_kernel"] = {}
-    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL
+    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL, kernels.OVERLAP_PRIORITY
     try:
         for kern in swa_kernels:
-            # "fused": one FlexAttention call over all heads; its "swa_only" is the auto kernel's
-            kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP = ("auto" if kern == "fused" else kern), saved[1]
-            kernels.HYBRID_PREFILL = "fused" if kern == "fused" else "split"
+            # "fused": one FlexAttention call over all heads, its "swa_only" the auto kernel's; "tfused":
+            # one launch of the banded Triton kernel over all heads, its "swa_only" that kernel's
+            kernels.SWA_PREFILL = {"fused": "auto", "tfused": "triton"}.get(kern, kern)
+            kernels.PREFILL_OVERLAP = saved[1]
+            kernels.HYBRID_PREFILL = {"fused": "fused", "tfused": "triton"}.get(kern, "split")
             r = {}
             if check:
                 r["rel_err_vs_masked_sdpa"] = rel_err(hyb()[0][:, idx], ref)
@@ -175,14 +181,19 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
             r["swa_only"] = both(swa_only, device)
             if overlap:  # the default ("hybrid") against the side stream forced on and off
                 kernels.PREFILL_OVERLAP = True
-                r["hybrid_overlap"] = both(hyb, device)
+                try:  # no stream priorities, then the FA heads' or the SWA heads' stream first
+                    for first, key in ((None, "hybrid_overlap"), ("fa", "hybrid_overlap_fa_first"), ("swa", "hybrid_overlap_swa_first")):
+                        kernels.OVERLAP_PRIORITY = first
+                        r[key] = both(hyb, device)
+                finally:
+                    kernels.OVERLAP_PRIORITY = saved[3]
                 kernels.PREFILL_OVERLAP = False
                 r["hybrid_no_overlap"] = both(hyb, device)
             r["hybrid_over_ideal"] = r["hybrid"]["ms"] / row["ideal_ms"]
             r["swa_only_over_ideal"] = r["swa_only"]["ms"] / row["swa_ideal_ms"]
             row["by_kernel"][kern] = r
     finally:
-        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL = saved
+        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL, kernels.OVERLAP_PRIORITY = saved
     first = row["by_kernel"][swa_kernels[0]]
     row["hybrid"] = first["hybrid"]
     if check:
@@ -190,6 +201,28 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), over
     row["hybrid_over_ideal"] = row["hybrid"]["ms"] / row["ideal_ms"]
     row["speedup_vs_full"] = f["ms"] / row["hybrid"]["ms"]
     return row
+
+
+def fa_kernels(q, k, v, scale, device):
+    """Causal attention of a few heads (the FA group) on each SDPA backend and on the banded Triton
+    kernel (window = T, tiles longest first): which one fills the GPU best when the heads are few."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from consa.attention import triton_prefill as tp
+
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        try:
+            out[name] = both(run, device)["ms"]
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"[:120]
+    t = q.shape[-2]
+    out["triton"] = both(lambda: tp.banded_attention(q, k, v, (t,) * k.shape[1], 0, scale), device)["ms"]
+    return out
 
 
 def decode_inputs(t, w, share, batch, device, dtype):
@@ -287,6 +320,48 @@ def decode_sweep_point(t, w, share, batch, device, dtype, bw):
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     return {"cache": t, "batch": batch, "window": w, "fa_share": share, "bytes_ideal_ms": nbytes / bw * 1e3,
             "best": best, "configs": rows}
+
+
+PREFILL_SWEEP = [(128, block, warps, stages, split) for block in (32, 64) for warps in (4, 8)
+                 for stages in (2, 3, 4) for split in (True, False)]
+# a first, wider sweep (rows 64/128 × block 32/64/128 × warps 4/8 × stages 2/3/4, unsplit loops not yet an
+# option) always chose 128 rows: docs/bench/prefill_triton_sweep_h200.json
+
+
+def prefill_sweep_point(t, w, share, device, dtype, configs=PREFILL_SWEEP):
+    """The banded Triton prefill (``triton_prefill``) under each launch setting: rows per program
+    (query heads of a group × positions), keys per step, warps, pipeline stages. Times the SWA heads
+    alone and the whole hybrid layer in one launch, against full SDPA measured here."""
+    from consa.attention import triton_prefill as tp
+
+    scale = HEAD_DIM**-0.5
+    q, k, v = qkv(1, t, t, device, dtype, seed=t + w)
+    n_fa = round(share * KV_HEADS)
+    g = Q_HEADS // KV_HEADS
+    qs, ks, vs = q[:, n_fa * g :], k[:, n_fa:], v[:, n_fa:]
+    full = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True), device, graph=True)
+    pairs = window_pairs(t, w) / (t * (t + 1) / 2)
+    swa_ideal, ideal = full * (1 - share) * pairs, full * (share + (1 - share) * pairs)
+    fa_kv = tuple(range(n_fa))
+    saved = tp.BLOCK_ROWS, tp.BLOCK_N, tp.NUM_WARPS, tp.NUM_STAGES, tp.SPLIT_LOOPS
+    rows = []
+    try:
+        for cfg in configs:
+            tp.BLOCK_ROWS, tp.BLOCK_N, tp.NUM_WARPS, tp.NUM_STAGES, tp.SPLIT_LOOPS = cfg
+            r = dict(zip(("rows", "block", "warps", "stages", "split"), cfg))
+            try:  # graph replays: at 8K the eager launch overhead is a sizeable part of the kernel
+                r["swa_ms"] = time_ms(lambda: tp.sliding(qs, ks, vs, w, 0, scale), device, target_ms=60, graph=True)
+                r["hybrid_ms"] = time_ms(lambda: tp.hybrid(q, k, v, fa_kv, w, 0, scale), device, target_ms=60, graph=True)
+                r["swa_over_ideal"], r["hybrid_over_ideal"] = r["swa_ms"] / swa_ideal, r["hybrid_ms"] / ideal
+            except Exception as e:
+                r["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(r)
+    finally:
+        tp.BLOCK_ROWS, tp.BLOCK_N, tp.NUM_WARPS, tp.NUM_STAGES, tp.SPLIT_LOOPS = saved
+    ok = [r for r in rows if "hybrid_ms" in r]
+    return {"context": t, "window": w, "fa_share": share, "full_ms": full, "ideal_ms": ideal, "swa_ideal_ms": swa_ideal,
+            "best_swa": min(ok, key=lambda r: r["swa_ms"]) if ok else None,
+            "best_hybrid": min(ok, key=lambda r: r["hybrid_ms"]) if ok else None, "configs": rows}
 
 
 def breakdown_point(t, w, share, device, dtype):
@@ -422,18 +497,29 @@ def main(argv=None):
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-window", type=int, default=512)
     p.add_argument("--gen-fa-share", type=float, default=0.25)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,breakdown,decode,sweep,generate")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,prefill_sweep,breakdown,decode,sweep,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
     p.add_argument("--swa-kernel", default="flex",
                    help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: "
-                   "flex,chunked,flash,auto, and fused (all heads in one FlexAttention call, kernels.HYBRID_PREFILL)")
+                   "flex,chunked,flash,triton,auto, and fused / tfused (all heads in one FlexAttention / banded Triton "
+                   "call, kernels.HYBRID_PREFILL)")
+    p.add_argument("--triton-prefill", default="", help="launch settings of the banded Triton prefill: rows,block,warps,stages,split (1: three loops)")
     p.add_argument("--prefill-overlap", action="store_true",
                    help="also time the hybrid prefill with kernels.PREFILL_OVERLAP forced on and off (SWA heads on a side stream)")
     a = p.parse_args(argv)
     swa_kernels = tuple(x.strip() for x in a.swa_kernel.split(",") if x.strip())
-    bad = set(swa_kernels) - {"flex", "chunked", "flash", "auto", "fused"}
+    bad = set(swa_kernels) - {"flex", "chunked", "flash", "triton", "auto", "fused", "tfused"}
     if bad or not swa_kernels:
-        p.error(f"--swa-kernel: unknown {sorted(bad)}; choose from flex,chunked,flash,auto,fused")
+        p.error(f"--swa-kernel: unknown {sorted(bad)}; choose from flex,chunked,flash,triton,auto,fused,tfused")
+    if a.triton_prefill:
+        from consa.attention import triton_prefill as tp
+
+        try:
+            *cfg, split = (int(x) for x in a.triton_prefill.split(","))
+            tp.BLOCK_ROWS, tp.BLOCK_N, tp.NUM_WARPS, tp.NUM_STAGES = cfg
+            tp.SPLIT_LOOPS = bool(split)
+        except ValueError:
+            p.error("--triton-prefill: five integers rows,block,warps,stages,split")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -457,7 +543,7 @@ def main(argv=None):
         info["transformers"] = transformers.__version__
     except Exception:  # pragma: no cover
         pass
-    res = {"info": info, "prefill": [], "breakdown": [], "decode": [], "sweep": [], "generate": None, "errors": []}
+    res = {"info": info, "prefill": [], "prefill_sweep": [], "breakdown": [], "decode": [], "sweep": [], "generate": None, "errors": []}
     bw = copy_bandwidth(device, (1 << 31) if device.type == "cuda" else (1 << 24))
     info["copy_bandwidth_TBps"] = bw / 1e12
 
@@ -494,6 +580,12 @@ def main(argv=None):
                     row = guarded("prefill", prefill_point, t, w, share, device, dtype, t <= 32768, swa_kernels, a.prefill_overlap)
                     if row:
                         res["prefill"].append(row)
+    if "prefill_sweep" not in skip:
+        points = [(8192, 512, 0.25), (8192, 512, 0.5), (32768, 512, 0.25), (131072, 512, 0.25)]  # the windows it runs
+        for t, w, share in ([(512, 64, 0.25)] if a.smoke else points):
+            row = guarded("prefill_sweep", prefill_sweep_point, t, w, share, device, dtype, PREFILL_SWEEP[:2] if a.smoke else PREFILL_SWEEP)
+            if row:
+                res["prefill_sweep"].append(row)
     if "breakdown" not in skip:
         for t in contexts[:2]:
             row = guarded("breakdown", breakdown_point, t, windows[0], shares[0], device, dtype)
@@ -522,6 +614,20 @@ def main(argv=None):
     return 0
 
 
+def minimax_prefill_config(sweep_rows):
+    """The swept Triton prefill setting whose worst ratio to the best setting of each point (SWA heads
+    alone) is smallest, and that ratio; None without a setting that ran at every point."""
+    rows = [r for r in sweep_rows if r.get("best_swa")]
+    ratios = {}
+    for r in rows:
+        for c in r["configs"]:
+            if "swa_ms" in c:
+                key = (c["rows"], c["block"], c["warps"], c["stages"], int(c.get("split", True)))
+                ratios.setdefault(key, []).append(c["swa_ms"] / r["best_swa"]["swa_ms"])
+    full = {k: max(v) for k, v in ratios.items() if len(v) == len(rows)}
+    return min(full.items(), key=lambda kv: kv[1]) if full else None
+
+
 def print_tables(res):
     i = res["info"]
     print(f"\n{i['device']}  torch {i['torch']}  transformers {i.get('transformers')}  copy {i['copy_bandwidth_TBps']:.2f} TB/s")
@@ -535,15 +641,32 @@ def print_tables(res):
     rows = [r for r in res["prefill"] if r.get("by_kernel")]
     if rows:
         print("\nSWA prefill kernels (ms): SWA heads alone vs their ideal (full x SWA share x window/causal pairs), hybrid layer")
-        print(f"{'ctx':>7} {'W':>5} {'FA':>5} {'kernel':>8} {'swa':>8} {'swa ideal':>9} {'swa/ideal':>9} {'hybrid':>8} {'overlap':>8} {'hyb/ideal':>9} {'rel err':>8}")
+        print(f"{'ctx':>7} {'W':>5} {'FA':>5} {'kernel':>8} {'swa':>8} {'swa ideal':>9} {'swa/ideal':>9} {'hybrid':>8} {'overlap/fa/swa first':>21} {'hyb/ideal':>9} {'rel err':>8}")
         for r in rows:
             for kern, x in r["by_kernel"].items():
                 ov = f"{x['hybrid_overlap']['ms']:.3f}" if "hybrid_overlap" in x else ""
+                ov += "".join(f"/{x[n]['ms']:.3f}" for n in ("hybrid_overlap_fa_first", "hybrid_overlap_swa_first") if n in x)
                 err = f"{x['rel_err_vs_masked_sdpa']:.1e}" if "rel_err_vs_masked_sdpa" in x else ""
                 print(
                     f"{r['context']:>7} {r['window']:>5} {r['fa_share']:>5.2f} {kern:>8} {x['swa_only']['ms']:>8.3f} {r['swa_ideal_ms']:>9.3f} "
-                    f"{x['swa_only_over_ideal']:>9.2f} {x['hybrid']['ms']:>8.3f} {ov:>8} {x['hybrid_over_ideal']:>9.2f} {err:>8}"
+                    f"{x['swa_only_over_ideal']:>9.2f} {x['hybrid']['ms']:>8.3f} {ov:>21} {x['hybrid_over_ideal']:>9.2f} {err:>8}"
                 )
+    for r in res.get("prefill_sweep", []):
+        for name, key in (("best_swa", "swa"), ("best_hybrid", "hybrid")):
+            b = r[name]
+            if b:
+                print(f"triton prefill sweep ctx {r['context']} W {r['window']} FA {r['fa_share']}: {key} best rows {b['rows']} block {b['block']} "
+                      f"warps {b['warps']} stages {b['stages']} split {b['split']}: {b[key + '_ms']:.3f} ms = {b[key + '_over_ideal']:.2f}x ideal")
+    pick = minimax_prefill_config(res.get("prefill_sweep", []))
+    if pick:
+        print(f"triton prefill setting never further behind the best (SWA heads alone, all swept points): "
+              f"--triton-prefill {','.join(map(str, pick[0]))} (worst {pick[1]:.3f}x the best)")
+    fa_rows = [r for r in res["prefill"] if r.get("fa_only_by_kernel")]
+    if fa_rows:
+        print("\nFA heads alone, causal (ms): " + ", ".join(fa_rows[0]["fa_only_by_kernel"]))
+        for r in fa_rows:
+            cells = " ".join(f"{x:.3f}" if isinstance(x, float) else "err" for x in r["fa_only_by_kernel"].values())
+            print(f"  ctx {r['context']} W {r['window']} FA {r['fa_share']}: {cells}  (default {r['fa_only']['ms']:.3f})")
     if res.get("breakdown"):
         print("\nbreakdown of the hybrid prefill (ms)")
         for r in res["breakdown"]:

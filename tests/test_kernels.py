@@ -97,3 +97,47 @@ def test_prefill_overlap_setting(monkeypatch):
     monkeypatch.setattr(kernels, "PREFILL_OVERLAP", False)
     assert not kernels.overlap_wanted(2)
     assert not kernels.overlap_prefill(torch.randn(1, 2, 8, 4))  # CPU tensors never take a side stream
+
+
+def test_overlap_priority_goes_to_the_longer_group(monkeypatch):
+    """"auto" puts the group with more (cost-weighted) visible pairs first; a fixed setting is kept."""
+    monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", "auto")
+    assert kernels.overlap_priority(4, 12, 8192, 512) == "fa"  # 4 causal heads outweigh 12 narrow bands
+    assert kernels.overlap_priority(4, 12, 8192, 4096) == "swa"  # wide bands on 3x the heads
+    assert kernels.overlap_priority(8, 8, 32768, 4096) == "fa"
+    assert kernels.overlap_priority(1, 15, 2048, 4096) == "swa"  # window past the sequence: causal pairs
+    monkeypatch.setattr(kernels, "SWA_PAIR_COST", {"triton": 100.0, "chunked": 1.25})
+    assert kernels.overlap_priority(4, 12, 8192, 512) == "swa"  # the estimate, not a constant, decides
+    for fixed in ("fa", "swa", None):
+        monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", fixed)
+        assert kernels.overlap_priority(4, 12, 8192, 512) == fixed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("priority", [None, "fa", "swa"])
+def test_overlapped_prefill_equals_serial_on_gpu(monkeypatch, priority):
+    """The hybrid prefill with its SWA heads on a side stream (and either group's stream at a high
+    priority) gives the serial path's output, eagerly and replayed from a CUDA graph."""
+    from types import SimpleNamespace
+
+    from consa.attention.hybrid import LayerPlan, consa_attention
+
+    q, k, v = _qkv(1, 16, 8, 4096, 4096, d=128, seed=3, device="cuda", dtype=torch.bfloat16)
+    mod = SimpleNamespace(training=False, consa_plan=LayerPlan(0, 8, 512, 0, "fixed", fa_kv=[0, 1]))
+    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", False)
+    serial = consa_attention(mod, q, k, v, None, 128**-0.5)[0]
+    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", True)
+    monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", priority)
+    torch.testing.assert_close(consa_attention(mod, q, k, v, None, 128**-0.5)[0], serial, atol=0, rtol=0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        consa_attention(mod, q, k, v, None, 128**-0.5)
+        with torch.cuda.graph(g, stream=s):
+            out = consa_attention(mod, q, k, v, None, 128**-0.5)[0]
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, serial, atol=0, rtol=0)

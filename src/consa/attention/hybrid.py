@@ -10,8 +10,9 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
   kernel, each on its own head group (contiguous after ``models.reorder_heads``), over either a plain
   key tensor or the split keys a :class:`~consa.attention.cache.HybridCache` returns (a decode step
   over the split keys is one Triton launch for both groups, ``triton_decode``). With
-  ``kernels.HYBRID_PREFILL = "fused"`` a plain prefill runs both groups in one FlexAttention call
-  with a per-head block mask instead (no split, no merge).
+  ``kernels.HYBRID_PREFILL`` "fused" (FlexAttention, per-head block mask) or "triton" (the banded
+  kernel of ``triton_prefill``, per-head windows) a plain prefill runs both groups in one call
+  instead (no split, no merge).
 
 A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
 Padding survives because the mask interface registered under the same name is transformers' own
@@ -26,7 +27,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from . import kernels, triton_decode
+from . import kernels, triton_decode, triton_prefill
 from .kernels import KeySlots, attention
 
 NAME = "consa"
@@ -144,7 +145,10 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
     group = q.shape[1] // k.shape[1]
     if not plan.fa_kv:
         return attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend).transpose(1, 2)
-    if _fused_prefill(plan, q, k, mask, dropout):
+    fused = _fused_prefill(plan, q, k, v, mask, dropout)
+    if fused == "triton":
+        return triton_prefill.hybrid(q, k, v, tuple(plan.fa_kv), plan.window, plan.sinks, scale)
+    if fused == "fused":
         fa = set(plan.fa_kv)
         heads = tuple(h // group in fa for h in range(q.shape[1]))
         return kernels.flex_hybrid(q, k, v, heads, plan.window, plan.sinks, scale).transpose(1, 2)
@@ -155,18 +159,26 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
         _take(q, sw_q), _take(k, sw_k), _take(v, sw_k), scale=scale, mask=mask,
         window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend,
     )
-    if kernels.overlap_prefill(q):
-        out_fa, out_sw = kernels.overlapped(run_fa, run_sw)
+    if kernels.overlap_prefill(q):  # SWA heads on a side stream; the longer group's stream first
+        first = kernels.overlap_priority(len(plan.fa_kv), len(plan.swa_kv), q.shape[-2], plan.window)
+        out_fa, out_sw = kernels.overlapped(run_fa, run_sw, {"fa": "main", "swa": "side"}.get(first))
     else:
         out_fa, out_sw = run_fa(), run_sw()
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
 
 
-def _fused_prefill(plan, q, k, mask, dropout) -> bool:
-    """``kernels.HYBRID_PREFILL == "fused"`` on a plain prefill (no padding mask, Tq = Tk, inference,
-    a plan that allows FlexAttention): both head groups in one FlexAttention call."""
-    return (kernels.HYBRID_PREFILL == "fused" and plan.backend in ("auto", "flex") and mask is None and dropout == 0.0 and q.shape[-2] == k.shape[-2] > 1
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
+def _fused_prefill(plan, q, k, v, mask, dropout) -> str | None:
+    """The one-call kernel (``kernels.HYBRID_PREFILL`` "fused": FlexAttention, "triton": the banded
+    Triton kernel) for a plain prefill (no padding mask, Tq = Tk, inference, a plan on the auto
+    backend or that kernel's own), else None: the head groups run apart."""
+    kind = kernels.HYBRID_PREFILL
+    if kind not in ("fused", "triton") or mask is not None or dropout != 0.0 or not q.shape[-2] == k.shape[-2] > 1:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if kind == "triton":
+        return kind if plan.backend in ("auto", "triton") and triton_prefill.usable(q, k, v) else None
+    return kind if plan.backend in ("auto", "flex") else None
 
 
 def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
@@ -184,8 +196,10 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     decode_overlap = q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP
     if fa_q is not None and sw_q is not None and (decode_overlap or kernels.overlap_prefill(q)):
         # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read
-        # (prefill too, with kernels.PREFILL_OVERLAP).
-        out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw)
+        # (prefill too, with kernels.PREFILL_OVERLAP and its stream priorities).
+        first = None if q.shape[-2] == 1 else kernels.overlap_priority(len(plan.fa_kv), len(plan.swa_kv), q.shape[-2], plan.window)
+        out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw,
+                                            {"fa": "main", "swa": "side"}.get(first))
     else:
         out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None
         out_sw = run_sw() if sw_q is not None else None

@@ -7,9 +7,10 @@ choice of kernel is a speed decision only:
 * SDPA (flash / efficient / math, chosen by torch) whenever the pattern is plain causal or needs no
   mask at all (decode over a cache that holds only visible keys);
 * for sliding-window prefill (no padding mask, Tq = Tk) the kernel ``SWA_PREFILL`` names:
-  FlexAttention with a cached block mask (``"flex"``, CUDA), block-diagonal causal attention over
-  W-sized chunks merged by log-sum-exp (``"chunked"``: cuDNN / FA2 on CUDA fp16/bf16, flash on CPU)
-  or FlashAttention-2's own local window (``"flash"``, CUDA fp16/bf16);
+  the banded Triton kernel of ``triton_prefill`` (``"triton"``, CUDA), FlexAttention with a cached
+  block mask (``"flex"``, CUDA), block-diagonal causal attention over W-sized chunks merged by
+  log-sum-exp (``"chunked"``: cuDNN / FA2 on CUDA fp16/bf16, flash on CPU) or FlashAttention-2's own
+  local window (``"flash"``, CUDA fp16/bf16);
 * SDPA with a dense boolean mask otherwise (CPU, padding, chunked prefill).
 
 ``reference_attention`` is the dense float64 reference that tests hold every path to.
@@ -23,6 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from . import triton_prefill
 from .chunked import _flash_window_op, chunked_sliding, flash_sliding
 from .masks import hybrid_mask_mod, offset_mask_mod, sliding_window_mask_mod
 
@@ -241,7 +243,9 @@ def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor
 
 
 HYBRID_PREFILL = "split"  # "split": FA heads on SDPA + SWA heads on their own kernel, merged; "fused": one
-# FlexAttention call over all heads with a per-head block mask (no split, no merge; not yet measured on the GPU)
+# FlexAttention call over all heads with a per-head block mask; "triton": one launch of triton_prefill's banded
+# kernel over all heads (per-head windows, longest tiles first, written in place: no split, no merge). Both
+# lose on the H200: fused 1.31-1.57x ideal, triton 1.32-1.75x (its causal part runs at ~0.7x cuDNN's speed)
 
 
 def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float) -> torch.Tensor:
@@ -251,14 +255,31 @@ def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, sc
 
 
 # ---- sliding-window prefill on flash kernels (CUDA; the chunked one also on CPU) -------------------
-SWA_PREFILL = "auto"  # "flex" | "chunked" | "flash" | "auto" (chunked from AUTO_CHUNKED_MIN_WINDOW up, else flex)
-# H200, torch 2.11, 32K tokens, 12 SWA q heads, ms (flex / chunked / flash): W=512 0.44 / 0.48 / 0.53,
-# W=2048 1.10 / 0.96 / 1.51, W=4096 1.94 / 1.55 / 2.74
+SWA_PREFILL = "auto"  # "flex" | "chunked" | "flash" | "triton" | "auto" (CUDA fp16/bf16: chunked from
+# AUTO_CHUNKED_MIN_WINDOW up, else triton; flex otherwise). H200, torch 2.11, 12 SWA q heads, ms:
+# W=512 (flex / triton): 8K 0.115 / 0.098, 32K 0.437 / 0.382, 128K 1.703 / 1.372;
+# W=4096 (chunked / triton): 32K 1.567 / 1.902 (flex 1.94, flash 2.74)
 AUTO_CHUNKED_MIN_WINDOW = 2048
-PREFILL_OVERLAP = "auto"  # hybrid prefill: SWA heads on a side stream beside the FA heads (CUDA): True,
-# False, or "auto" = up to AUTO_OVERLAP_MAX_TOKENS queries, where the FA heads' kernel alone leaves the GPU
-# part idle. H200: 8K, W=4096 0.557 -> 0.445 ms; 16K 1.306 -> 1.101; W=512 1-3% faster; mixed at 32K.
-AUTO_OVERLAP_MAX_TOKENS = 16384
+PREFILL_OVERLAP = True  # hybrid prefill: SWA heads on a side stream beside the FA heads (CUDA): True, False,
+# or "auto" = up to AUTO_OVERLAP_MAX_TOKENS queries. With OVERLAP_PRIORITY it never lost on the H200:
+# 8K-32K 3-25% faster, 128K within 2% (W=4096 / 50% FA: 72.1 -> 69.0 ms).
+AUTO_OVERLAP_MAX_TOKENS = 32768
+OVERLAP_PRIORITY = "auto"  # overlapped prefill: which head group's stream gets a high priority, so the GPU
+# dispatches its blocks first and the other group's blocks fill the SMs it leaves idle: "fa", "swa", None,
+# or "auto" = the group with the larger estimated time (overlap_priority). H200, 8K / W=512 / 25% FA:
+# 0.284 ms without priorities, 0.226 with the FA heads first.
+SWA_PAIR_COST = {"triton": 2.2, "chunked": 1.4}  # time per visible pair of the SWA kernel, relative to the FA
+# heads' causal SDPA (H200: triton 1.9-2.3 at W=512; chunked at W=4096 1.3-1.4 at 8K, 1.2-1.25 at 32K)
+
+
+def overlap_priority(n_fa: int, n_swa: int, t: int, window: int) -> str | None:
+    """``OVERLAP_PRIORITY`` for a prefill of ``t`` tokens with ``n_fa`` / ``n_swa`` query heads: "fa",
+    "swa" or None ("auto": the group whose kernel is estimated to take longer, from its visible pairs)."""
+    if OVERLAP_PRIORITY != "auto":
+        return OVERLAP_PRIORITY or None
+    pairs = t * window - window * (window - 1) // 2 if window < t else t * (t + 1) // 2
+    cost = SWA_PAIR_COST["chunked" if window >= AUTO_CHUNKED_MIN_WINDOW else "triton"]
+    return "fa" if n_fa * t * (t + 1) / 2 >= n_swa * pairs * cost else "swa"
 
 
 def overlap_wanted(num_queries: int) -> bool:
@@ -276,15 +297,20 @@ def overlap_prefill(q: torch.Tensor) -> bool:
 def _swa_prefill_kernel(q, k, v, window: int, backend: str):
     """The kernel for sliding-window prefill over plain slots (no mask, Tq = Tk), or None for the
     dense-mask SDPA. ``backend`` "flex" / "chunked" / "flash" forces one, "auto" reads ``SWA_PREFILL``.
-    Kernels a device or dtype cannot run fall back: flash → chunked → flex → dense SDPA."""
-    if backend not in ("auto", "flex", "chunked", "flash"):
+    Kernels a device or dtype cannot run fall back: flash → chunked → flex → dense SDPA, triton → flex.
+    "triton" is ``triton_prefill``'s banded kernel (K/V tiles shared by the query group)."""
+    if backend not in ("auto", "flex", "chunked", "flash", "triton"):
         return None
     kind = SWA_PREFILL if backend == "auto" else backend
     if kind != "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        kind = "flex"  # the LSE outputs of the aten attention ops carry no gradient
+        kind = "flex"  # the LSE outputs of the aten attention ops (and the Triton kernel) carry no gradient
     half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if kind == "auto":
-        kind = "chunked" if half and window >= AUTO_CHUNKED_MIN_WINDOW else "flex"
+        kind = "chunked" if half and window >= AUTO_CHUNKED_MIN_WINDOW else ("triton" if half else "flex")
+    if kind == "triton":
+        if triton_prefill.usable(q, k, v):
+            return triton_prefill.sliding
+        kind = "flex"
     if kind == "flash" and half and _flash_window_op():
         return flash_sliding
     if kind in ("chunked", "flash") and (half or q.device.type == "cpu"):
@@ -302,17 +328,33 @@ DECODE_OVERLAP = True  # SDPA decode: run the SWA heads' kernel on a side stream
 _side_streams: dict = {}
 
 
-def overlapped(main_fn, side_fn):
+def _stream(device, high: bool):
+    key = (device, high)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(device=device, priority=-100 if high else 0)
+    return _side_streams[key]
+
+
+def overlapped(main_fn, side_fn, priority: str | None = None):
     """``(main_fn(), side_fn())`` with ``side_fn`` on a side CUDA stream (captured as a parallel
-    branch under CUDA graphs). Both read tensors made on the current stream."""
+    branch under CUDA graphs). ``priority`` "main" / "side": that function's stream is a
+    high-priority one. Both read tensors made on the current stream."""
     cur = torch.cuda.current_stream()
-    side = _side_streams.get(cur.device)
-    if side is None:
-        side = _side_streams[cur.device] = torch.cuda.Stream(device=cur.device)
+    side = _stream(cur.device, priority == "side")
     side.wait_stream(cur)
-    with torch.cuda.stream(side):
-        b = side_fn()
-    a = main_fn()
+    if priority == "main":
+        hi = _stream(cur.device, True)
+        hi.wait_stream(cur)
+        with torch.cuda.stream(hi):
+            a = main_fn()
+        with torch.cuda.stream(side):
+            b = side_fn()
+        cur.wait_stream(hi)
+        a.record_stream(cur)
+    else:
+        with torch.cuda.stream(side):
+            b = side_fn()
+        a = main_fn()
     cur.wait_stream(side)
     b.record_stream(cur)
     return a, b
