@@ -88,10 +88,21 @@ def test_fused_is_skipped_for_padding_decode_and_gradients(fused, monkeypatch):
     consa_attention(SimpleNamespace(training=False, consa_plan=sdpa_plan), q.detach(), k, v, None, 0.3)
 
 
-def test_fused_model_logits_equal_split(fused):
-    """A whole tiny Qwen3 with a mixed allocation: fused prefill gives the split path's logits."""
+@pytest.mark.parametrize("kind", ["fused", "triton"])
+def test_fused_model_logits_equal_split(fused, monkeypatch, kind):
+    """A whole tiny Qwen3 with a mixed allocation and sinks: the one-call prefill (FlexAttention, or
+    the banded Triton kernel in its interpreter on CPU) gives the split path's logits."""
     from consa.allocation import Allocation
+    from consa.attention import triton_decode, triton_prefill
 
+    if kind == "triton":
+        if not (triton_prefill.available() and (torch.cuda.is_available() or triton_decode.interpreted())):
+            pytest.skip("needs triton: CUDA, or its interpreter")
+        monkeypatch.setattr(triton_prefill, "ON_CPU", True)
+        kernels.HYBRID_PREFILL = "triton"
+        calls = []
+        real = triton_prefill.hybrid
+        monkeypatch.setattr(triton_prefill, "hybrid", lambda *a: calls.append(1) or real(*a))
     model = tiny_model("qwen3", num_layers=3, num_heads=6, num_kv_heads=3, hidden_size=72)
     shape = consa.model_shape(model)
     alloc = Allocation.from_units([True, False, False, False, True, False, False, False, True], "kv_head", shape, 7, 1)
@@ -102,6 +113,7 @@ def test_fused_model_logits_equal_split(fused):
         kernels.HYBRID_PREFILL = "split"
         split_logits = model(input_ids=ids).logits
     torch.testing.assert_close(fused_logits, split_logits, atol=1e-4, rtol=0)
+    assert kind != "triton" or calls, "the one-launch Triton prefill was not taken"
 
 
 @pytest.mark.gpu

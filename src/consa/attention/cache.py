@@ -16,6 +16,8 @@ T arrives with the query). The mask transformers builds spans *all* slots (``get
 the full length, offset 0), and the attention kernels pick the columns of the keys actually held.
 
 Use it with ``model.generate(..., past_key_values=HybridCache(model))`` or :func:`generate`.
+Assisted and prompt-lookup decoding work too: with past recording on (transformers turns it on), the
+SWA heads keep their keys untrimmed until ``crop`` rolls rejected drafts back and trims them again.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class HybridLayer(CacheLayerMixin):
     """One decoder layer's cache, split by head group (see the module docstring)."""
 
     is_sliding = False  # the mask must span every slot: FA heads need them all
-    is_croppable = False
+    is_croppable = True  # with past recording on, crop rolls back whatever came since the last trim
     is_compileable = False
 
     def __init__(self, num_kv_heads: int, fa_kv: list[int], window: int, sinks: int = 0):
@@ -57,6 +59,7 @@ class HybridLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.swa_slots = KeySlots()
         self.fa_keys = self.fa_values = self.swa_keys = self.swa_values = None
+        self.record_past = False
 
     @classmethod
     def from_plan(cls, plan: LayerPlan) -> "HybridLayer":
@@ -94,7 +97,10 @@ class HybridLayer(CacheLayerMixin):
         k_all = torch.cat([self.swa_keys, _take(key_states, self._swa_sel)], dim=-2)
         v_all = torch.cat([self.swa_values, _take(value_states, self._swa_sel)], dim=-2)
         slots = self.swa_slots  # the slots of k_all: [0, S) ∪ [offset, total) or all of [0, total)
-        self.swa_keys, self.swa_values, self.swa_slots = self._trim(k_all), self._trim(v_all), self._next_slots()
+        if self.record_past:  # keep everything until the next crop, which may roll these tokens back
+            self.swa_keys, self.swa_values = k_all, v_all
+        else:
+            self.swa_keys, self.swa_values, self.swa_slots = self._trim(k_all), self._trim(v_all), self._next_slots()
         return (
             SplitKV(self.fa_keys, k_all, slots),
             SplitKV(self.fa_values, v_all, slots),
@@ -115,6 +121,45 @@ class HybridLayer(CacheLayerMixin):
             return torch.cat([x[..., : self.sinks, :], tail], dim=-2)
         return tail.clone()  # a copy, so the larger concatenation is freed
 
+    # ---- rollback (assisted / prompt-lookup decoding) -------------------------------------------
+    def activate_past_recording(self) -> None:
+        """Hold the SWA heads' keys untrimmed after each update until :meth:`crop` (transformers calls
+        this before assisted decoding), so that draft tokens can be rolled back."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` slots (transformers' convention: 0 or negative; a positive
+        value is the legacy absolute length to keep), then trim the SWA heads back to what a future query
+        sees. Slots the SWA heads no longer hold cannot come back: that is one clear error."""
+        total = self.cumulative_length
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else max(0, total - tokens_to_remove)
+        if drop > total:
+            raise ValueError(f"cannot crop {drop} slots from a cache layer holding {total}")
+        new_total = total - drop
+        if self.swa_kv and self.is_initialized and not self.swa_slots.is_identity():
+            first_needed = new_total - (self.window - 1)
+            if first_needed < self.swa_slots.offset:
+                raise RuntimeError(
+                    f"cannot crop {drop} slots: the sliding-window heads no longer hold slot {first_needed} "
+                    "(call activate_past_recording before the tokens to roll back are added)"
+                )
+        self.cumulative_length = new_total
+        if not self.is_initialized:
+            return
+        self.fa_keys, self.fa_values = self.fa_keys[..., :new_total, :], self.fa_values[..., :new_total, :]
+        if self.swa_kv:
+            slots = self.swa_slots
+            self.swa_keys = self._trim(self._upto(self.swa_keys, slots, new_total))
+            self.swa_values = self._trim(self._upto(self.swa_values, slots, new_total))
+            self.swa_slots = self._next_slots()
+
+    @staticmethod
+    def _upto(x: torch.Tensor, slots: KeySlots, total: int) -> torch.Tensor:
+        """The keys of ``x`` (held at ``slots``) for slots below ``total``."""
+        if slots.is_identity() or total <= slots.num_sinks:
+            return x[..., :total, :]
+        return x[..., : slots.num_sinks + (total - slots.offset), :]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0
 
@@ -129,6 +174,7 @@ class HybridLayer(CacheLayerMixin):
         self.swa_slots = KeySlots()
         self.cumulative_length = 0
         self.is_initialized = False
+        self.record_past = False
 
     def _tensors(self):
         return ("fa_keys", "fa_values", "swa_keys", "swa_values")
