@@ -103,11 +103,12 @@ def test_fused_model_logits_equal_split(fused, monkeypatch, kind):
         calls = []
         real = triton_prefill.hybrid
         monkeypatch.setattr(triton_prefill, "hybrid", lambda *a: calls.append(1) or real(*a))
-    model = tiny_model("qwen3", num_layers=3, num_heads=6, num_kv_heads=3, hidden_size=72)
+    dev = "cuda" if kind == "triton" and torch.cuda.is_available() else "cpu"  # Triton compiles on CUDA
+    model = tiny_model("qwen3", num_layers=3, num_heads=6, num_kv_heads=3, hidden_size=72).to(dev)
     shape = consa.model_shape(model)
     alloc = Allocation.from_units([True, False, False, False, True, False, False, False, True], "kv_head", shape, 7, 1)
     consa.apply_allocation(model, alloc)
-    ids = torch.randint(3, 101, (2, 45), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 101, (2, 45), generator=torch.Generator().manual_seed(3)).to(dev)
     with torch.no_grad():
         fused_logits = model(input_ids=ids).logits
         kernels.HYBRID_PREFILL = "split"
