@@ -188,3 +188,14 @@ def test_bf16_on_gpu(t, wins, sinks):
     ref = reference_attention(q[:, :, idx].float(), k.float(), v.float(), allowed, 128**-0.5)
     err = (out[:, :, idx].float() - ref.float()).norm() / ref.float().norm()
     assert err < 1e-2
+
+
+def test_dtypes_the_kernel_takes(monkeypatch):
+    """fp16/fp32 anywhere; bf16 only from compute capability 8.0 on (no bf16 tl.dot before Ampere)."""
+    q = torch.zeros(1, 2, 4, 16)
+    assert triton_decode.dtype_ok(q) and triton_decode.dtype_ok(q.half()) and not triton_decode.dtype_ok(q.double())
+    fake = torch.zeros(1, device="meta").new_zeros(1, 2, 4, 16, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for cap, ok in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(triton_decode, "_capability", lambda device, cap=cap: cap)
+        assert triton_decode.dtype_ok(fake) is ok

@@ -187,10 +187,23 @@ def num_splits(batch: int, long_heads: int, longest: int, device: torch.device) 
     return max(1, min(want, -(-longest // BLOCK_N), MAX_SPLITS))
 
 
+@lru_cache(maxsize=8)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def dtype_ok(q: torch.Tensor) -> bool:
+    """A dtype tl.dot takes on this device: fp16 / fp32 anywhere, bf16 from compute capability 8.0
+    (Ampere) on; any of them in the interpreter."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return not (q.dtype == torch.bfloat16 and q.is_cuda and _capability(q.device) < (8, 0))
+
+
 def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
     """Whether the kernel can take these tensors: one query, unit stride on the head dim, a dtype
-    tl.dot takes, no gradient, CUDA (or the interpreter on CPU)."""
-    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or q.shape[-2] != 1 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    tl.dot takes (``dtype_ok``), no gradient, CUDA (or the interpreter on CPU)."""
+    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or q.shape[-2] != 1 or not dtype_ok(q):
         return False
     if any(x.dtype != q.dtype or x.device != q.device or x.stride(-1) != 1 or x.shape[-2] == 0 for x in kv):
         return False

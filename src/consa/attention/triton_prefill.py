@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from .triton_decode import interpreted, tl, triton
+from .triton_decode import dtype_ok, interpreted, tl, triton
 
 # Launch settings: the minimax choice of two H200 sweeps (bf16, d=128, GQA 2, W=512; 36 settings over 6
 # points, then 24 over 4 with graph replays), never more than 1% behind a point's best in the second
@@ -144,10 +144,11 @@ def available() -> bool:
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel can take this prefill: Tq = Tk, CUDA (or the interpreter with ``ON_CPU``),
-    a dtype tl.dot takes, unit stride on the head dim, no gradient (forward only)."""
+    a dtype tl.dot takes there (``triton_decode.dtype_ok``), unit stride on the head dim, no gradient
+    (forward only)."""
     if triton is None or not (q.is_cuda or (ON_CPU and interpreted())):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-2] != k.shape[-2] or q.shape[-2] < 2:
+    if not dtype_ok(q) or q.shape[-2] != k.shape[-2] or q.shape[-2] < 2:
         return False
     if any(x.dtype != q.dtype or x.device != q.device or x.stride(-1) != 1 for x in (k, v)) or q.stride(-1) != 1:
         return False
