@@ -130,7 +130,7 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def prefill_point(t, w, share, device, dtype, check, swa_kernels=("flex",), overlap=False):
+def prefill_point(t, w, share, device, dtype, check, swa_kernels=("auto",), overlap=False):
     """Full vs hybrid at one (context, window, FA share); the hybrid once per SWA prefill kernel
     (``kernels.SWA_PREFILL``), with the SWA heads' kernel alone and, with ``overlap``, the hybrid with
     ``kernels.PREFILL_OVERLAP``. ``hybrid`` / ``rel_err_vs_masked_sdpa`` are the first kernel's."""
@@ -499,7 +499,7 @@ def main(argv=None):
     p.add_argument("--gen-fa-share", type=float, default=0.25)
     p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,prefill_sweep,breakdown,decode,sweep,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
-    p.add_argument("--swa-kernel", default="flex",
+    p.add_argument("--swa-kernel", default="auto",
                    help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: "
                    "flex,chunked,flash,triton,auto, and fused / tfused (all heads in one FlexAttention / banded Triton "
                    "call, kernels.HYBRID_PREFILL)")

@@ -273,8 +273,9 @@ SWA_PAIR_COST = {"triton": 2.2, "chunked": 1.4}  # time per visible pair of the 
 
 
 def overlap_priority(n_fa: int, n_swa: int, t: int, window: int) -> str | None:
-    """``OVERLAP_PRIORITY`` for a prefill of ``t`` tokens with ``n_fa`` / ``n_swa`` query heads: "fa",
-    "swa" or None ("auto": the group whose kernel is estimated to take longer, from its visible pairs)."""
+    """``OVERLAP_PRIORITY`` for a prefill of ``t`` tokens with ``n_fa`` / ``n_swa`` heads (KV or query
+    heads alike: only the ratio counts): "fa", "swa" or None ("auto": the group whose kernel is
+    estimated to take longer, from its visible pairs)."""
     if OVERLAP_PRIORITY != "auto":
         return OVERLAP_PRIORITY or None
     pairs = t * window - window * (window - 1) // 2 if window < t else t * (t + 1) // 2
