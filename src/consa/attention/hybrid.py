@@ -159,12 +159,18 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
         _take(q, sw_q), _take(k, sw_k), _take(v, sw_k), scale=scale, mask=mask,
         window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend,
     )
-    if kernels.overlap_prefill(q):  # SWA heads on a side stream; the longer group's stream first
-        first = kernels.overlap_priority(len(plan.fa_kv), len(plan.swa_kv), q.shape[-2], plan.window)
-        out_fa, out_sw = kernels.overlapped(run_fa, run_sw, {"fa": "main", "swa": "side"}.get(first))
+    if kernels.overlap_prefill(q):
+        out_fa, out_sw = _overlapped_groups(plan, q, run_fa, run_sw)
     else:
         out_fa, out_sw = run_fa(), run_sw()
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _overlapped_groups(plan, q, run_fa, run_sw):
+    """``(run_fa(), run_sw())`` with the SWA heads on a side stream; in a forward of several queries
+    the group estimated to take longer gets a high-priority stream (``kernels.overlap_priority``)."""
+    first = None if q.shape[-2] == 1 else kernels.overlap_priority(len(plan.fa_kv), len(plan.swa_kv), q.shape[-2], plan.window)
+    return kernels.overlapped(run_fa, run_sw, {"fa": "main", "swa": "side"}.get(first))
 
 
 def _fused_prefill(plan, q, k, v, mask, dropout) -> str | None:
@@ -196,10 +202,8 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     decode_overlap = q.shape[-2] == 1 and q.is_cuda and kernels.DECODE_OVERLAP
     if fa_q is not None and sw_q is not None and (decode_overlap or kernels.overlap_prefill(q)):
         # Decode: the SWA heads' small kernel runs on a side stream, beside the FA heads' long read
-        # (prefill too, with kernels.PREFILL_OVERLAP and its stream priorities).
-        first = None if q.shape[-2] == 1 else kernels.overlap_priority(len(plan.fa_kv), len(plan.swa_kv), q.shape[-2], plan.window)
-        out_fa, out_sw = kernels.overlapped(lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw,
-                                            {"fa": "main", "swa": "side"}.get(first))
+        # (prefill too, with kernels.PREFILL_OVERLAP).
+        out_fa, out_sw = _overlapped_groups(plan, q, lambda: attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask), run_sw)
     else:
         out_fa = attention(_take(q, fa_q), k.fa, v.fa, scale=scale, mask=mask) if fa_q is not None else None
         out_sw = run_sw() if sw_q is not None else None
