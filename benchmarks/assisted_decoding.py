@@ -15,6 +15,7 @@ length: tokens/s with and without drafts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -60,7 +61,7 @@ def agreement(device, dtype, new_tokens: int) -> list[dict]:
     return rows
 
 
-def speed(device, dtype, context: int, new_tokens: int) -> dict:
+def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -> dict:
     from attention_speed import qwen3_config  # the benchmark's Qwen3-0.6B-shaped config
 
     import consa
@@ -76,18 +77,34 @@ def speed(device, dtype, context: int, new_tokens: int) -> dict:
     block = torch.randint(3, model.config.vocab_size, (1, 64), generator=g)
     ids = block.repeat(1, context // 64).to(device)  # a repetitive prompt: lookup drafts often match
     out = {}
-    for name, extra in (("plain", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": 4})):
+    forwards = []  # query count of every forward: 1 per plain step, 1 + drafts per verification
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append((kw.get("input_ids") if "input_ids" in kw else a[0]).shape[-1]),
+                                    with_kwargs=True)
+    runs = [("plain", {}, "auto"), ("prompt_lookup", {"prompt_lookup_num_tokens": 4}, "auto"),
+            ("prompt_lookup_sdpa_verify", {"prompt_lookup_num_tokens": 4}, "sdpa")]  # drafts verified by the SDPA pair
+    for name, extra, decode in runs:
+        kernels.DECODE_KERNEL = decode
         kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
-        model.generate(ids[:, :256], past_key_values=HybridCache(model), **{**kw, "max_new_tokens": 4})  # warm-up
+        model.generate(ids, past_key_values=HybridCache(model), **{**kw, "max_new_tokens": 8})  # warm-up: JIT at this length
         if device.type == "cuda":
             torch.cuda.synchronize()
+        forwards.clear()
         t0 = time.perf_counter()
-        seq = model.generate(ids, past_key_values=HybridCache(model), **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[name] = {"seconds": time.perf_counter() - t0, "tokens": seq[0, context:].tolist()}
-    out["same_tokens"] = out["plain"]["tokens"] == out["prompt_lookup"]["tokens"]
+        prof = torch.profiler.profile() if profile else contextlib.nullcontext()
+        with prof:
+            seq = model.generate(ids, past_key_values=HybridCache(model), **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        if profile:
+            print(f"--- {name}: the ops with the most CPU time ---")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+        steps = forwards[1:]  # after the prefill
+        kernels.DECODE_KERNEL = "auto"
+        out[name] = {"seconds": time.perf_counter() - t0, "tokens": seq[0, context:].tolist(), "forwards_after_prefill": len(steps),
+                     "mean_queries_per_forward": sum(steps) / max(1, len(steps))}
+    out["same_tokens"] = out["plain"]["tokens"] == out["prompt_lookup"]["tokens"] == out["prompt_lookup_sdpa_verify"]["tokens"]
     out["speedup"] = out["plain"]["seconds"] / out["prompt_lookup"]["seconds"]
+    out["speedup_sdpa_verify"] = out["plain"]["seconds"] / out["prompt_lookup_sdpa_verify"]["seconds"]
     return out
 
 
@@ -96,17 +113,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="assisted_decoding.json")
     p.add_argument("--smoke", action="store_true", help="CPU, fp32 only; the speed section on a tiny Qwen3 at 512 tokens")
     p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--speed-only", action="store_true", help="skip the agreement section")
+    p.add_argument("--profile", action="store_true", help="print the top ops of each timed generate (torch.profiler)")
     p.add_argument("--context", type=int, default=8192, help="prompt length of the speed section (0: skip it)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtypes = [torch.float32] if a.smoke else [torch.float32, torch.float64, torch.bfloat16]
     res = {"device": str(device), "agreement": [], "speed": None}
-    for dtype in dtypes:
+    for dtype in [] if a.speed_only else dtypes:
         res["agreement"] += agreement(device, dtype, a.new_tokens)
     if a.smoke:
         a.context = min(a.context, 512) if a.context else 0
     if a.context:
-        res["speed"] = speed(device, torch.float32 if a.smoke else torch.bfloat16, a.context, 16 if a.smoke else 64)
+        res["speed"] = speed(device, torch.float32 if a.smoke else torch.bfloat16, a.context, 16 if a.smoke else 64, a.profile)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"{'dtype':>15} {'decode':>6} {'overlap':>7} {'same':>5} {'diverges at':>11} {'margin there':>12} {'min margin':>10}")
     for r in res["agreement"]:
@@ -117,6 +136,11 @@ def main(argv=None) -> int:
         s = res["speed"]
         print(f"context {a.context}: plain {s['plain']['seconds']:.2f} s, prompt lookup {s['prompt_lookup']['seconds']:.2f} s "
               f"({s['speedup']:.2f}x), same tokens: {s['same_tokens']}")
+        print(f"  drafts verified by the SDPA pair instead of the one-launch kernel: {s['speedup_sdpa_verify']:.2f}x")
+        for name in ("plain", "prompt_lookup", "prompt_lookup_sdpa_verify"):
+            r = s[name]
+            print(f"  {name}: {r['forwards_after_prefill']} forwards after the prefill, {r['mean_queries_per_forward']:.2f} queries each, "
+                  f"{1e3 * r['seconds'] / max(1, r['forwards_after_prefill'] + 1):.1f} ms per forward")
     return 0
 
 

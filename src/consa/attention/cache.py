@@ -130,7 +130,11 @@ class HybridLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` slots (transformers' convention: 0 or negative; a positive
         value is the legacy absolute length to keep), then trim the SWA heads back to what a future query
-        sees. Slots the SWA heads no longer hold cannot come back: that is one clear error."""
+        sees. Slots the SWA heads no longer hold cannot come back: that is one clear error.
+
+        transformers may pass a 0-dim tensor (assisted decoding's match count, on the model's device);
+        it becomes an int here, or every later slot offset would be a tensor (a pointer to Triton)."""
+        tokens_to_remove = int(tokens_to_remove)
         total = self.cumulative_length
         drop = -tokens_to_remove if tokens_to_remove <= 0 else max(0, total - tokens_to_remove)
         if drop > total:

@@ -194,7 +194,8 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
     if fa_q is not None and sw_q is not None and _one_launch_decode(plan, q, k, v, mask):
         heads = triton_decode.head_tables(plan.num_kv_heads, tuple(plan.fa_kv), q.device)
         return triton_decode.hybrid_decode(q, k.fa, v.fa, k.swa, v.swa, heads, scale, mask=mask,
-                                           swa_sinks=k.swa_slots.num_sinks, swa_offset=k.swa_slots.offset)
+                                           swa_sinks=k.swa_slots.num_sinks, swa_offset=k.swa_slots.offset,
+                                           window=plan.window, sinks=plan.sinks)
     run_sw = lambda: attention(  # noqa: E731
         _take(q, sw_q), k.swa, v.swa, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks,
         slots=k.swa_slots, backend=plan.backend,
@@ -215,17 +216,22 @@ def _fixed_split(plan, q, k: SplitKV, v: SplitKV, mask, scale):
 
 
 def _one_launch_decode(plan, q, k: SplitKV, v: SplitKV, mask) -> bool:
-    """Decode (one query) where every held key is inside the window: both head groups in one Triton
-    launch (``kernels.DECODE_KERNEL``), reading the cache where it lies. A padding mask must be one
-    boolean row per sequence over all slots (what transformers builds for a left-padded batch)."""
-    if kernels.DECODE_KERNEL != "auto" or q.shape[-2] != 1:
+    """Both head groups in one Triton launch (``kernels.DECODE_KERNEL``), reading the cache where it
+    lies: a decode step (one query, every held key inside the window), or the verification of a few
+    drafts (``triton_decode.MAX_QUERIES``; every key a query sees is held, the kernel masks the rest).
+    A padding mask must be transformers' boolean [B, 1, Tq, T] (padding and causality)."""
+    tq = q.shape[-2]
+    if kernels.DECODE_KERNEL != "auto" or tq > triton_decode.MAX_QUERIES:
         return False
-    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != tq
                              or mask.shape[-1] != k.fa.shape[-2]):
         return False
     total = k.fa.shape[-2]  # FA heads hold every slot
-    return (kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks, total)
-            and triton_decode.usable(q, k.fa, v.fa, k.swa, v.swa))
+    if tq == 1:
+        held = kernels.decode_sees_all(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks, total)
+    else:
+        held = kernels.window_held(k.swa.shape[-2], k.swa_slots, plan.window, plan.sinks, total, tq)
+    return held and triton_decode.usable(q, k.fa, v.fa, k.swa, v.swa)
 
 
 def _merge(q, fa_q, out_fa, sw_q, out_sw):

@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from . import triton_prefill
+from . import split_causal, triton_prefill
 from .chunked import _flash_window_op, chunked_sliding, flash_sliding
 from .masks import hybrid_mask_mod, offset_mask_mod, sliding_window_mask_mod
 
@@ -56,6 +56,13 @@ def select_mask_columns(mask: torch.Tensor, slots: KeySlots, length: int) -> tor
     rest = length - slots.num_sinks
     parts.append(mask[..., slots.offset : slots.offset + rest])
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _split_ok(q, k) -> bool:
+    """Causal prefill as uniform split calls (``split_causal.SPLIT_DEPTH``): CUDA fp16/bf16 inference."""
+    d = split_causal.SPLIT_DEPTH
+    return (d > 0 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and split_causal.splits(q.shape[2], d)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, dropout):
@@ -95,6 +102,8 @@ def attention(
             if tq == 1:
                 return _sdpa(q, k, v, None, False, scale, dropout)
             if tq == tk and slots.is_identity():
+                if not dropout and _split_ok(q, k):
+                    return split_causal.split_causal(q, k, v, scale, split_causal.SPLIT_DEPTH)
                 return _sdpa(q, k, v, None, True, scale, dropout)
         # transformers' mask already holds causality; build the band only when there is no mask.
         band = None if mask is not None else _band(q_off, tq, tk, slots, None, 0, q.device)
@@ -119,6 +128,16 @@ def decode_sees_all(tk: int, slots: KeySlots, window: int, sinks: int, total: in
     total = slots.offset + (tk - slots.num_sinks) if total is None else total
     regular_visible = tk == slots.num_sinks or slots.offset >= total - window
     return regular_visible and slots.num_sinks <= sinks
+
+
+def window_held(tk: int, slots: KeySlots, window: int, sinks: int, total: int, tq: int) -> bool:
+    """Whether ``tk`` SWA keys held at ``slots`` include every key that the queries at the last ``tq`` of
+    ``total`` slots see (window ``window``, ``sinks`` sinks), so that a kernel masking by slot needs
+    nothing else."""
+    if slots.is_identity():
+        return tk == total
+    first_needed = max(total - tq - window + 1, slots.num_sinks)
+    return slots.num_sinks >= sinks and slots.offset <= first_needed and slots.offset + tk - slots.num_sinks == total
 
 
 @lru_cache(maxsize=32)

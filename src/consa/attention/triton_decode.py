@@ -8,7 +8,8 @@ of its head's keys (FA heads from the FA tensor, SWA heads from the SWA tensor, 
 for all query heads of its group, and a second small kernel merges the splits by log-sum-exp straight into the [B, 1, H, D] layout the
 model wants. Every held key is inside a decode query's window (the hybrid cache keeps only those;
 callers check it with ``kernels.decode_sees_all``), so the only mask is the optional padding row of
-a left-padded batch, read per key slot.
+a left-padded batch, read per key slot. Several queries (drafts to verify, short prompt chunks) share
+the programs' rows with the query group and mask by slot: causal, and the window on the SWA heads.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
 imported; tests/conftest.py sets it on machines without CUDA), which is how the CPU tests hold them
@@ -43,19 +44,21 @@ def available() -> bool:
 
 
 def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
-             s_qb, s_qh,
+             s_qb, s_qh, s_qt,
              s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
              s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
              s_ob, s_oh, s_os, s_lb, s_lh, s_mb, s_mt,
-             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale,
-             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, TQ, WIN, SINKS,
+             G: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MULTI: tl.constexpr):
     """Program (b, p): p < N_FA·NS_FA is split p % NS_FA of FA head p // NS_FA, the rest split the SWA
     heads alike (a flat grid, so short heads launch no empty programs). It writes the softmax-weighted
     values of its key chunk for the head's query group and the chunk's log2-sum-exp (scores in the log2
     domain: ``qk_scale`` = scale · log2 e). With ``HAS_MASK``, key j is also dropped where the padding
     mask row ``MASK[b]`` is False at its slot: j for FA keys; for SWA keys j below ``SW_SINKS`` (the
-    sinks), else j + ``SW_DELTA``."""
+    sinks), else j + ``SW_DELTA``. With ``MULTI`` the program takes ``TQ`` queries (rows r = query
+    r // G of head r % G of the group), at slots T_FA − TQ, …, T_FA − 1: a row sees a key at its slot or
+    before, and on the SWA heads only inside the window ``WIN`` or among the first ``SINKS`` slots."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     # The two branches pick the tensor (and its strides) a program reads: in a Triton kernel that is
@@ -71,6 +74,7 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         slot = i
         lim = 0 * T_FA  # FA keys sit at their own slots
         delta = 0 * T_FA
+        win = T_FA  # wider than any distance: no window
     else:
         r = p - N_FA * NS_FA
         i = r // NS_SW
@@ -83,32 +87,48 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         slot = N_FA + i
         lim = SW_SINKS
         delta = SW_DELTA
+        win = WIN
     h = tl.load(HEADS + slot)  # the model's KV head index
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, length)
 
-    offs_g = tl.arange(0, G_PAD)
+    offs_g = tl.arange(0, R_PAD)
     offs_d = tl.arange(0, D_PAD)
     offs_n = tl.arange(0, BLOCK)
-    gmask = offs_g < G
+    if MULTI:
+        gmask = offs_g < G * TQ
+        qi = offs_g // G
+        heads_q = h * G + offs_g % G
+        rows = heads_q * TQ + qi  # row of the partial outputs: query head, then query
+        pos = T_FA - TQ + qi  # each row's slot
+        q_ptr = Q + b * s_qb + heads_q[:, None] * s_qh + qi[:, None] * s_qt + offs_d[None, :]
+    else:
+        gmask = offs_g < G
+        rows = h * G + offs_g
+        q_ptr = Q + b * s_qb + rows[:, None] * s_qh + offs_d[None, :]
     dmask = offs_d < D
-    rows = h * G + offs_g
-    q = tl.load(Q + b * s_qb + rows[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    q = tl.load(q_ptr, mask=gmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([R_PAD], tl.float32)
+    acc = tl.zeros([R_PAD, D_PAD], tl.float32)
     for start in range(lo, hi, BLOCK):
         n = start + offs_n
         valid = n < hi
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(k_base + n[:, None].to(tl.int64) * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if HAS_MASK:
+        if HAS_MASK or MULTI:
             key_slot = tl.where(n < lim, n, n + delta)
+        if HAS_MASK:
             valid = valid & (tl.load(MASK + b * s_mb + key_slot.to(tl.int64) * s_mt, mask=valid, other=0) != 0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        if MULTI:
+            dist = pos[:, None] - key_slot[None, :]
+            seen = valid[None, :] & (dist >= 0) & ((dist < win) | (key_slot[None, :] < SINKS))
+            qk = tl.where(seen, qk, float("-inf"))
+        else:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if HAS_MASK:  # a block with every key masked adds nothing (and must not make NaNs)
+        if HAS_MASK or MULTI:  # a block with every key masked adds nothing (and must not make NaNs)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:  # every block holds a visible key
             m_use = m_new
@@ -123,12 +143,14 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
     tl.store(LP + b * s_lb + rows * s_lh + s, m_i + tl.log2(l_i), mask=gmask)
 
 
-def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, N_KV, NS_FA, NS_SW,
+def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, s_Ot, N_KV, NS_FA, NS_SW, TQ,
              G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NS_PAD: tl.constexpr, SB: tl.constexpr):
-    """Program (b, query head): merge the head's splits by their log2-sum-exp."""
+    """Program (b, row): merge the splits of one query of one query head (row = head · TQ + query)
+    by their log2-sum-exp."""
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    code = tl.load(HEADS + N_KV + h // G)
+    h = tl.program_id(1)  # the row
+    head = h // TQ
+    code = tl.load(HEADS + N_KV + head // G)
     ns = tl.where(code >= 0, NS_FA, NS_SW)
     offs_all = tl.arange(0, NS_PAD)
     lse = tl.load(LP + b * s_lb + h * s_lh + offs_all, mask=offs_all < ns, other=float("-inf"))
@@ -146,16 +168,16 @@ def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, N_KV, N
         w = tl.exp2(tl.load(LP + b * s_lb + h * s_lh + sp, mask=smask, other=float("-inf")) - m)
         o = tl.load(OP + b * s_ob + h * s_oh + sp[:, None] * s_os + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
         acc += tl.sum(o * w[:, None], 0)
-    tl.store(O + b * s_Ob + h * s_Oh + offs_d, (acc / total).to(O.dtype.element_ty), mask=dmask)
+    tl.store(O + b * s_Ob + (h % TQ) * s_Ot + head * s_Oh + offs_d, (acc / total).to(O.dtype.element_ty), mask=dmask)
 
 
 @lru_cache(maxsize=1)
 def _kernels():
     # Lengths are not specialised (a length of 1 would turn one branch's value into a constant of
     # another type); strides are, so the compiler sees 16-aligned rows and vectorises the loads.
-    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW", "SW_SINKS", "SW_DELTA")
+    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW", "SW_SINKS", "SW_DELTA", "TQ", "WIN", "SINKS")
     return (triton.jit(_partial, do_not_specialize=counts),
-            triton.jit(_combine, do_not_specialize=("N_KV", "NS_FA", "NS_SW")))
+            triton.jit(_combine, do_not_specialize=("N_KV", "NS_FA", "NS_SW", "TQ")))
 
 
 def interpreted() -> bool:
@@ -200,10 +222,13 @@ def dtype_ok(q: torch.Tensor) -> bool:
     return not (q.dtype == torch.bfloat16 and q.is_cuda and _capability(q.device) < (8, 0))
 
 
+MAX_QUERIES = 16  # most queries per sequence in one call: a decode step (1) or the verification of drafts
+
+
 def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
-    """Whether the kernel can take these tensors: one query, unit stride on the head dim, a dtype
-    tl.dot takes (``dtype_ok``), no gradient, CUDA (or the interpreter on CPU)."""
-    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or q.shape[-2] != 1 or not dtype_ok(q):
+    """Whether the kernel can take these tensors: 1 to ``MAX_QUERIES`` queries, unit stride on the
+    head dim, a dtype tl.dot takes (``dtype_ok``), no gradient, CUDA (or the interpreter on CPU)."""
+    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or not 1 <= q.shape[-2] <= MAX_QUERIES or not dtype_ok(q):
         return False
     if any(x.dtype != q.dtype or x.device != q.device or x.stride(-1) != 1 or x.shape[-2] == 0 for x in kv):
         return False
@@ -211,16 +236,21 @@ def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
 
 
 def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, mask: torch.Tensor | None = None,
-                  swa_sinks: int = 0, swa_offset: int = 0, splits: int | None = None) -> torch.Tensor:
-    """Attention of one query per sequence over every held key of its head's group.
+                  swa_sinks: int = 0, swa_offset: int = 0, splits: int | None = None,
+                  window: int | None = None, sinks: int = 0) -> torch.Tensor:
+    """Attention of the last Tq slots' queries over the held keys of their head's group.
 
-    q [B, Hq, 1, D]; k_fa/v_fa [B, n_fa, T, D]; k_swa/v_swa [B, n_swa, m, D]; ``heads`` from
-    :func:`head_tables`. ``mask``: an optional boolean padding mask over all T slots, [B, T] (or
-    transformers' [B, 1, 1, T]); the SWA keys sit at slots 0…``swa_sinks``−1, then ``swa_offset``, … .
-    ``splits``: key chunks on the longer group (default :func:`num_splits`).
-    Returns [B, 1, Hq, D] in q's dtype; a query that sees no key gets 0.
+    q [B, Hq, Tq, D]; k_fa/v_fa [B, n_fa, T, D] (every slot); k_swa/v_swa [B, n_swa, m, D]; ``heads``
+    from :func:`head_tables`. ``mask``: an optional boolean padding mask over all T slots, [B, T] (or
+    transformers' [B, 1, Tq, T], whose last row is the padding); the SWA keys sit at slots
+    0…``swa_sinks``−1, then ``swa_offset``, … . One query (decode) sees every held key. Several
+    (verifying drafts) see keys up to their own slot, on the SWA heads only inside ``window`` or among
+    the first ``sinks`` slots. ``splits``: key chunks on the longer group (default :func:`num_splits`).
+    Returns [B, Tq, Hq, D] in q's dtype; a query that sees no key gets 0.
     """
-    b, hq, _, d = q.shape
+    b, hq, tq, d = q.shape
+    if tq > 1 and window is None:
+        raise ValueError("hybrid_decode: several queries need the SWA heads' window")
     n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
     group = hq // (n_fa + n_sw)
     t_fa, t_sw = k_fa.shape[-2], k_swa.shape[-2]
@@ -230,28 +260,29 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     chunk = -(-chunk // BLOCK_N) * BLOCK_N  # whole key blocks per split
     ns_fa, ns_sw = -(-t_fa // chunk), -(-t_sw // chunk)
     d_pad = max(16, triton.next_power_of_2(d))
-    part = torch.empty(b, hq, max(ns_fa, ns_sw), d_pad, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, max(ns_fa, ns_sw), dtype=torch.float32, device=q.device)
-    out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
+    part = torch.empty(b, hq * tq, max(ns_fa, ns_sw), d_pad, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq * tq, max(ns_fa, ns_sw), dtype=torch.float32, device=q.device)
+    out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
     partial, combine = _kernels()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if mask is not None:
-        mask = mask.reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
+        mask = (mask[:, :, -1] if mask.dim() == 4 else mask).reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
     mask_arg = mask if mask is not None else heads  # any pointer: not read without a mask
     partial[(b, n_fa * ns_fa + n_sw * ns_sw)](
         q, k_fa, v_fa, k_swa, v_swa, part, lse, heads, mask_arg,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
         k_fa.stride(0), k_fa.stride(1), k_fa.stride(2), v_fa.stride(0), v_fa.stride(1), v_fa.stride(2),
         k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         mask_arg.stride(0), mask_arg.stride(-1),
         n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, scale * 1.4426950408889634,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
-        HAS_MASK=mask is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        tq, window or 1, sinks,
+        G=group, R_PAD=max(16, triton.next_power_of_2(group * tq)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
+        HAS_MASK=mask is not None, MULTI=tq > 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    combine[(b, hq)](
+    combine[(b, hq * tq)](
         part, lse, out, heads, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(2), n_fa + n_sw, ns_fa, ns_sw,
+        out.stride(0), out.stride(2), out.stride(1), n_fa + n_sw, ns_fa, ns_sw, tq,
         G=group, D=d, D_PAD=d_pad, NS_PAD=max(2, triton.next_power_of_2(max(ns_fa, ns_sw))), SB=COMBINE_BLOCK,
     )
     return out
