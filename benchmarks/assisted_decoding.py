@@ -78,7 +78,7 @@ def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -
     ids = block.repeat(1, context // 64).to(device)  # a repetitive prompt: lookup drafts often match
     out = {}
     forwards = []  # query count of every forward: 1 per plain step, 1 + drafts per verification
-    model.register_forward_pre_hook(lambda m, a, kw: forwards.append((kw.get("input_ids") if "input_ids" in kw else a[0]).shape[-1]),
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw.get("input_ids", a[0] if a else None).shape[-1]),
                                     with_kwargs=True)
     runs = [("plain", {}, "auto"), ("prompt_lookup", {"prompt_lookup_num_tokens": 4}, "auto"),
             ("prompt_lookup_sdpa_verify", {"prompt_lookup_num_tokens": 4}, "sdpa")]  # drafts verified by the SDPA pair

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import _attn_lse, _merge, _on
+from .chunked import _attn_lse, _chunks, _merge, _on
 
 SPLIT_DEPTH = 0  # kernels.attention's causal prefill on CUDA fp16/bf16: 0 = one SDPA call (default); d > 0:
 # split_causal(depth=d) where T splits evenly. H200, 8K, 4 heads: depth 1 0.167 against 0.186 ms, but
@@ -36,8 +36,7 @@ def split_causal(q, k, v, scale: float, depth: int) -> torch.Tensor:
     if not splits(t, depth):
         raise ValueError(f"split_causal: T={t} does not split into 2^{depth} equal parts")
     n, L = 1 << depth, t >> depth
-    diag = (x.unflatten(2, (n, L)).transpose(1, 2).reshape(b * n, x.shape[1], L, d) for x in (q, k, v))
-    out, lse = _attn_lse(*diag, True, scale)
+    out, lse = _attn_lse(*(_chunks(x, 0, n, L) for x in (q, k, v)), True, scale)
     out = out.unflatten(0, (b, n)).permute(0, 2, 1, 3, 4).reshape(b, h, t, d)  # a view for [B,T,H,D] storage
     lse = lse.unflatten(0, (b, n)).permute(0, 2, 1, 3).reshape(b, h, t).contiguous()
     merge = _on(q, _merge)
