@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from consa.attention import kernels  # noqa: E402
 from consa.attention.cache import HybridCache  # noqa: E402
+from consa.compat import cache_kwargs, dtype_kwargs  # noqa: E402
 
 
 def _prompt(vocab: int, device) -> torch.Tensor:
@@ -47,10 +48,10 @@ def agreement(device, dtype, new_tokens: int) -> list[dict]:
                 model = _hybrid(0).to(device, dtype)
                 ids = _prompt(model.config.vocab_size, device)
                 kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-                plain = model.generate(ids, past_key_values=HybridCache(model), output_scores=True, return_dict_in_generate=True, **kw)
+                plain = model.generate(ids, **cache_kwargs(HybridCache(model), model), output_scores=True, return_dict_in_generate=True, **kw)
                 top2 = [s.float().topk(2).values[0] for s in plain.scores]
                 margins = [float(v[0] - v[1]) for v in top2]
-                drafted = model.generate(ids, past_key_values=HybridCache(model), prompt_lookup_num_tokens=3, **kw)
+                drafted = model.generate(ids, **cache_kwargs(HybridCache(model), model), prompt_lookup_num_tokens=3, **kw)
                 diff = (drafted[0] != plain.sequences[0]).nonzero()
                 first = int(diff[0]) - ids.shape[1] if len(diff) else None
                 rows.append({"dtype": str(dtype), "decode_kernel": decode, "overlap": overlap, "same": first is None,
@@ -69,7 +70,7 @@ def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(qwen3_config(device.type != "cuda"), dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_config(qwen3_config(device.type != "cuda"), **dtype_kwargs(dtype)).to(device).eval()
     shape = consa.model_shape(model)
     units = [(i % 4 == 0) for i in range(shape.num_layers * shape.num_kv_heads)]  # 25% FA heads
     consa.apply_allocation(model, Allocation.from_units(units, "kv_head", shape, 512, 0))
@@ -85,14 +86,14 @@ def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -
     for name, extra, decode in runs:
         kernels.DECODE_KERNEL = decode
         kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
-        model.generate(ids, past_key_values=HybridCache(model), **{**kw, "max_new_tokens": 8})  # warm-up: JIT at this length
+        model.generate(ids, **cache_kwargs(HybridCache(model), model), **{**kw, "max_new_tokens": 8})  # warm-up: JIT at this length
         if device.type == "cuda":
             torch.cuda.synchronize()
         forwards.clear()
         t0 = time.perf_counter()
         prof = torch.profiler.profile() if profile else contextlib.nullcontext()
         with prof:
-            seq = model.generate(ids, past_key_values=HybridCache(model), **kw)
+            seq = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         if profile:

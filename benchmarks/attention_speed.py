@@ -417,12 +417,13 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
     import consa
     from consa.allocation import Allocation
     from consa.attention.cache import HybridCache
+    from consa.compat import cache_kwargs, dtype_kwargs
     from transformers import AutoModelForCausalLM, DynamicCache
 
     cfg = qwen3_config(smoke)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **dtype_kwargs(dtype)).eval()
     ids = torch.randint(3, cfg.vocab_size, (1, context), device=device)
     shape = consa.model_shape(model)
     n_fa = round(share * shape.num_kv_heads)
@@ -440,7 +441,7 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = model.generate(ids, **cache_kwargs(cache, model), max_new_tokens=n, min_new_tokens=n, **kw)
         _sync(device)
         dt = time.perf_counter() - t0
         kv = sum(x.numel() * x.element_size() for layer in cache.layers for x in _layer_tensors(layer))

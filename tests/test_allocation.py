@@ -79,3 +79,50 @@ def test_mismatched_model_shape():
 def test_missing_file():
     with pytest.raises(AllocationError, match="not found"):
         Allocation.load("/nonexistent/alloc.json")
+
+
+NATIVE = [8, None, 8, None]  # layers 0 and 2 slide natively at 8
+
+
+def test_native_layers_are_fixed_and_not_counted(tmp_path):
+    a = Allocation.from_units([1, 0, 0, 0], "kv_head", SHAPE, 4, sinks=1, native=NATIVE)
+    assert a.num_units == 4 and a.num_fixed == 4 and a.num_swa == 3 and a.sparsity == 0.75
+    assert a.fa == ((False, False), (True, False), (False, False), (False, False))
+    assert a.fixed == ((True, True), (False, False), (True, True), (False, False))
+    assert a.span == ((8, 8), (None, 4), (8, 8), (4, 4)) and a.native == NATIVE
+    assert a.units == [True, False, False, False]
+    assert [a.layer_window(i) for i in range(4)] == [(8, 0), (4, 1), (8, 0), (4, 1)]  # native layers: no sinks
+    doc = json.loads(a.save(tmp_path / "a.json").read_text())
+    assert doc["version"] == 2 and doc["fixed"][0] == [1, 1] and doc["span"][1] == [None, 4] and doc["num_swa_units"] == 3
+    b = Allocation.load(tmp_path / "a.json")
+    assert b == a and b.native == NATIVE
+    assert b.with_window(6).span == ((8, 8), (None, 6), (8, 8), (6, 6))  # a native window never moves
+    layer = Allocation.from_units([0, 1], "layer", SHAPE, 4, native=NATIVE)
+    assert layer.num_units == 2 and layer.num_swa == 1 and layer.stats()["fixed_units"] == 2
+    with pytest.raises(AllocationError, match="expected 4"):
+        Allocation.from_units([1] * 8, "kv_head", SHAPE, 4, native=NATIVE)
+
+
+def test_version_1_files_load_unchanged(tmp_path):
+    doc = {"format": "consa.allocation", "version": 1, "granularity": "kv_head",
+           "shape": {"num_layers": 4, "num_kv_heads": 2, "num_q_heads": 4}, "window": 16, "sinks": 0,
+           "fa": [[0, 0], [1, 1], [1, 0], [0, 0]], "num_swa_units": 5, "meta": {"method": "old"}}
+    (tmp_path / "v1.json").write_text(json.dumps(doc))
+    a = Allocation.load(tmp_path / "v1.json")
+    assert a == Allocation.from_units([0, 0, 1, 1, 1, 0, 0, 0], "kv_head", SHAPE, 16)
+    assert a.num_fixed == 0 and a.span[2] == (None, 16) and a.native == [None] * 4 and a.meta == {"method": "old"}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("span", [[None, 4], [4, 4], [4, 4], [4, 4]], "null exactly for full-attention"),
+    ("span", [[16, 16], [16, 16], [16, 16], [16, 16]], "null exactly for full-attention"),
+    ("span", [[None, None], [4, 4], [4, 4], [4, 5]], "per-unit spans are not supported yet"),
+    ("span", [[None, None], [4, 4], [4, 4], [4, 0]], "integer >= 1"),
+    ("fixed", [[1, 0], [0, 0], [0, 0], [0, 0]], "fixes only some heads"),
+    ("fixed", [[0, 0], [0, 0], [0, 0]], "3 rows of 'fixed'"),
+])
+def test_bad_version_2_records(key, value, match):
+    doc = Allocation.from_units([1, 0, 0, 0], "layer", SHAPE, 4).to_dict()
+    doc[key] = value
+    with pytest.raises(AllocationError, match=match):
+        Allocation.from_dict(doc)

@@ -1,10 +1,14 @@
 """Multi-process search (torchrun + FSDP2, gloo on CPU, 2 processes) against the single-process one.
 
-Tolerance: the ranks reduce the loss and gradients in another order than one process does, so the
-gates may differ by float rounding; we require |Δ log α| ≤ 1e-5 and the same final allocation (on
-this machine the difference measured 0). Resume of a SIGKILLed 2-process job must be exact.
+Tolerance: the ranks reduce the loss and gradients in another order than one process does, so
+they agree up to float rounding only. What is compared at that level is what both compute from
+the same start: the first step's loss and gate gradient (a few float32 ulps of its magnitude);
+trained gates are not, because Adam divides by sqrt(v) and turns a near-zero gradient whose sign
+flips with the order into a whole learning-rate step. The runs must also end in the same
+allocation. Resume of a SIGKILLed 2-process job must be exact.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -25,12 +29,16 @@ from consa.train.search import Search, SearchConfig
 
 ARGS = ["--sparsity", "0.5", "--window", "5", "--seq-len", "32", "--batch-size", "4", "--steps", "16",
         "--checkpoint-every", "4", "--gate-lr", "0.1", "--seed", "3", "--no-progress"]
-GATE_ATOL = 1e-5
+FIRST_STEP_ULPS = 64  # rounding of a 2-rank all-reduce vs one process's sum, with room for other CPUs
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 
 
-def _env():
+def _env(first_step: str | None = None):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "src") + os.pathsep + env.get("PYTHONPATH", "")
+    if first_step:  # every rank saves its first gate gradient (helpers/first_step/sitecustomize.py)
+        env["PYTHONPATH"] = os.path.join(HELPERS, "first_step") + os.pathsep + env["PYTHONPATH"]
+        env["CONSA_TEST_FIRST_STEP"] = first_step
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -62,13 +70,23 @@ def _cmd(model_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):  # one thread, like each rank (OMP_NUM_THREADS=1): faster here
     """One single-process search and one unbroken 2-process search with the same global batch and seed."""
     root = tmp_path_factory.mktemp("dist")
     model_dir = root / "model"
     tiny_model("qwen3", num_layers=4).save_pretrained(model_dir)
-    assert main(["search", "--model", str(model_dir), *ARGS, "--out", str(root / "one")]) == 0
-    r = subprocess.run(_cmd(model_dir, root / "two", "--nproc", "2"), env=_env(), capture_output=True, text=True, timeout=300)
+    for name in ("one", "two"):
+        (root / "first_step" / name).mkdir(parents=True)
+    spec = importlib.util.spec_from_file_location("_first_step", os.path.join(HELPERS, "first_step", "sitecustomize.py"))
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    handle = helper.record_first_step(str(root / "first_step" / "one" / "rank0.safetensors"))
+    try:
+        assert main(["search", "--model", str(model_dir), *ARGS, "--out", str(root / "one")]) == 0
+    finally:
+        handle.remove()
+    r = subprocess.run(_cmd(model_dir, root / "two", "--nproc", "2"), env=_env(str(root / "first_step" / "two")),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return model_dir, root
 
@@ -77,11 +95,17 @@ def test_two_processes_match_one_process(runs):
     _, root = runs
     one, two = root / "one", root / "two"
     assert Allocation.load(one / "allocation.json") == Allocation.load(two / "allocation.json")
-    assert torch.allclose(_gates(one), _gates(two), atol=GATE_ATOL, rtol=0)
+    eps = torch.finfo(torch.float32).eps
+    # the first step's gate gradient: one process's, and each rank's after the all-reduce (the same)
+    want = load_file(str(root / "first_step" / "one" / "rank0.safetensors"))["grad0"]
+    assert want.shape == _gates(one).shape and float(want.abs().max()) > 0
+    for rank in (0, 1):
+        got = load_file(str(root / "first_step" / "two" / f"rank{rank}.safetensors"))["grad0"]
+        torch.testing.assert_close(got, want, atol=FIRST_STEP_ULPS * eps * float(want.abs().max()), rtol=0)
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m2] == list(range(16))  # rank 0 alone logged, once per step
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(m1, m2)) < 1e-5  # the same global-mean loss
+    assert abs(m1[0]["loss"] - m2[0]["loss"]) <= FIRST_STEP_ULPS * eps * abs(m1[0]["loss"])  # the same global-mean loss
     assert json.loads((two / "search.json").read_text())["world_size"] == 2
     assert json.loads((two / "checkpoint" / "state.json").read_text())["world_size"] == 2
 

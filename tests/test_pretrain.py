@@ -20,6 +20,9 @@ from consa.train.pretrain import (CHECKPOINT, LOG_FILE, MixedSource, PretrainCon
 # small and fast: 2 layers of the tiny preset's width would differ from the preset, so the tests use
 # the tiny preset itself with short sequences and small batches
 FAST = dict(preset="tiny", seq_len=64, batch_size=8, progress=False, eval_batches=2)
+# gradients of a 4×160-token batch summed in two orders (grad_accum 1 vs 2) differ by a few float32
+# ulps of the tensor's largest entry; 256 ulps leaves room for other CPUs' summation orders
+ANSWER_GRAD_ULPS = 256
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,12 +167,38 @@ def test_time_limit_stops_cleanly_and_resumes(corpus, tmp_path):
     assert json.loads((out / LOG_FILE).read_text())["steps_done"] == 6 and (out / "config.json").exists()
 
 
+def _first_step(cfg: PretrainConfig, source) -> tuple[Path, list[torch.Tensor], list[torch.Tensor]]:
+    """Run ``cfg`` (one step) and return its directory and the gradients and parameters AdamW got at
+    that step, in the optimizer's order (caught by torch's global optimizer-step hook)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def grab(opt, args, kwargs):
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        seen.append(([p.grad.detach().clone() for p in ps], [p.detach().clone() for p in ps]))
+
+    handle = register_optimizer_step_pre_hook(grab)
+    try:
+        out = pretrain(cfg, batch_source=source)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return out, *seen[0]
+
+
 def test_answer_weight_adds_the_mean_answer_loss(corpus, tmp_path):
     """The extra term is weight × mean CE over the marked answer targets of the whole batch, so a
-    split batch (grad_accum) trains the same; weight 0 is the plain LM loss; and it is recorded."""
-    from transformers import AutoTokenizer
+    split batch (grad_accum) trains the same; weight 0 is the plain LM loss; and it is recorded.
 
-    from consa.train.pretrain import _losses
+    Compared are the gradients of the first step against the same terms differentiated by hand on
+    the whole batch: those are equal up to float rounding (summation order), whereas weights after
+    a few AdamW steps are not (Adam divides by sqrt(v): a near-zero gradient whose sign flips with
+    the order moves a weight by a full lr). Tolerance: a multiple of float32 eps times the tensor's
+    largest gradient, so it scales with the numbers and not with one machine's rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from consa.train.pretrain import _batch_rng, _losses, _make_optimizer
 
     tok = AutoTokenizer.from_pretrained(str(corpus))
     shards = open_shards(corpus, "train")
@@ -180,9 +209,6 @@ def test_answer_weight_adds_the_mean_answer_loss(corpus, tmp_path):
 
     # the loss terms, against log-softmax picked by hand
     torch.manual_seed(0)
-    from consa.presets import preset_config
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_config(preset_config("tiny", len(tok)))
     lm, ans = _losses(model, ids, mask, "cpu", False)
     logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
@@ -190,15 +216,38 @@ def test_answer_weight_adds_the_mean_answer_loss(corpus, tmp_path):
     torch.testing.assert_close(lm, nll.mean())
     torch.testing.assert_close(ans, nll[mask[:, 1:]].sum())
 
-    common = dict(corpus=corpus, steps=3, **{**FAST, "batch_size": 4, "seq_len": 160})
-    runs = {name: pretrain(PretrainConfig(out=tmp_path / name, **common, **kw), batch_source=source)
+    # one step each, no clipping (it would rescale the sum of the terms)
+    common = dict(corpus=corpus, steps=1, grad_clip=1e9, **{**FAST, "batch_size": 4, "seq_len": 160})
+    runs = {name: _first_step(PretrainConfig(out=tmp_path / name, **common, **kw), source)
             for name, kw in {"w": {"answer_weight": 2.0}, "w_accum": {"answer_weight": 2.0, "grad_accum": 2},
                              "plain": {}}.items()}
-    w, w_accum, plain = (_weights(runs[n]) for n in ("w", "w_accum", "plain"))
-    for k in w:
-        torch.testing.assert_close(w[k], w_accum[k], rtol=1e-5, atol=1e-5, msg=k)
-    assert any(not torch.allclose(w[k], plain[k], atol=1e-4) for k in w)
-    hist = json.loads((runs["w"] / LOG_FILE).read_text())["history"]
+    start = runs["plain"][2]
+    for name in ("w", "w_accum"):  # all three started from the same weights
+        assert all(torch.equal(a, b) for a, b in zip(runs[name][2], start))
+
+    # the terms by hand, on that start model and the first step's whole batch
+    r = resolve(PretrainConfig(out=tmp_path / "x", **common))
+    model = AutoModelForCausalLM.from_pretrained(str(runs["plain"][0]), attn_implementation="sdpa").train()
+    params = [p for g in _make_optimizer(model, r).param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p, v in zip(params, start, strict=True):
+            p.copy_(v)
+    source.set_step(0)
+    first = source(r.batch_size, r.seq_len, _batch_rng(r.seed, 0))
+    lm, ans = _losses(model, first["input_ids"], first["answer_mask"], "cpu", False)
+    g_lm = torch.autograd.grad(lm, params, retain_graph=True)
+    g_ans = torch.autograd.grad(ans / int(first["answer_mask"][:, 1:].sum()), params)
+    want = {"plain": g_lm, "w": [a + 2.0 * b for a, b in zip(g_lm, g_ans)]}
+    want["w_accum"] = want["w"]
+
+    eps = torch.finfo(torch.float32).eps
+    tols = [ANSWER_GRAD_ULPS * eps * float(g.abs().max()) for g in want["w"]]
+    # the answer term stands far above the tolerance, so dropping it or scaling it wrongly fails below
+    assert max(float(2.0 * b.abs().max()) / t for b, t in zip(g_ans, tols)) > 100
+    for name, (_, got, _) in runs.items():
+        for i, (a, b, t) in enumerate(zip(got, want[name], tols)):
+            torch.testing.assert_close(a, b, atol=t, rtol=0, msg=lambda m: f"{name}, parameter {i}: {m}")
+    hist = json.loads((runs["w"][0] / LOG_FILE).read_text())["history"]
     assert all(h["answer_loss"] is not None and h["answer_loss"] > 0 for h in hist)
     with pytest.raises(ConsaError, match="answer-weight"):
         pretrain(PretrainConfig(out=tmp_path / "bad", answer_weight=-1.0, **common))

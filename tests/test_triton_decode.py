@@ -14,6 +14,7 @@ from consa.allocation import Allocation
 from consa.attention import kernels, triton_decode
 from consa.attention.cache import HybridCache
 from consa.attention.kernels import KeySlots
+from consa.compat import cache_kwargs
 from consa.tiny import tiny_model
 
 def _old_interpreter() -> bool:
@@ -258,7 +259,7 @@ def test_model_decode_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
         cache, out, x = HybridCache(model), [], ids
         with torch.no_grad():
             for _ in range(4):
-                logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=x, **cache_kwargs(cache, model), use_cache=True).logits[:, -1]
                 out.append(logits)
                 x = logits.argmax(-1, keepdim=True)
         return torch.stack(out)
@@ -285,10 +286,10 @@ def test_left_padded_generate_equals_sdpa_path(on_cpu, monkeypatch, window, sink
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
               output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        got = model.generate(ids, past_key_values=HybridCache(model), **kw)
+        got = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
         assert len(on_cpu) == 2 * 4  # 2 layers x (the 8-token prompt + 3 decode steps)
         monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
-        want = model.generate(ids, past_key_values=HybridCache(model), **kw)
+        want = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=0)
 
@@ -311,7 +312,7 @@ def test_verification_forwards_take_the_kernel(on_cpu, monkeypatch, window, sink
         outs = []
         with torch.no_grad():
             for lo, hi in ((0, 6), (6, 9), (9, 13), (13, 17)):
-                outs.append(model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True).logits)
+                outs.append(model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], **cache_kwargs(cache, model), use_cache=True).logits)
         return torch.cat(outs, 1)
 
     for record in (True, False):
@@ -331,9 +332,9 @@ def test_prompt_lookup_with_the_kernel_equals_greedy(on_cpu):
     ids = torch.cat([pattern, pattern, pattern[:, :3]], 1)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        want = model.generate(ids, past_key_values=HybridCache(model), **kw)
+        want = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
         on_cpu.clear()
-        got = model.generate(ids, past_key_values=HybridCache(model), prompt_lookup_num_tokens=3, **kw)
+        got = model.generate(ids, **cache_kwargs(HybridCache(model), model), prompt_lookup_num_tokens=3, **kw)
     assert torch.equal(got, want)
     assert len(on_cpu) > 0
 

@@ -15,8 +15,17 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
+def heal(model, allocation, batches, out, **kwargs):
+    """Fine-tune ``model`` under a fixed allocation towards full attention; see :func:`consa.train.heal.heal`."""
+    from .train.heal import heal as _heal
+
+    return _heal(model, allocation, batches, out, **kwargs)
+
+
 def generate(model, input_ids, **kwargs):
-    """``model.generate`` with a fresh per-head hybrid KV cache; see :func:`consa.attention.cache.generate`."""
+    """Generate with the hybrid KV cache: on CUDA a static cache + CUDA-graph decode, else
+    ``model.generate`` with a fresh ``HybridCache`` (``static=False`` forces that); a list of prompts
+    gives a list of new-token lists. See :func:`consa.attention.cache.generate`."""
     from .attention.cache import generate as _generate
 
     return _generate(model, input_ids, **kwargs)
@@ -31,6 +40,7 @@ __all__ = [
     "attach_gates",
     "detach",
     "generate",
+    "heal",
     "load",
     "model_shape",
     "reorder_heads",

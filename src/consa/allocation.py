@@ -6,6 +6,12 @@ attention function and the hybrid cache consume it, export stores it. It knows n
 Units are whole layers (``granularity="layer"``) or single KV heads (``"kv_head"``; a KV head's bit is
 shared by the query heads of its GQA group). Internally the bits are always expanded per KV head
 (``fa[layer][kv_head]``), so consumers never branch on granularity.
+
+Each unit also records what it keeps: ``span`` (the keys it sees back, self included; None = full
+attention) and ``fixed`` (kept as the model has it, e.g. a native sliding layer of Gemma3 or
+Mistral: never searched and not counted by the sparsity target). Format version 2 stores both per KV
+head, so per-unit spans (each unit its own window) can later fill ``span`` without another format
+change; version-1 files (no spans, nothing fixed) load unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from .errors import ConsaError
 from .files import atomic_write_text, read_json
 
 FORMAT = "consa.allocation"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 GRANULARITIES = ("layer", "kv_head")
 
 
@@ -64,6 +71,10 @@ def swa_count(sparsity: float, num_units: int) -> int:
     return int(math.floor(sparsity * num_units + 0.5))
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or not (0.0 < float(sparsity) < 1.0) or math.isnan(sparsity):
         raise AllocationError(f"sparsity must be strictly between 0 and 1, got {sparsity!r}")
@@ -75,7 +86,9 @@ class Allocation:
     """Per-unit FA/SWA bits plus everything needed to apply them identically everywhere.
 
     ``fa`` holds one tuple per layer with one bool per KV head (True = full attention). For
-    ``granularity="layer"`` every head of a layer carries the same bit.
+    ``granularity="layer"`` every head of a layer carries the same bit. ``fixed`` and ``span`` (per KV
+    head, filled in when left out) say which units the model fixes and how far back each unit sees;
+    counts (``num_units``, ``num_swa``, ``sparsity``) cover the searched units only.
     """
 
     granularity: str
@@ -84,24 +97,49 @@ class Allocation:
     fa: tuple[tuple[bool, ...], ...]
     sinks: int = 0
     meta: dict = field(default_factory=dict, compare=False)
+    fixed: tuple[tuple[bool, ...], ...] | None = None
+    span: tuple[tuple[int | None, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         check_granularity(self.granularity)
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+        if not _is_int(self.window) or self.window < 1:
             raise AllocationError(f"window must be an integer >= 1, got {self.window!r}")
-        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+        if not _is_int(self.sinks) or self.sinks < 0:
             raise AllocationError(f"sinks must be an integer >= 0, got {self.sinks!r}")
         fa = tuple(tuple(bool(b) for b in row) for row in self.fa)
         object.__setattr__(self, "fa", fa)
-        if len(fa) != self.shape.num_layers:
-            raise AllocationError(f"allocation has {len(fa)} layers, shape says {self.shape.num_layers}")
+        self._check_grid(fa, "layers", "KV heads")
         for i, row in enumerate(fa):
-            if len(row) != self.shape.num_kv_heads:
-                raise AllocationError(
-                    f"layer {i} has {len(row)} KV heads, shape says {self.shape.num_kv_heads}"
-                )
             if self.granularity == "layer" and len(set(row)) > 1:
                 raise AllocationError(f"layer-granularity allocation mixes FA and SWA heads in layer {i}")
+        fixed = self.fixed if self.fixed is not None else [[False] * len(row) for row in fa]
+        fixed = tuple(tuple(bool(b) for b in row) for row in fixed)
+        self._check_grid(fixed, "rows of 'fixed'", "entries")
+        object.__setattr__(self, "fixed", fixed)
+        if self.span is None:
+            span = tuple(tuple(None if f else self.window for f in row) for row in fa)
+        else:
+            span = tuple(tuple(None if s is None else s for s in row) for row in self.span)
+        self._check_grid(span, "rows of 'span'", "entries")
+        object.__setattr__(self, "span", span)
+        for i in range(len(fa)):
+            if self.granularity == "layer" and len(set(fixed[i])) > 1:
+                raise AllocationError(f"layer-granularity allocation fixes only some heads of layer {i}")
+            for h, (f, x, s) in enumerate(zip(fa[i], fixed[i], span[i])):
+                if f != (s is None):
+                    raise AllocationError(f"unit {i}:{h}: span must be null exactly for full-attention units, got {s!r}")
+                if s is not None and (not _is_int(s) or s < 1):
+                    raise AllocationError(f"unit {i}:{h}: span must be an integer >= 1, got {s!r}")
+                if s is not None and not x and s != self.window:  # the format has room for per-unit spans
+                    raise AllocationError(f"unit {i}:{h}: span {s} differs from the window {self.window} "
+                                          "(per-unit spans are not supported yet)")
+
+    def _check_grid(self, grid, rows: str, cols: str) -> None:
+        if len(grid) != self.shape.num_layers:
+            raise AllocationError(f"allocation has {len(grid)} {rows}, shape says {self.shape.num_layers} layers")
+        for i, row in enumerate(grid):
+            if len(row) != self.shape.num_kv_heads:
+                raise AllocationError(f"layer {i} has {len(row)} {cols}, shape says {self.shape.num_kv_heads} KV heads")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -113,34 +151,62 @@ class Allocation:
         window: int,
         sinks: int = 0,
         meta: dict | None = None,
+        native: Sequence[int | None] | None = None,
     ) -> "Allocation":
-        """Build from a flat per-unit FA vector (layer-major for kv_head units)."""
-        n = shape.num_units(granularity)
+        """Build from a flat per-unit FA vector (layer-major for kv_head units).
+
+        ``native`` (per layer: the model's own sliding window, or None) marks layers the model already
+        slides and that stay as they are: they are fixed SWA at that window, and ``units_fa`` covers
+        the other layers' units only."""
+        check_granularity(granularity)
+        native = list(native) if native is not None else [None] * shape.num_layers
+        if len(native) != shape.num_layers:
+            raise AllocationError(f"native windows cover {len(native)} layers, shape says {shape.num_layers}")
+        free = [i for i, w in enumerate(native) if w is None]
+        per_layer = 1 if granularity == "layer" else shape.num_kv_heads
+        n = len(free) * per_layer
         units = [bool(u) for u in units_fa]
         if len(units) != n:
             raise AllocationError(f"expected {n} {granularity} units, got {len(units)}")
-        if granularity == "layer":
-            fa = [[u] * shape.num_kv_heads for u in units]
-        else:
-            h = shape.num_kv_heads
-            fa = [units[i * h : (i + 1) * h] for i in range(shape.num_layers)]
-        return cls(granularity, shape, window, tuple(map(tuple, fa)), sinks, dict(meta or {}))
+        h = shape.num_kv_heads
+        fa, fixed, span = [], [], []
+        for i, w in enumerate(native):
+            if w is None:
+                j = free.index(i) * per_layer
+                row = [units[j]] * h if granularity == "layer" else units[j : j + h]
+                fa.append(row)
+                fixed.append([False] * h)
+                span.append([None if b else window for b in row])
+            else:
+                fa.append([False] * h)
+                fixed.append([True] * h)
+                span.append([w] * h)
+        return cls(granularity, shape, window, tuple(map(tuple, fa)), sinks, dict(meta or {}),
+                   tuple(map(tuple, fixed)), tuple(map(tuple, span)))
 
     @classmethod
     def uniform(cls, fa: bool, granularity: str, shape: ModelShape, window: int, sinks: int = 0) -> "Allocation":
         return cls.from_units([fa] * shape.num_units(granularity), granularity, shape, window, sinks)
 
     # ---- views ----------------------------------------------------------------------------------
+    def _searched(self) -> list[tuple[int, int]]:
+        """(layer, head) of every searched unit (the first head stands for a layer unit)."""
+        heads = 1 if self.granularity == "layer" else self.shape.num_kv_heads
+        return [(i, h) for i in range(self.shape.num_layers) for h in range(heads) if not self.fixed[i][h]]
+
     @property
     def units(self) -> list[bool]:
-        """Flat per-unit FA bits (layer-major)."""
-        if self.granularity == "layer":
-            return [row[0] for row in self.fa]
-        return [b for row in self.fa for b in row]
+        """Flat per-unit FA bits of the searched units (layer-major)."""
+        return [self.fa[i][h] for i, h in self._searched()]
 
     @property
     def num_units(self) -> int:
-        return self.shape.num_units(self.granularity)
+        """Searched units (fixed units are not counted)."""
+        return len(self._searched())
+
+    @property
+    def num_fixed(self) -> int:
+        return self.shape.num_units(self.granularity) - self.num_units
 
     @property
     def num_swa(self) -> int:
@@ -148,7 +214,13 @@ class Allocation:
 
     @property
     def sparsity(self) -> float:
-        return self.num_swa / self.num_units
+        return self.num_swa / self.num_units if self.num_units else 0.0
+
+    @property
+    def native(self) -> list[int | None]:
+        """Per layer: the window of a layer whose units are all fixed SWA (a native sliding layer), else None."""
+        return [row_s[0] if all(row_f) and row_s[0] is not None and len(set(row_s)) == 1 else None
+                for row_f, row_s in zip(self.fixed, self.span)]
 
     def fa_heads(self, layer: int) -> list[int]:
         return [h for h, b in enumerate(self.fa[layer]) if b]
@@ -156,8 +228,28 @@ class Allocation:
     def swa_heads(self, layer: int) -> list[int]:
         return [h for h, b in enumerate(self.fa[layer]) if not b]
 
+    def layer_window(self, layer: int) -> tuple[int, int]:
+        """(window, sinks) of the SWA heads of ``layer``: a native layer keeps its own window and no
+        sinks. One window per layer is what the kernels serve today."""
+        swa = self.swa_heads(layer)
+        if not swa:
+            return self.window, self.sinks
+        spans = {self.span[layer][h] for h in swa}
+        kinds = {self.fixed[layer][h] for h in swa}
+        if len(spans) > 1 or len(kinds) > 1:
+            raise AllocationError(f"layer {layer}: its SWA heads differ in span or origin; one window per layer is served")
+        return spans.pop(), (0 if kinds.pop() else self.sinks)
+
     def with_window(self, window: int, sinks: int | None = None) -> "Allocation":
-        return Allocation(self.granularity, self.shape, window, self.fa, self.sinks if sinks is None else sinks, self.meta)
+        span = tuple(tuple(s if (s is None or x) else window for s, x in zip(rs, rf)) for rs, rf in zip(self.span, self.fixed))
+        return Allocation(self.granularity, self.shape, window, self.fa, self.sinks if sinks is None else sinks, self.meta,
+                          self.fixed, span)
+
+    def permuted(self, orders: Sequence[Sequence[int]], meta: dict | None = None) -> "Allocation":
+        """The same units with each layer's KV heads in a new order (``orders[layer][new] = old``)."""
+        pick = lambda grid: tuple(tuple(row[o] for o in order) for row, order in zip(grid, orders))  # noqa: E731
+        return Allocation(self.granularity, self.shape, self.window, pick(self.fa), self.sinks,
+                          self.meta if meta is None else meta, pick(self.fixed), pick(self.span))
 
     def check_matches(self, shape: ModelShape) -> None:
         if shape != self.shape:
@@ -199,6 +291,8 @@ class Allocation:
             "sparsity": self.sparsity,
             "window": self.window,
             "sinks": self.sinks,
+            "fixed_units": self.num_fixed,
+            "native_windows": self.native,
             "fa_share_per_layer": shares,
             "fa_blocks": self.fa_blocks(),
             "contiguity": self.contiguity(),
@@ -221,6 +315,8 @@ class Allocation:
             "window": self.window,
             "sinks": self.sinks,
             "fa": [[int(b) for b in row] for row in self.fa],
+            "span": [list(row) for row in self.span],
+            "fixed": [[int(b) for b in row] for row in self.fixed],
             "num_swa_units": self.num_swa,
             "meta": self.meta,
         }
@@ -229,16 +325,17 @@ class Allocation:
     def from_dict(cls, doc: object) -> "Allocation":
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise AllocationError(f"not a consa allocation (expected format {FORMAT!r})")
-        if doc.get("version") != VERSION:
-            raise AllocationError(f"unsupported allocation version {doc.get('version')!r} (this consa reads {VERSION})")
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS:
+            raise AllocationError(f"unsupported allocation version {version!r} (this consa reads {', '.join(map(str, READABLE_VERSIONS))})")
         try:
             shape = ModelShape(**doc["shape"])
-            fa = doc["fa"]
-            if not isinstance(fa, list) or not all(isinstance(r, list) for r in fa):
-                raise AllocationError("'fa' must be a list of lists")
-            if any(b not in (0, 1, True, False) for r in fa for b in r):
-                raise AllocationError("'fa' entries must be 0 or 1")
-            alloc = cls(doc["granularity"], shape, doc["window"], tuple(map(tuple, fa)), doc.get("sinks", 0), doc.get("meta") or {})
+            fa = _grid(doc, "fa", lambda b: b in (0, 1, True, False), "0 or 1")
+            fixed = span = None
+            if version >= 2:  # version 1: nothing fixed, every SWA unit at the window
+                fixed = _grid(doc, "fixed", lambda b: b in (0, 1, True, False), "0 or 1")
+                span = _grid(doc, "span", lambda s: s is None or _is_int(s), "null or an integer")
+            alloc = cls(doc["granularity"], shape, doc["window"], fa, doc.get("sinks", 0), doc.get("meta") or {}, fixed, span)
         except KeyError as e:
             raise AllocationError(f"allocation is missing the key {e.args[0]!r}") from None
         except TypeError as e:
@@ -257,3 +354,12 @@ class Allocation:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Allocation":
         return cls.from_dict(read_json(path, "allocation file", AllocationError))
+
+
+def _grid(doc: dict, key: str, ok, what: str) -> tuple[tuple, ...]:
+    grid = doc[key]
+    if not isinstance(grid, list) or not all(isinstance(r, list) for r in grid):
+        raise AllocationError(f"{key!r} must be a list of lists")
+    if not all(ok(b) for r in grid for b in r):
+        raise AllocationError(f"{key!r} entries must be {what}")
+    return tuple(map(tuple, grid))

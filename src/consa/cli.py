@@ -9,11 +9,19 @@ import sys
 
 from .errors import ConsaError
 
-COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment")
+COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment", "heal")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a parse error is the same single ``consa: error:`` line as any other bad input."""
+
+    def error(self, message: str):
+        print(f"consa: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="consa", description="Learn where a decoder LLM needs full attention (ConSA).")
+    parser = _Parser(prog="consa", description="Learn where a decoder LLM needs full attention (ConSA).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -32,14 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # library chatter would break the one-line error contract
     hf_logging.disable_progress_bar()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a parse error already printed as one line
+        return e.code if isinstance(e.code, int) else int(e.code is not None) * 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ConsaError, FileNotFoundError) as e:
+    except ConsaError as e:
         print(f"consa: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user named: missing, unwritable, a file where a folder should be
+        where = f"{e.filename}: " if e.filename else ""
+        what = (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
+        print(f"consa: error: {where}{what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("consa: interrupted", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The reference experiment (GUIDE §6, issue 5): does a learned allocation beat the rules?
 
-One JSON config drives five stages, each resuming from the previous stage's output on disk:
+One JSON config drives six stages, each resuming from the previous stage's output on disk:
 
 ``data``      corpus (tokenizer + token shards) in ``WORKDIR/corpus`` (or an existing corpus dir)
 ``pretrain``  a full-attention Qwen3 base model in ``WORKDIR/base``, trained on the corpus mixed with
@@ -12,6 +12,8 @@ One JSON config drives five stages, each resuming from the previous stage's outp
               units of their granularity
 ``eval``      ``consa.eval.evaluate`` of the full model (with the full / all-SWA calibration baselines)
               and of every allocation, in ``WORKDIR/eval/...`` (one run dir each, as ``consa eval``)
+``heal``      (only with a ``heal`` section) every allocation of ``heal.sparsities`` fine-tuned under its
+              allocation (``consa.train.heal``) and evaluated into ``WORKDIR/eval/s<t>/<method>-healed``
 ``report``    ``WORKDIR/report/results.md`` + ``results.json`` + heatmaps: one table per sparsity
 
 A finished stage (recorded in ``WORKDIR/stages.json`` with its wall time) is skipped; inside a stage
@@ -22,8 +24,8 @@ sparsities) use another workdir's finished base model and bank instead of pretra
 
 Token budget after the base model: ConSA and Duo-style use ``search.steps × batch × seq_len`` tokens
 of gate training each; the attention-mass score reads ``mass_batches × batch × seq_len`` tokens without
-training; rules use none. There is no heal stage in this driver (every allocation is evaluated on the
-untouched base weights), so the budget after the cut is zero for every method alike.
+training; rules use none. The optional ``heal`` stage then spends the same ``heal.tokens`` on every
+allocation it heals (same batches), so before/after compares methods at an equal budget after the cut.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 
 from .errors import ConsaError
 
-STAGES = ("data", "pretrain", "search", "eval", "report")
+STAGES = ("data", "pretrain", "search", "eval", "heal", "report")
 RULE_METHODS = ("interleaved-kv_head", "interleaved-layer", "fa_top-layer", "fa_bottom-layer", "fa_middle-layer")
 ALL_METHODS = ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head", *RULE_METHODS, "random-kv_head")
 
@@ -93,6 +95,7 @@ class SearchStage:
     steps: int = 100
     until_agreement: float = 0.0  # ConSA only: extend past `steps` until this share of gates agrees with the cut
     max_steps: int = 0  # cap of that extension (0: 4 × steps)
+    refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off
     batch_size: int = 8
     seq_len: int | None = None  # default: the pretraining sequence length
     retrieval_share: float = 0.5  # share of each search batch that is retrieval items
@@ -123,6 +126,24 @@ class EvalStage:
 
 
 @dataclass
+class HealStage:
+    """Heal every allocation of the listed sparsities with the same batches (``consa.train.heal``)."""
+
+    sparsities: list | None = None  # default: every search sparsity
+    methods: list | None = None  # default: every search method
+    tokens: int = 2_000_000
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the search's
+    lr: float = 1e-5
+    lora_rank: int = 0  # 0: every weight (no PEFT needed)
+    lm_weight: float = 0.0
+    warmup_frac: float = 0.1
+    retrieval_share: float = 0.5
+    backend: str = "auto"
+    keep_models: bool = False  # keep each healed model (a consa export) in WORKDIR/heal/s<t>/<method>
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -133,13 +154,14 @@ class ExperimentConfig:
     pretrain: PretrainStage = field(default_factory=PretrainStage)
     search: SearchStage = field(default_factory=SearchStage)
     eval: EvalStage = field(default_factory=EvalStage)
+    heal: HealStage | None = None  # no section: the heal stage does nothing
     source: str | None = None  # the config file it came from (recorded only)
 
     @classmethod
     def from_dict(cls, d: dict, base_dir: str | Path | None = None) -> "ExperimentConfig":
         if not isinstance(d, dict):
             raise ConsaError("an experiment config must be a JSON object")
-        subs = {"data": DataConfig, "pretrain": PretrainStage, "search": SearchStage, "eval": EvalStage}
+        subs = {"data": DataConfig, "pretrain": PretrainStage, "search": SearchStage, "eval": EvalStage, "heal": HealStage}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"comment", "_comment"})
         if unknown:
@@ -197,6 +219,10 @@ class ExperimentConfig:
                              f"{p.dense_curriculum!r}")
         if not 1 <= p.dense_queries <= p.dense_pairs:
             raise ConsaError(f"pretrain.dense_queries must lie in [1, dense_pairs], got {p.dense_queries!r}")
+        if self.heal is not None:
+            from .experiment_heal import validate_heal
+
+            validate_heal(self)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -585,7 +611,7 @@ def stage_search(wd: Workdir) -> dict:
                 scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
                                     until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend)
+                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals)
                 out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
                 resume = (out_dir / "checkpoint" / "state.json").is_file()
                 alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)
@@ -593,7 +619,8 @@ def stage_search(wd: Workdir) -> dict:
                 summ = json.loads((out_dir / "search.json").read_text())
                 extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
                          "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
-                         "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done")}
+                         "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done"),
+                         "refine": summ.get("refine")}
                 tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len
             elif name == "duo":
                 alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
@@ -895,6 +922,10 @@ def stage_report(wd: Workdir) -> dict:
           f"Long-range NLL (positions > 2W): full attention {_fmt(res['full_long_nll'], 4)}, all-SWA "
           f"{_fmt(res['all_swa_long_nll'], 4)}.", "",
           format_tables(res), "### Structure of the data-driven allocations", "", format_structure(res)]
+    if cfg.heal is not None:
+        from .experiment_heal import format_heal
+
+        md += ["", format_heal(wd)]
     md += [f"![{f}]({f})" for f in figs]
     atomic_write_text(wd.report / "results.md", "\n".join(md) + "\n")
     res["stages"] = stages
@@ -903,9 +934,16 @@ def stage_report(wd: Workdir) -> dict:
     return {"results": str(wd.report / "results.md"), "figures": figs}
 
 
+def stage_heal(wd: Workdir, deadline: float | None = None) -> dict:
+    """Heal every allocation of ``cfg.heal`` and evaluate it next to the unhealed one (experiment_heal.py)."""
+    from .experiment_heal import run_heal_stage
+
+    return run_heal_stage(wd, deadline)
+
+
 # ------------------------------------------------------------------------------------------ driver
 STAGE_FNS: dict[str, Callable] = {"data": stage_data, "pretrain": stage_pretrain, "search": stage_search,
-                                   "eval": stage_eval, "report": stage_report}
+                                   "eval": stage_eval, "heal": stage_heal, "report": stage_report}
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: bool = False,
@@ -919,10 +957,11 @@ def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: 
         return wd.stages()[stage]
     prev = wd.stages().get(stage, {})
     before = float(prev.get("wall_s", 0.0)) if not prev.get("done") else 0.0
+    wd.root.mkdir(parents=True, exist_ok=True)  # every stage writes there (e.g. the bank), whichever runs first
     t0 = time.time()
     _say(f"{stage}: start")
     try:
-        info = STAGE_FNS[stage](wd, deadline) if stage == "eval" else STAGE_FNS[stage](wd)
+        info = STAGE_FNS[stage](wd, deadline) if stage in ("eval", "heal") else STAGE_FNS[stage](wd)
         done = True
     except _Partial as e:
         info, done = {"note": str(e)}, False

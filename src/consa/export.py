@@ -6,9 +6,14 @@ Two formats, chosen per allocation and family (``mode="auto"``):
   windows in stock transformers (Qwen3, Qwen2, Ministral; Llama and Mistral weights load as
   ``ministral``). config.json gets ``layer_types`` + ``sliding_window`` (+ ``use_sliding_window`` for
   Qwen), so plain ``AutoModelForCausalLM.from_pretrained`` serves it without consa.
-* **heads**: anything else (head-wise allocations, sinks, Gemma3, whose sliding layers use another
-  RoPE base). Heads are reordered so FA heads come first, and the (reordered) allocation is stored in
-  config.json under the key ``consa``; :func:`load` applies it. Needs consa at load time.
+* **heads**: anything else (head-wise allocations, sinks, a consa window other than the model's
+  native one, Gemma3). Heads are reordered so FA heads come first, and the (reordered) allocation is
+  stored in config.json under the key ``consa``; ``layer_types`` stay as trained. Gemma3 picks each
+  layer's RoPE base by its layer type, so a full layer relabelled ``sliding_attention`` would silently
+  change its positions: the allocation, not ``layer_types``, says which layers slide. The model type
+  becomes ``consa_<family>`` and the export ships ``modeling_consa.py`` (``auto_map``): stock
+  transformers loads it with ``trust_remote_code=True`` and refuses it without, instead of quietly
+  running full attention; after ``import consa`` (or with :func:`load`) consa's own kernels serve it.
 
 Weights are safetensors only. The export is written to a temporary folder beside ``out`` and moved
 into place at the end, so a failure never leaves a half-written export.
@@ -30,7 +35,9 @@ from .files import read_json
 
 KEY = "consa"
 FORMAT = "consa.export"
-VERSION = 1
+VERSION = 2  # 2: head-wise exports carry their own model type and modeling code
+READABLE_VERSIONS = (1, 2)
+CODE_FILE = "modeling_consa.py"
 NATIVE_FAMILIES = ("qwen3", "qwen2", "ministral", "llama", "mistral")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
@@ -42,12 +49,17 @@ class ExportError(ConsaError, ValueError):
 # ---- export ---------------------------------------------------------------------------------------
 def native_blocker(model_or_config, allocation: Allocation) -> str | None:
     """Why this allocation cannot become native layer_types for this family (None when it can)."""
-    from .models import text_config
+    from .models import base_family, text_config
 
     cfg = text_config(model_or_config)
-    family = getattr(cfg, "model_type", "?")
+    family = base_family(cfg)
+    if family == "gemma3_text":
+        return "Gemma3 picks a layer's RoPE by its layer type, so layer_types must stay as trained"
     if family not in NATIVE_FAMILIES:
         return f"family {family!r} has no native per-layer sliding window consa can target"
+    other = sorted({w for w in allocation.native if w is not None and w != allocation.window})
+    if other:
+        return f"the model's native sliding window {other} differs from consa's {allocation.window} (one sliding_window per config)"
     if allocation.sinks:
         return "attention sinks have no native transformers equivalent"
     mixed = [i for i, row in enumerate(allocation.fa) if len(set(row)) > 1]
@@ -114,6 +126,8 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
         cfg.pop("attn_implementation", None)
         if chosen == "native":
             cfg = _native_config(cfg, allocation)
+        else:
+            _ship_code(cfg, tmp)
         cfg[KEY] = {"format": FORMAT, "version": VERSION, "mode": chosen, "allocation": stored.to_dict()}
         if chosen == "native":
             cfg[KEY]["reason"] = "layer-wise allocation: stock transformers serves it"
@@ -132,6 +146,21 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "mode": chosen, "why": cfg[KEY]["reason"], "swa_units": allocation.num_swa, "units": allocation.num_units}
+
+
+def _ship_code(cfg: dict, folder: Path) -> None:
+    """Head-wise: a model type of its own + the modeling file that serves it (see the module docstring)."""
+    from .export_code import modeling_consa
+
+    family = cfg.get("model_type", "?")
+    family = family[len(modeling_consa.PREFIX):] if family.startswith(modeling_consa.PREFIX) else family
+    if family not in modeling_consa.CLASSES:
+        raise ExportError(f"family {family!r} has no head-wise export code (supported: {', '.join(modeling_consa.FAMILIES)})")
+    config_cls, model_cls = modeling_consa.CLASSES[family]
+    cfg["model_type"] = config_cls.model_type
+    cfg["architectures"] = [model_cls.__name__]
+    cfg["auto_map"] = modeling_consa.auto_map(family)
+    shutil.copyfile(Path(modeling_consa.__file__), folder / CODE_FILE)
 
 
 def _strip_consa(model) -> None:
@@ -167,7 +196,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict | None, Allocation 
         return cfg, None, None
     if not isinstance(section, dict) or section.get("format") != FORMAT:
         raise ExportError(f"{cfg_path}: the '{KEY}' key is not a consa export record")
-    if section.get("version") != VERSION:
+    if section.get("version") not in READABLE_VERSIONS:
         raise ExportError(f"{cfg_path}: unsupported consa export version {section.get('version')!r}")
     if section.get("mode") not in ("native", "heads"):
         raise ExportError(f"{cfg_path}: unknown consa export mode {section.get('mode')!r}")
@@ -191,12 +220,11 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
     """
     from transformers import AutoModelForCausalLM
 
+    from .compat import dtype_kwargs
     from .models import apply_allocation, model_shape
 
     cfg, section, alloc = read_export(path)
-    kwargs = {"local_files_only": True, "output_loading_info": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs = {"local_files_only": True, "output_loading_info": True, **dtype_kwargs(dtype)}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -3,17 +3,23 @@
 Nothing here replaces a forward: consa sets ``attn_implementation="consa"`` and hangs a
 :class:`~consa.attention.hybrid.LayerPlan` on each attention module. What a family must offer is
 checked up front, and a model that lacks it gets one error naming what is missing.
+
+Models that already slide in some layers (Gemma3's 5:1 pattern, Gemma2, Qwen with
+``use_sliding_window``, Mistral's one window for all layers) keep those layers as the model has them
+by default: :func:`native_windows` names them, and they get a fixed plan at their own window. The
+search then runs over the units that are still full attention; ``reopen_native=True`` searches all.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .allocation import Allocation, ModelShape
+from .allocation import Allocation, AllocationError, ModelShape
 from .attention.hybrid import NAME, GateMix, LayerPlan
 from .errors import ConsaError
 
@@ -54,22 +60,81 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         )
     if missing:
         raise UnsupportedModelError(f"unsupported model {name}: missing " + "; ".join(missing))
-    native = _native_sliding_layers(cfg, found)
-    if native:
-        raise UnsupportedModelError(
-            f"{name} already uses sliding-window attention in layers {native}; consa starts from a "
-            "full-attention base (set layer_types to all 'full_attention' / sliding_window=None)"
-        )
+    unsupported = _unsupported_features(cfg, found)
+    if unsupported:
+        raise UnsupportedModelError(f"unsupported model {name}: consa attention does not compute " + "; ".join(unsupported))
+    _fill_unused_window(cfg, found)
     return [found[i] for i in range(cfg.num_hidden_layers)]
 
 
-def _native_sliding_layers(cfg, modules: dict) -> list[int]:
+def _unsupported_features(cfg, found: dict) -> list[str]:
+    """Attention features consa's kernels do not compute: refuse rather than silently drop them."""
+    out = []
+    if getattr(cfg, "attn_logit_softcapping", None):
+        out.append("attention logit soft-capping (set attn_logit_softcapping=None)")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in found.values()):
+        out.append("learned attention-sink logits (gpt-oss)")
+    return out
+
+
+def _fill_unused_window(cfg, found: dict) -> None:
+    """Gemma3 builds its sliding mask whatever ``layer_types`` say, and transformers raises when
+    ``sliding_window`` is null even if no layer slides. No layer reads that mask then, so any window
+    will do: use the longest context, which also keeps a later export loadable by stock transformers."""
     types = getattr(cfg, "layer_types", None)
-    if types:
-        return [i for i, t in enumerate(types) if t != "full_attention"]
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return list(range(cfg.num_hidden_layers))
-    return [i for i, m in modules.items() if getattr(m, "sliding_window", None) is not None]
+    if base_family(cfg) in ("gemma3_text", "gemma2") and getattr(cfg, "sliding_window", 0) is None:
+        if types and all(t == "full_attention" for t in types):
+            cfg.sliding_window = int(getattr(cfg, "max_position_embeddings", None) or 1 << 20)
+
+
+def native_windows(model) -> list[int | None]:
+    """Per layer: the sliding window the model itself uses there, or None for full attention."""
+    cfg = text_config(model)
+    mods = attention_modules(model)
+    types = getattr(cfg, "layer_types", None)
+    cfg_window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        cfg_window = None
+    out = []
+    for i, mod in enumerate(mods):
+        if types is not None:
+            w = (getattr(mod, "sliding_window", None) or cfg_window) if types[i] == "sliding_attention" else None
+        else:  # Mistral: one config window for every layer, no layer_types
+            w = getattr(mod, "sliding_window", None) or cfg_window
+        if w is not None and (not isinstance(w, int) or w < 1):
+            raise UnsupportedModelError(f"layer {i} has an unusable native sliding window {w!r}")
+        out.append(w)
+    return out
+
+
+def searchable_native(model, reopen_native: bool = False) -> list[int | None]:
+    """The native windows consa keeps (all None when ``reopen_native``); one clear error when no
+    full-attention layer is left to search."""
+    native = [None] * model_shape(model).num_layers if reopen_native else native_windows(model)
+    if all(w is not None for w in native):
+        raise UnsupportedModelError(
+            f"every layer of this model already uses sliding-window attention (windows {sorted(set(native))}): "
+            "nothing is left to search (reopen_native / --reopen-native searches every unit)"
+        )
+    return native
+
+
+def register_export_classes() -> None:
+    """Make the ``consa_<family>`` model types of head-wise exports known to the Auto classes, so that
+    after ``import consa`` they load without ``trust_remote_code`` (the classes are the shipped ones)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .export_code.modeling_consa import CLASSES
+
+    for config_cls, model_cls in CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+def base_family(cfg) -> str:
+    """The stock model type behind a config (``consa_qwen3`` → ``qwen3``)."""
+    family = getattr(text_config(cfg), "model_type", "?")
+    return family[len("consa_"):] if family.startswith("consa_") else family
 
 
 def _set_impl(model, impl: str) -> None:
@@ -79,25 +144,51 @@ def _set_impl(model, impl: str) -> None:
         model.config._attn_implementation = impl
 
 
-def attach_gates(model, window: int, sinks: int = 0, backend: str = "auto") -> GateMix:
-    """Put every layer in gate mode; the returned GateMix's ``z`` ([layers, kv_heads]) drives the mix."""
+def attach_gates(model, window: int, sinks: int = 0, backend: str = "auto", reopen_native: bool = False) -> GateMix:
+    """Put every searched layer in gate mode; the returned GateMix's ``z`` ([layers, kv_heads]) drives
+    the mix. Native sliding layers keep their own window (a fixed plan) unless ``reopen_native``."""
     mix = GateMix()
     shape = model_shape(model)
+    native = searchable_native(model, reopen_native)
     for mod in attention_modules(model):
-        mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, window, sinks, "gate", gate_mix=mix, backend=backend)
+        w = native[mod.layer_idx]
+        if w is None:
+            mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, window, sinks, "gate", gate_mix=mix, backend=backend)
+        else:
+            mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, w, 0, "fixed", backend=backend)
     _set_impl(model, NAME)
     return mix
+
+
+@contextmanager
+def native_plans(model, native: list[int | None]):
+    """Within the block, layers with a native window attend as the model was trained (the teacher
+    of a search that reopens them); their gate plans come back afterwards."""
+    saved = []
+    shape = model_shape(model)
+    for mod in attention_modules(model):
+        w = native[mod.layer_idx]
+        if w is not None:
+            saved.append((mod, getattr(mod, "consa_plan", None)))
+            mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, w, 0, "fixed")
+    try:
+        yield
+    finally:
+        for mod, plan in saved:
+            mod.consa_plan = plan
 
 
 def apply_allocation(model, allocation: Allocation, backend: str = "auto") -> None:
     """Fix the FA/SWA split of every layer (eval/serving)."""
     allocation.check_matches(model_shape(model))
-    for mod in attention_modules(model):
-        i = mod.layer_idx
-        mod.consa_plan = LayerPlan(
-            i, allocation.shape.num_kv_heads, allocation.window, allocation.sinks, "fixed",
-            fa_kv=allocation.fa_heads(i), backend=backend,
-        )
+    mods = attention_modules(model)
+    have = native_windows(model)
+    for i, w in enumerate(allocation.native):
+        if w is not None and have[i] != w:
+            raise AllocationError(f"allocation keeps layer {i} at the model's native window {w}, but the model's "
+                                  f"layer {i} has {'no sliding window' if have[i] is None else f'window {have[i]}'}")
+    for mod in mods:
+        mod.consa_plan = LayerPlan.from_allocation(allocation, mod.layer_idx, backend=backend)
     _set_impl(model, NAME)
 
 
@@ -140,12 +231,9 @@ def reorder_heads(model, allocation: Allocation) -> Allocation:
             w = getattr(norm, "weight", None)
             if w is not None and w.numel() == rows.numel():  # per-head norms (not shared over head_dim)
                 w.copy_(w[rows.to(w.device)])
-    fa = [sorted(row, reverse=True) for row in allocation.fa]
     prior = allocation.meta.get("head_order")
-    if prior is not None:
-        orders = [[p[o] for o in order] for p, order in zip(prior, orders)]
-    meta = dict(allocation.meta, head_order=orders)
-    return Allocation(allocation.granularity, shape, allocation.window, tuple(map(tuple, fa)), allocation.sinks, meta)
+    total = [[p[o] for o in order] for p, order in zip(prior, orders)] if prior is not None else orders
+    return allocation.permuted(orders, dict(allocation.meta, head_order=total))
 
 
 def _rows(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -169,11 +257,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, 
         raise ConsaError(f"model directory not found: {p}")
     if not (p / "config.json").is_file():
         raise ConsaError(f"{p} is not a Hugging Face model directory (no config.json)")
-    kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    from .compat import dtype_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **dtype_kwargs(dtype))
     attention_modules(model)  # fail early and clearly on unsupported families
     if device:
         model.to(device)
     return model
+
+
+register_export_classes()

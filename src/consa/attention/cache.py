@@ -268,15 +268,31 @@ def plans_of(model) -> list[LayerPlan]:
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, **kwargs):
-    """``model.generate`` with a fresh :class:`HybridCache` (the hybrid model's KV memory savings).
+def generate(model, input_ids, *, static: bool | None = None, cuda_graphs: bool | None = None, **kwargs):
+    """Generate with the hybrid model's KV savings.
 
-    Any ``generate`` keyword works (``attention_mask``, ``do_sample``, ``max_new_tokens``, …). A model
-    without a consa allocation falls back to transformers' default cache.
+    ``input_ids`` a [B, T] tensor (left-padded, with ``attention_mask``): returns what
+    ``model.generate`` returns. A list of prompts: returns a list of new-token lists
+    (``consa.serving.generate_many``, ``batch_size`` per batch).
+
+    ``static``: None picks the static cache + captured-graph path (``consa.serving``) on CUDA when it
+    serves the call (greedy or plain sampling), else ``model.generate`` with a fresh
+    :class:`HybridCache`; False forces the eager path, True the static one (graphs on CUDA unless
+    ``cuda_graphs=False``). A model without a consa allocation falls back to transformers' default cache.
     """
+    from ..serving import generate as serving
+
+    if isinstance(input_ids, (list, tuple)):
+        return serving.generate_many(model, input_ids, cuda_graphs=cuda_graphs if static is not False else False, **kwargs)
+    if static is None:
+        static = next(model.parameters()).is_cuda and serving.static_supported(model, kwargs) is None
+    if static:
+        return serving.generate_static(model, input_ids, cuda_graphs=cuda_graphs, **kwargs)
+    from .. import compat
+
     if "past_key_values" not in kwargs and "cache" not in kwargs:
         try:
-            kwargs["past_key_values"] = HybridCache(model)
+            kwargs.update(compat.cache_kwargs(HybridCache(model), model))
         except ValueError:
             pass
     return model.generate(input_ids, **kwargs)

@@ -16,7 +16,7 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
 
 A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
 Padding survives because the mask interface registered under the same name is transformers' own
-SDPA mask (boolean, or None when plain causal).
+SDPA mask (boolean, or None when plain causal; a sliding one comes back causal, see ``consa_mask``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from . import kernels, triton_decode, triton_prefill
 from .kernels import KeySlots, attention
@@ -41,6 +41,18 @@ class SplitKV:
     fa: torch.Tensor  # [B, n_fa, T, D]
     swa: torch.Tensor  # [B, n_swa, m, D]
     swa_slots: KeySlots
+
+
+@dataclass
+class RingKV:
+    """Keys (or values) of one layer of a static hybrid cache (``static_cache``) in a decode step: the
+    FA heads' preallocated buffer [B, n_fa, L_max, D], the SWA heads' ring [B, n_swa, S + M, D], and
+    the slots written so far as a device tensor, so attention never reads a host length."""
+
+    fa: torch.Tensor
+    swa: torch.Tensor
+    length: torch.Tensor  # int64 [1], on the device
+    ring: int  # M: slot t >= S sits at S + (t - S) mod M
 
 
 class GateMix:
@@ -60,6 +72,12 @@ class LayerPlan:
     fa_kv: list[int] = field(default_factory=list)
     gate_mix: GateMix | None = None
     backend: str = "auto"
+
+    @classmethod
+    def from_allocation(cls, alloc, layer: int, backend: str = "auto") -> "LayerPlan":
+        """The fixed plan of ``layer`` (a native sliding layer keeps its own window, no sinks)."""
+        window, sinks = alloc.layer_window(layer)
+        return cls(layer, alloc.shape.num_kv_heads, window, sinks, "fixed", fa_kv=alloc.fa_heads(layer), backend=backend)
 
     @property
     def swa_kv(self) -> list[int]:
@@ -103,10 +121,18 @@ def consa_attention(
     if plan is None:
         plan = _plan_from_config(module)
 
-    if isinstance(key, SplitKV):
+    if isinstance(key, RingKV):
+        if plan is None or plan.mode != "fixed":
+            raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
+        from .static_cache import ring_decode  # imports this module: imported here, not at the top
+
+        out = ring_decode(plan, query, key, value, attention_mask, scale)
+    elif isinstance(key, SplitKV):
         if plan is None or plan.mode != "fixed":
             raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
         out = _fixed_split(plan, query, key, value, attention_mask, scale)
+    elif plan is None and sliding_window is not None:  # a native sliding layer consa was not told about
+        out = attention(query, key, value, scale=scale, mask=attention_mask, window=sliding_window, dropout=dropout).transpose(1, 2)
     elif plan is None or plan.mode == "full" or (plan.mode == "fixed" and not plan.swa_kv):
         out = attention(query, key, value, scale=scale, mask=attention_mask, dropout=dropout).transpose(1, 2)
     elif plan.mode == "gate":
@@ -126,8 +152,7 @@ def _plan_from_config(module) -> LayerPlan | None:
     from ..allocation import Allocation
 
     alloc = Allocation.from_dict(record["allocation"])
-    plan = LayerPlan(module.layer_idx, alloc.shape.num_kv_heads, alloc.window, alloc.sinks, "fixed",
-                     fa_kv=alloc.fa_heads(module.layer_idx))
+    plan = LayerPlan.from_allocation(alloc, module.layer_idx)
     module.consa_plan = plan
     return plan
 
@@ -248,10 +273,20 @@ def _merge(q, fa_q, out_fa, sw_q, out_sw):
     return out
 
 
+def consa_mask(*args, mask_function=None, local_size=None, **kwargs):
+    """transformers' SDPA mask, but a sliding mask it asks for (a model's native sliding layers) comes
+    back plain causal: windows are the plans' business, per layer and head, so a native layer that
+    consa reopens really sees everything on its FA heads (a layer without a plan applies its module's
+    ``sliding_window`` itself, see ``consa_attention``)."""
+    if local_size is not None:
+        mask_function = causal_mask_function
+    return sdpa_mask(*args, mask_function=mask_function or causal_mask_function, **kwargs)
+
+
 def register() -> None:
     """Register the attention and mask functions under the name ``consa`` (idempotent)."""
     AttentionInterface.register(NAME, consa_attention)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(NAME, consa_mask)
 
 
 register()

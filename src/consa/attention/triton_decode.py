@@ -48,9 +48,10 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
              s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
              s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
              s_ob, s_oh, s_os, s_lb, s_lh, s_mb, s_mt,
-             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, TQ, WIN, SINKS,
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, TQ, WIN, SINKS, LENP, RING,
              G: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MULTI: tl.constexpr):
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MULTI: tl.constexpr,
+             STATIC: tl.constexpr):
     """Program (b, p): p < N_FA·NS_FA is split p % NS_FA of FA head p // NS_FA, the rest split the SWA
     heads alike (a flat grid, so short heads launch no empty programs). It writes the softmax-weighted
     values of its key chunk for the head's query group and the chunk's log2-sum-exp (scores in the log2
@@ -58,9 +59,17 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
     mask row ``MASK[b]`` is False at its slot: j for FA keys; for SWA keys j below ``SW_SINKS`` (the
     sinks), else j + ``SW_DELTA``. With ``MULTI`` the program takes ``TQ`` queries (rows r = query
     r // G of head r % G of the group), at slots T_FA − TQ, …, T_FA − 1: a row sees a key at its slot or
-    before, and on the SWA heads only inside the window ``WIN`` or among the first ``SINKS`` slots."""
+    before, and on the SWA heads only inside the window ``WIN`` or among the first ``SINKS`` slots.
+
+    With ``STATIC`` (a preallocated cache, static_cache.py) the slots written so far are read on the
+    device from ``LENP`` (so a captured CUDA graph replays at any length and never reads past it): the
+    FA keys are the first of them, the SWA keys a ring of ``SW_SINKS`` sinks + ``RING`` slots where
+    slot t ≥ SW_SINKS sits at SW_SINKS + (t − SW_SINKS) mod RING; a key outside ``WIN`` is dropped."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
+    if STATIC:
+        T_FA = tl.load(LENP).to(tl.int32)
+        T_SW = tl.minimum(T_FA, SW_SINKS + RING)
     # The two branches pick the tensor (and its strides) a program reads: in a Triton kernel that is
     # a branch on the program id, not a gather.
     if p < N_FA * NS_FA:
@@ -75,6 +84,7 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         lim = 0 * T_FA  # FA keys sit at their own slots
         delta = 0 * T_FA
         win = T_FA  # wider than any distance: no window
+        ring = T_FA  # (static) no wrap: key j < T_FA sits at slot j
     else:
         r = p - N_FA * NS_FA
         i = r // NS_SW
@@ -88,6 +98,7 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         lim = SW_SINKS
         delta = SW_DELTA
         win = WIN
+        ring = RING + 0 * T_FA
     h = tl.load(HEADS + slot)  # the model's KV head index
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, length)
@@ -116,7 +127,10 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         valid = n < hi
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(k_base + n[:, None].to(tl.int64) * s_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if HAS_MASK or MULTI:
+        if STATIC:  # the newest slot ≤ T_FA − 1 at this ring position
+            key_slot = tl.where(n < lim, n, n + ring * ((T_FA - 1 - n) // ring))
+            valid = valid & ((T_FA - 1 - key_slot < win) | (key_slot < SINKS))
+        elif HAS_MASK or MULTI:
             key_slot = tl.where(n < lim, n, n + delta)
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * s_mb + key_slot.to(tl.int64) * s_mt, mask=valid, other=0) != 0)
@@ -128,7 +142,7 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         else:
             qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if HAS_MASK or MULTI:  # a block with every key masked adds nothing (and must not make NaNs)
+        if HAS_MASK or MULTI or STATIC:  # a block with every key masked adds nothing (and must not make NaNs)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:  # every block holds a visible key
             m_use = m_new
@@ -175,7 +189,7 @@ def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, s_Ot, N
 def _kernels():
     # Lengths are not specialised (a length of 1 would turn one branch's value into a constant of
     # another type); strides are, so the compiler sees 16-aligned rows and vectorises the loads.
-    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW", "SW_SINKS", "SW_DELTA", "TQ", "WIN", "SINKS")
+    counts = ("N_FA", "NS_FA", "NS_SW", "T_FA", "T_SW", "SW_SINKS", "SW_DELTA", "TQ", "WIN", "SINKS", "RING")
     return (triton.jit(_partial, do_not_specialize=counts),
             triton.jit(_combine, do_not_specialize=("N_KV", "NS_FA", "NS_SW", "TQ")))
 
@@ -237,7 +251,8 @@ def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
 
 def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, mask: torch.Tensor | None = None,
                   swa_sinks: int = 0, swa_offset: int = 0, splits: int | None = None,
-                  window: int | None = None, sinks: int = 0) -> torch.Tensor:
+                  window: int | None = None, sinks: int = 0, length: torch.Tensor | None = None,
+                  ring: int = 0) -> torch.Tensor:
     """Attention of the last Tq slots' queries over the held keys of their head's group.
 
     q [B, Hq, Tq, D]; k_fa/v_fa [B, n_fa, T, D] (every slot); k_swa/v_swa [B, n_swa, m, D]; ``heads``
@@ -247,13 +262,26 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     (verifying drafts) see keys up to their own slot, on the SWA heads only inside ``window`` or among
     the first ``sinks`` slots. ``splits``: key chunks on the longer group (default :func:`num_splits`).
     Returns [B, Tq, Hq, D] in q's dtype; a query that sees no key gets 0.
+
+    A static cache (one query): ``length`` is a device int64 tensor holding the slots written, the
+    query's own included; k_fa/v_fa are the preallocated buffers (read up to ``length`` only), the
+    SWA keys a ring of ``swa_sinks`` + ``ring`` slots (static_cache.py), ``window`` required. Every
+    size the launch depends on is then a buffer shape, so a captured CUDA graph stays valid.
+    Either head group may be empty there (an all-FA or all-SWA layer).
     """
     b, hq, tq, d = q.shape
-    if tq > 1 and window is None:
-        raise ValueError("hybrid_decode: several queries need the SWA heads' window")
+    static = length is not None
+    if (tq > 1 or static) and window is None:
+        raise ValueError("hybrid_decode: several queries, or a static cache, need the SWA heads' window")
+    if static and tq != 1:
+        raise ValueError("hybrid_decode: a static cache takes one query per sequence")
     n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
+    if static and n_fa == 0:  # any tensor as the empty group's pointer: no program reads it
+        k_fa, v_fa = k_swa, v_swa
+    elif static and n_sw == 0:
+        k_swa, v_swa = k_fa, v_fa
     group = hq // (n_fa + n_sw)
-    t_fa, t_sw = k_fa.shape[-2], k_swa.shape[-2]
+    t_fa, t_sw = k_fa.shape[-2] if n_fa else 0, k_swa.shape[-2] if n_sw else 0
     longest = max(t_fa, t_sw)
     ns = splits or num_splits(b, n_fa if t_fa >= t_sw else n_sw, longest, q.device)
     chunk = -(-longest // ns)
@@ -268,6 +296,7 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     if mask is not None:
         mask = (mask[:, :, -1] if mask.dim() == 4 else mask).reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
     mask_arg = mask if mask is not None else heads  # any pointer: not read without a mask
+    len_arg = length if static else heads  # any pointer: not read unless static
     partial[(b, n_fa * ns_fa + n_sw * ns_sw)](
         q, k_fa, v_fa, k_swa, v_swa, part, lse, heads, mask_arg,
         q.stride(0), q.stride(1), q.stride(2),
@@ -276,9 +305,9 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         mask_arg.stride(0), mask_arg.stride(-1),
         n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, scale * 1.4426950408889634,
-        tq, window or 1, sinks,
+        tq, window or 1, sinks, len_arg, max(1, ring),
         G=group, R_PAD=max(16, triton.next_power_of_2(group * tq)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
-        HAS_MASK=mask is not None, MULTI=tq > 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HAS_MASK=mask is not None, MULTI=tq > 1, STATIC=static, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     combine[(b, hq * tq)](
         part, lse, out, heads, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
@@ -286,3 +315,54 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         G=group, D=d, D_PAD=d_pad, NS_PAD=max(2, triton.next_power_of_2(max(ns_fa, ns_sw))), SB=COMBINE_BLOCK,
     )
     return out
+
+
+# ---- the static cache's decode write ---------------------------------------------------------------
+def _write(K, V, KF, VF, KS, VS, HEADS, LENP,
+           s_kb, s_kh, s_vb, s_vh,
+           s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft, s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
+           N_FA, SINKS, RING, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Program (b, i): write the new key and value of the i-th KV head in kernel order (FA heads, then
+    SWA heads) at the slot ``LENP`` holds: FA heads at that index, SWA heads at their ring index."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1)
+    pos = tl.load(LENP)
+    h = tl.load(HEADS + i).to(tl.int64)
+    offs = tl.arange(0, D_PAD)
+    m = offs < D
+    k = tl.load(K + b * s_kb + h * s_kh + offs, mask=m)
+    v = tl.load(V + b * s_vb + h * s_vh + offs, mask=m)
+    if i < N_FA:
+        kp = KF + b * s_kfb + i.to(tl.int64) * s_kfh + pos * s_kft
+        vp = VF + b * s_vfb + i.to(tl.int64) * s_vfh + pos * s_vft
+    else:
+        j = (i - N_FA).to(tl.int64)
+        idx = tl.where(pos < SINKS, pos, SINKS + (pos - SINKS) % RING)
+        kp = KS + b * s_ksb + j * s_ksh + idx * s_kst
+        vp = VS + b * s_vsb + j * s_vsh + idx * s_vst
+    tl.store(kp + offs, k, mask=m)
+    tl.store(vp + offs, v, mask=m)
+
+
+@lru_cache(maxsize=1)
+def _write_kernel():
+    return triton.jit(_write, do_not_specialize=("N_FA", "SINKS", "RING"))
+
+
+def write_static(k, v, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, length: torch.Tensor, sinks: int, ring: int) -> None:
+    """One launch for a static cache's decode write (``static_cache``): k/v [B, H_kv, 1, D] go to slot
+    ``length`` (a device tensor, not read on the host) of the FA buffers and the SWA ring; ``heads``
+    from :func:`head_tables`. The caller bumps ``length`` afterwards."""
+    b, n_kv, _, d = k.shape
+    n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
+    if n_fa == 0:  # any tensor as the empty group's pointer: no program reads it
+        k_fa, v_fa = k_swa, v_swa
+    elif n_sw == 0:
+        k_swa, v_swa = k_fa, v_fa
+    _write_kernel()[(b, n_kv)](
+        k, v, k_fa, v_fa, k_swa, v_swa, heads, length,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_fa.stride(0), k_fa.stride(1), k_fa.stride(2), v_fa.stride(0), v_fa.stride(1), v_fa.stride(2),
+        k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),
+        n_fa, sinks, max(1, ring), D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+    )

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConsaError
+from ..files import read_json
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -27,12 +28,34 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def check_model_dir(model_dir) -> Path:
+    """A model directory with a readable JSON config, checked before anything loads or is written
+    (transformers reports a malformed config.json as a traceback)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ConsaError(f"model directory not found: {d}")
+    if not isinstance(read_json(d / "config.json", what="model config"), dict):
+        raise ConsaError(f"model config {d / 'config.json'} is not a JSON object")
+    return d
+
+
 def load(model_dir: str, device: torch.device, dtype: torch.dtype):
     from ..models import load_model
 
-    if not Path(model_dir).exists():
-        raise ConsaError(f"model directory not found: {model_dir}")
+    check_model_dir(model_dir)
     return load_model(model_dir, dtype=dtype, device=str(device))
+
+
+def check_corpus_vocab(corpus, split: str, vocab_size: int) -> None:
+    """A corpus tokenized with a larger vocabulary than the model's would index past its embedding
+    (an IndexError deep in the forward); refuse it as one line before any work."""
+    meta_path = Path(corpus) / split / "meta.json"
+    if not meta_path.is_file():
+        return  # TokenShards.open reports a missing or broken corpus
+    n = (read_json(meta_path, what="corpus metadata") or {}).get("vocab_size")
+    if isinstance(n, int) and n > vocab_size:
+        raise ConsaError(f"corpus {corpus} was tokenized with a vocabulary of {n} tokens, the model has {vocab_size}; "
+                         "build the corpus with the model's tokenizer (consa data build --tokenizer MODEL_DIR)")
 
 
 def search_batches(args, model, vocab_size: int):
@@ -45,6 +68,7 @@ def search_batches(args, model, vocab_size: int):
         from ..data.tokenizer import load_tokenizer
         from ..train.pretrain import MixedSource, corpus_source, retrieval_source, split_batch
 
+        check_corpus_vocab(args.corpus, "train", vocab_size)
         shards = TokenShards.open(args.corpus, "train")
         if shards.num_tokens < t + 1:
             raise ConsaError(f"corpus {args.corpus} holds {shards.num_tokens} tokens, fewer than --seq-len {t}")

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ..errors import ConsaError
+from .argtypes import fraction, nonneg_int, positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,11 +25,11 @@ def register(subparsers) -> None:
     b.add_argument("--source", action="append", required=True, metavar="SRC", help="stdlib | site-packages | debian-docs | PATH (repeatable)")
     b.add_argument("--out", required=True, metavar="DIR", help="output corpus directory (must not exist or be empty, unless --overwrite)")
     b.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer.json or HF tokenizer directory instead of training a BPE")
-    b.add_argument("--vocab-size", type=int, default=16384, metavar="N", help="BPE vocabulary size when training (default 16384)")
-    b.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="share of documents for validation (default 0.05)")
-    b.add_argument("--max-mb", type=float, metavar="N", help="keep at most N MB of text (a seeded, content-hash-ordered subset)")
-    b.add_argument("--workers", type=int, metavar="N", help="processes for reading and encoding (default: all CPU cores)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the document order and train/validation split (default 0)")
+    b.add_argument("--vocab-size", type=positive_int, default=16384, metavar="N", help="BPE vocabulary size when training (default 16384)")
+    b.add_argument("--val-fraction", type=fraction, default=0.05, metavar="F", help="share of documents for validation (default 0.05)")
+    b.add_argument("--max-mb", type=positive_float, metavar="N", help="keep at most N MB of text (a seeded, content-hash-ordered subset)")
+    b.add_argument("--workers", type=positive_int, metavar="N", help="processes for reading and encoding (default: all CPU cores)")
+    b.add_argument("--seed", type=nonneg_int, default=0, help="seed of the document order and train/validation split (default 0)")
     b.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     b.set_defaults(func=run_build)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
@@ -37,21 +37,21 @@ def register(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from ..data.corpus import build_corpus
+    from ..files import output_dir
 
-    if args.max_mb is not None and args.max_mb <= 0:
-        raise ConsaError(f"--max-mb must be positive, got {args.max_mb}")
     t0 = time.time()
-    stats = build_corpus(
-        args.source,
-        args.out,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        max_bytes=int(args.max_mb * (1 << 20)) if args.max_mb is not None else None,
-        workers=args.workers,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
+    with output_dir(args.out, exists="replace" if args.overwrite else "empty") as staged:
+        stats = build_corpus(
+            args.source,
+            staged,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            max_bytes=int(args.max_mb * (1 << 20)) if args.max_mb is not None else None,
+            workers=args.workers,
+            seed=args.seed,
+            overwrite=True,  # the staged directory is new; output_dir applies --overwrite
+        )
     dt = time.time() - t0
     tr, va = stats["train"], stats["validation"]
     print(

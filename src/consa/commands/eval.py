@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConsaError
+from .argtypes import nonneg_int, positive_int
 
 
 def _comma_list(cast, kind: str):
@@ -48,20 +49,22 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
     p.add_argument("--corpus", help="consa corpus directory for perplexity (default: no perplexity)")
     p.add_argument("--split", default="validation", help="corpus split for perplexity (default validation)")
-    p.add_argument("--ppl-length", type=int, help="tokens per perplexity sequence (default: the largest --lengths)")
-    p.add_argument("--ppl-sequences", type=int, default=16, help="perplexity sequences (default 16)")
+    p.add_argument("--ppl-length", type=positive_int, help="tokens per perplexity sequence (default: the largest --lengths)")
+    p.add_argument("--ppl-sequences", type=positive_int, default=16, help="perplexity sequences (default 16)")
     p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated tasks, or 'none' (default passkey,multikey,varrecall)")
     p.add_argument("--lengths", type=_ints, default=(512, 1024), help="context lengths in tokens (default 512,1024)")
     p.add_argument("--depths", type=_floats, default=(0.1, 0.5, 0.9), help="needle depths in [0,1] (default 0.1,0.5,0.9)")
-    p.add_argument("--items", type=int, default=8, help="items per (task, length, depth) cell (default 8)")
-    p.add_argument("--window", type=int, help="sliding window W (default: the allocation's; required without one)")
-    p.add_argument("--sinks", type=int, help="attention sinks (default: the allocation's, else 0)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--items", type=positive_int, default=8, help="items per (task, length, depth) cell (default 8)")
+    p.add_argument("--window", type=positive_int, help="sliding window W (default: the allocation's; required without one)")
+    p.add_argument("--sinks", type=nonneg_int, help="attention sinks (default: the allocation's, else 0)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the full-attention / all-SWA runs (raw numbers only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--digits", type=int, default=5, help="digits of passkeys / values (fewer: easier retrieval)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--digits", type=positive_int, default=5, help="digits of passkeys / values (fewer: easier retrieval)")
+    p.add_argument("--haystack", metavar="PATH", help="your own text as the passkey/multikey filler: a .txt/.md/.jsonl "
+                   "file ('text' field per line) or a directory of them (default: the Python stdlib's text)")
     p.add_argument("--label", help="name of this run in reports (default: allocation meta or file name, or 'full')")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="run directory to write eval.json, eval.md and PNGs into")
@@ -98,7 +101,9 @@ def _device(name: str) -> str:
 def run(args) -> int:
     from ..allocation import Allocation
     from ..eval.runner import DEFAULT_TASKS, EvalConfig, evaluate, write_run
+    from ..files import output_dir
     from ..models import load_model
+    from .common import check_corpus_vocab, check_model_dir
 
     tasks = DEFAULT_TASKS if args.tasks is None else args.tasks
     if tasks:
@@ -114,8 +119,9 @@ def run(args) -> int:
         tasks=tasks, lengths=args.lengths, depths=args.depths, items=args.items, window=args.window, sinks=args.sinks,
         corpus=args.corpus, split=args.split, ppl_length=args.ppl_length, ppl_sequences=args.ppl_sequences,
         batch_size=args.batch_size, autocast="bf16" if args.bf16 else None, calibrate=not args.no_calibrate,
-        seed=args.seed, progress=not args.no_progress, digits=args.digits,
+        seed=args.seed, progress=not args.no_progress, digits=args.digits, haystack=args.haystack,
     ).validate()
+    haystack = _load_haystack(args.haystack, tasks)  # before minutes of loading weights
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConsaError(f"--out {out} exists and is not a directory")
@@ -123,7 +129,7 @@ def run(args) -> int:
         raise ConsaError(f"corpus directory not found: {cfg.corpus}")
     allocation = Allocation.load(args.allocation) if args.allocation else None
     device = _device(args.device)
-    model_dir = Path(args.model)
+    model_dir = check_model_dir(args.model)  # before the output dir or any weights
     if allocation is not None and (model_dir / "config.json").is_file():
         _check_shape_early(model_dir, allocation)  # before minutes of loading weights
     if args.no_progress:
@@ -131,13 +137,16 @@ def run(args) -> int:
 
         hf_logging.disable_progress_bar()
     model = load_model(model_dir, device=device)
+    if cfg.corpus is not None:
+        check_corpus_vocab(cfg.corpus, cfg.split, model.config.get_text_config().vocab_size)
     tokenizer = _load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir)
     label = args.label or (None if allocation is None or _meta_label(allocation) else Path(args.allocation).stem)
 
-    result = evaluate(model, tokenizer, allocation, cfg, label=label, log=print)
+    result = evaluate(model, tokenizer, allocation, cfg, haystack=haystack, label=label, log=print)
     result["model"] = str(model_dir)
     result["command"] = "consa " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
-    write_run(result, out)
+    with output_dir(out) as staged:
+        write_run(result, staged)
     s = result["summary"]
     line = f"consa eval: {result['label']}"
     if s.get("long_nll") is not None:
@@ -147,6 +156,16 @@ def run(args) -> int:
     print(line)
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}")
     return 0
+
+
+def _load_haystack(path: str | None, tasks):
+    if path is None:
+        return None
+    from ..data.haystack import TEXT_TASKS, load_haystack
+
+    if not any(t in TEXT_TASKS for t in tasks):
+        raise ConsaError(f"--haystack fills the {' and '.join(TEXT_TASKS)} tasks, and --tasks has neither")
+    return load_haystack(path)
 
 
 def _check_shape_early(model_dir: Path, allocation) -> None:

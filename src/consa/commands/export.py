@@ -25,7 +25,9 @@ def run(args) -> int:
     from ..allocation import Allocation
     from ..errors import ConsaError
     from ..export import export
+    from ..files import output_dir
     from ..models import load_model
+    from .common import check_model_dir
 
     from pathlib import Path
 
@@ -41,8 +43,9 @@ def run(args) -> int:
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ConsaError(f"unknown dtype {args.dtype!r}")
-    model = load_model(args.model, dtype=dtype)
-    summary = export(model, alloc, args.out, mode=args.mode, source_dir=args.model)
-    print(f"exported {summary['units'] - summary['swa_units']}/{summary['units']} FA units to {summary['out']} "
+    model = load_model(check_model_dir(args.model), dtype=dtype)
+    with output_dir(out, exists="empty") as staged:
+        summary = export(model, alloc, staged, mode=args.mode, source_dir=args.model)
+    print(f"exported {summary['units'] - summary['swa_units']}/{summary['units']} FA units to {out} "
           f"({summary['mode']}: {summary['why']})")
     return 0

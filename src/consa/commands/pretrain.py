@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .argtypes import fraction, nonneg_float, nonneg_int, positive_float, positive_int
+
 
 def register(subparsers) -> None:
     from ..presets import PRESETS
@@ -22,42 +24,43 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", required=True, help="corpus dir from `consa data build` (tokenizer + shards)")
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--tokens", type=int, help="training tokens (default: the preset's budget)")
-    p.add_argument("--steps", type=int, help="optimizer steps (instead of --tokens)")
-    p.add_argument("--batch-size", type=int, help="sequences per step (default: preset)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default: the preset's context)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: preset)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the run, at most 1000)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
+    p.add_argument("--tokens", type=positive_int, help="training tokens (default: the preset's budget)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (instead of --tokens)")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per step (default: preset)")
+    p.add_argument("--seq-len", type=positive_int, help="sequence length (default: the preset's context)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: preset)")
+    p.add_argument("--warmup", type=nonneg_int, help="warm-up steps (default: 5%% of the run, at most 1000)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (same result, less memory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often fastest for the tiny preset)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (1 is often fastest for the tiny preset)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: 10 per run)")
-    p.add_argument("--eval-every", type=int, help="validation loss every N steps (default: 10 per run)")
-    p.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
-    p.add_argument("--retrieval-mix", type=float, default=0.0,
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (default: 10 per run)")
+    p.add_argument("--eval-every", type=positive_int, help="validation loss every N steps (default: 10 per run)")
+    p.add_argument("--eval-batches", type=positive_int, default=4, help="validation batches per evaluation")
+    p.add_argument("--retrieval-mix", type=fraction, default=0.0,
                    help="share of training sequences that are synthetic retrieval (key → value recall)")
     p.add_argument("--retrieval-source", default="builtin",
                    help="builtin (fast, corpus haystack) | tasks (consa.data.tasks.make_items, ~0.1 s/item) | auto")
-    p.add_argument("--retrieval-pairs", type=int, default=4,
+    p.add_argument("--retrieval-pairs", type=positive_int, default=4,
                    help="builtin retrieval rows: key -> value statements per row")
-    p.add_argument("--retrieval-queries", type=int, default=2,
+    p.add_argument("--retrieval-queries", type=positive_int, default=2,
                    help="builtin retrieval rows: how many of the statements are asked back at the end")
-    p.add_argument("--retrieval-digits", type=int, default=5, help="digits of the values / pass keys (1..9)")
-    p.add_argument("--answer-weight", type=float, default=0.0,
+    p.add_argument("--retrieval-digits", type=positive_int, default=5, help="digits of the values / pass keys (1..9)")
+    p.add_argument("--answer-weight", type=nonneg_float, default=0.0,
                    help="add this weight × mean cross-entropy on the retrieval rows' answer tokens to the loss "
                         "(teaches the long-range copy; the logged loss stays the plain LM loss)")
-    p.add_argument("--time-limit", type=float,
+    p.add_argument("--time-limit", type=positive_float,
                    help="seconds: checkpoint and stop cleanly when exceeded (rerun with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..files import has_checkpoint, output_dir
     from ..train.pretrain import LOG_FILE, PretrainConfig, pretrain
 
     cfg = PretrainConfig(
@@ -70,7 +73,9 @@ def run(args) -> int:
         retrieval_queries=args.retrieval_queries, retrieval_digits=args.retrieval_digits,
         progress=not args.no_progress,
     )
-    out = pretrain(cfg)
+    # resumable: a failure keeps a fresh --out only when it holds a checkpoint for --resume (or on Ctrl-C)
+    with output_dir(args.out, resumable=True, keep=has_checkpoint):
+        out = pretrain(cfg)
     log = json.loads((out / LOG_FILE).read_text())
     state = "done" if log["finished"] else "stopped (time limit; rerun with --resume)"
     val = log["validation"][-1]["val_loss"]

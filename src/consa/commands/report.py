@@ -28,8 +28,12 @@ def run(args) -> int:
     from ..report import build_report, write_report
 
     build_report(args.runs)  # check every run before anything is written
+    from ..files import output_dir
+
     out = Path(args.out) if args.out else _default_out(args.runs)
-    md_path, png = write_report(args.runs, out)
-    print(md_path.read_text())
-    print(f"wrote {md_path} and {png}")
+    with output_dir(out) as staged:
+        md_path, png = write_report(args.runs, staged)
+        text = md_path.read_text()
+    print(text)
+    print(f"wrote {out / md_path.name} and {out / png.name}")
     return 0

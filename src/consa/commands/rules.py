@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from .argtypes import nonneg_int, open_fraction, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("rules", help="write rule-based allocations (interleaved, fa_top, fa_bottom, fa_middle, random)")
     p.add_argument("--model", required=True, help="local HF model directory (only its config is read)")
-    p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--window", type=int, required=True)
+    p.add_argument("--sparsity", type=open_fraction, required=True)
+    p.add_argument("--window", type=positive_int, required=True)
     p.add_argument("--granularity", default="kv_head")
-    p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--sinks", type=nonneg_int, default=0)
     p.add_argument("--rule", action="append", help="rule name (repeatable; default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds for the random rule")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds for the random rule")
     p.add_argument("--out", required=True, help="directory for <rule>.json files")
     p.set_defaults(func=run)
 
@@ -21,14 +23,17 @@ def run(args) -> int:
 
     from ..allocation import ModelShape, check_granularity, swa_count
     from ..errors import ConsaError
+    from ..files import output_dir
     from ..rules import RULES, rule_allocation
+    from .common import check_model_dir
 
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise ConsaError(f"model directory not found or has no config.json: {model_dir}")
+    model_dir = check_model_dir(args.model)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).get_text_config()
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).get_text_config()
+    except (OSError, ValueError, KeyError) as e:  # e.g. an unknown model_type
+        raise ConsaError(f"cannot read the model config in {model_dir}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
     shape = ModelShape(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
                        cfg.num_attention_heads)
     check_granularity(args.granularity)
@@ -42,8 +47,10 @@ def run(args) -> int:
         for s in seeds:
             allocs.append(rule_allocation(name, shape, args.granularity, k, args.window, args.sinks, seed=s))
     out = Path(args.out)
+    with output_dir(out) as staged:
+        for a in allocs:
+            a.save(staged / f"{a.meta['method']}.json")
     for a in allocs:
-        a.save(out / f"{a.meta['method']}.json")
         print(f"{a.meta['method']:>12}: FA share per layer {[round(x, 2) for x in a.fa_share_per_layer()]}")
     print(f"wrote {len(allocs)} allocations ({k} SWA units each) to {out}")
     return 0

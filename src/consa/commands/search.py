@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import fraction, nonneg_float, nonneg_int, open_fraction, positive_float, positive_int
+
 _PARSER = None
 
 
@@ -16,33 +18,39 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="learn which units keep full attention (ConSA)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--sparsity", type=float, required=True, help="share t of units that become SWA, in (0, 1)")
-    p.add_argument("--window", type=int, required=True, help="sliding window W (tokens, self included)")
+    p.add_argument("--sparsity", type=open_fraction, required=True, help="share t of units that become SWA, in (0, 1)")
+    p.add_argument("--window", type=positive_int, required=True, help="sliding window W (tokens, self included)")
     p.add_argument("--granularity", default="kv_head", help="kv_head or layer")
-    p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens always visible to SWA units")
+    p.add_argument("--sinks", type=nonneg_int, default=0, help="attention-sink tokens always visible to SWA units")
+    p.add_argument("--reopen-native", action="store_true",
+                   help="also search the layers the model already slides (Gemma3, Mistral, ...); by default they keep "
+                   "their native window and --sparsity counts the full-attention units only")
     p.add_argument("--corpus", help="corpus directory from `consa data build` (default: random tokens, for smoke tests)")
-    p.add_argument("--retrieval-mix", type=float, default=0.0,
+    p.add_argument("--retrieval-mix", type=fraction, default=0.0,
                    help="share of batch rows replaced by synthetic retrieval sequences (needs --corpus)")
     p.add_argument("--retrieval-source", default="builtin", help="builtin or tasks (the eval's own generators)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (split over --nproc processes)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--until-agreement", type=float, default=0.0, metavar="A",
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over --nproc processes)")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--until-agreement", type=fraction, default=0.0, metavar="A",
                    help="after --steps, keep training at the target until this share of the gates agrees with the "
                    "top-k cut (1.0: every gate decided; 0: off). search.json reports the final share")
-    p.add_argument("--max-steps", type=int, default=0, help="cap for --until-agreement (0: 4 × --steps)")
-    p.add_argument("--gate-lr", type=float, default=0.05)
+    p.add_argument("--max-steps", type=nonneg_int, default=0, help="cap for --until-agreement (0: 4 × --steps)")
+    p.add_argument("--refine-evals", type=nonneg_int, default=0, metavar="N",
+                   help="after the cut, try swaps across it on held-out batches, keeping those that lower the binary "
+                        "allocation's KL to the full model; N objective evaluations at most (0: off)")
+    p.add_argument("--gate-lr", type=positive_float, default=0.05)
     p.add_argument("--controller", default="lagrangian", help="lagrangian or project")
-    p.add_argument("--warmup-frac", type=float, default=0.4, help="share of steps over which the target ramps up")
+    p.add_argument("--warmup-frac", type=fraction, default=0.4, help="share of steps over which the target ramps up")
     p.add_argument("--train-weights", default="none", help="none, full or lora")
-    p.add_argument("--weight-lr", type=float, default=1e-5)
-    p.add_argument("--lm-weight", type=float, default=0.0, help="weight of an added LM loss")
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--weight-lr", type=positive_float, default=1e-5)
+    p.add_argument("--lm-weight", type=nonneg_float, default=0.0, help="weight of an added LM loss")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=50)
     p.add_argument("--resume", action="store_true", help="continue the killed search in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 on CUDA)")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="processes (GPUs) to run on: launches torchrun with FSDP2 sharding; default: 1, or torchrun's world size")
     p.add_argument("--no-activation-checkpointing", action="store_true",
                    help="multi-process only: keep every activation instead of recomputing each decoder layer in backward")
@@ -75,7 +83,10 @@ def run(args) -> int:
     from ..errors import ConsaError
     from ..train import distributed as D
     from ..train.search import Search, SearchConfig
-    from .common import load, pick_device, pick_dtype, search_batches
+    from contextlib import nullcontext
+
+    from ..files import has_checkpoint, output_dir
+    from .common import check_model_dir, load, pick_device, pick_dtype, search_batches
 
     cfg = SearchConfig(
         sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
@@ -83,6 +94,7 @@ def run(args) -> int:
         gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
         lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        refine_evals=args.refine_evals, reopen_native=args.reopen_native,
     )
     cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
     under_torchrun = D.launched_by_torchrun()
@@ -97,8 +109,9 @@ def run(args) -> int:
 
         from ..train.checkpoint import check_resumable
 
-        if not Path(args.model).exists():
-            raise ConsaError(f"model directory not found: {args.model}")
+        check_model_dir(args.model)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConsaError(f"--out {args.out} exists and is not a directory")
         check_resumable(Path(args.out), args.resume, world)  # fail here, once, before any process starts
         return D.launch(_argv_without_nproc(args), world)
 
@@ -107,14 +120,18 @@ def run(args) -> int:
         dist = D.init_from_env(args.device, activation_checkpointing=not args.no_activation_checkpointing)
     try:
         torch.manual_seed(args.seed)
-        if dist is None:
-            device = pick_device(args.device)
-            model = load(args.model, device, pick_dtype(args.dtype, device))
-        else:  # load on the CPU: fully_shard moves each rank's shard to its device
-            model = load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
-        batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
-        search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist)
-        alloc = search.run(resume=args.resume)
+        check_model_dir(args.model)
+        # resumable: a failure keeps a fresh --out only when it holds a checkpoint for --resume (or on Ctrl-C)
+        main_rank = dist is None or dist.is_main
+        with output_dir(args.out, resumable=True, keep=has_checkpoint) if main_rank else nullcontext():
+            if dist is None:
+                device = pick_device(args.device)
+                model = load(args.model, device, pick_dtype(args.dtype, device))
+            else:  # load on the CPU: fully_shard moves each rank's shard to its device
+                model = load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
+            batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
+            search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist)
+            alloc = search.run(resume=args.resume)
     except ConsaError:
         if dist is not None and not dist.is_main:
             return 2  # every rank meets the same error; rank 0 alone reports it
@@ -123,6 +140,11 @@ def run(args) -> int:
         D.shutdown(dist)
     if dist is None or dist.is_main:
         st = alloc.stats()
+        native = sorted({w for w in st["native_windows"] if w is not None})
+        if native:
+            print(f"kept the model's native sliding window {native} on layers "
+                  f"{[i for i, w in enumerate(st['native_windows']) if w is not None]} ({st['fixed_units']} units, not "
+                  f"searched); the sparsity counts the {st['units']} other units (--reopen-native searches all)")
         print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
               f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
         print(f"wrote {args.out}/allocation.json")

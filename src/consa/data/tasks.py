@@ -43,9 +43,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConsaError
+from .haystack import TEXT_TASKS
 from .tokenizer import backend
 
-__all__ = ["TASKS", "TaskItem", "make_items", "score", "is_correct", "normalize_prediction", "max_new_tokens", "default_haystack"]
+__all__ = ["TASKS", "TEXT_TASKS", "TaskItem", "make_items", "score", "is_correct", "normalize_prediction", "max_new_tokens", "default_haystack"]
 
 TASKS = ("passkey", "multikey", "varrecall", "mqar")
 
@@ -270,18 +271,25 @@ class _Stream:
         return c
 
 
-def _text_pieces(docs: Sequence[str], rng: np.random.Generator):
-    """Documents in a seeded order, cycling; the first starts at a seeded paragraph."""
+def _text_pieces(docs: Sequence[str], rng: np.random.Generator, cycle: bool = True):
+    """Documents in a seeded order; the first starts at a seeded paragraph. ``cycle``: repeat them
+    forever; else go round once (the first document's skipped head comes last), so a user's text is
+    never repeated and a too-short one runs out (``_Stream.ensure`` then says so)."""
     order = rng.permutation(len(docs))
-    first = True
+    first, head = True, ""
     while True:
         for i in order:
             d = docs[int(i)]
             if first:
                 first = False
                 starts = [0] + [k + 2 for k in range(len(d)) if d.startswith("\n\n", k)][:2000]
-                d = d[starts[int(rng.integers(len(starts)))] :] or d
+                s = starts[int(rng.integers(len(starts)))]
+                head, d = (d[:s], d[s:]) if d[s:] else ("", d)
             yield d
+        if not cycle:
+            if head.strip():
+                yield head
+            return
 
 
 def _code_pieces(paths_or_docs, rng: np.random.Generator, lazy: bool):
@@ -458,8 +466,9 @@ def make_items(
     strict: bool = True,
 ) -> list[TaskItem]:
     """``n`` items of ``task`` with prompts of ``length`` tokens and the answer at ``depth`` (0…1) of the
-    context. ``haystack``: documents to use as filler instead of the defaults (stdlib pydoc topics
-    and license texts for text tasks, stdlib ``.py`` files for ``varrecall``; ``mqar`` needs none).
+    context. ``haystack``: documents (or a :class:`~consa.data.haystack.Haystack`) to use as filler
+    instead of the defaults (stdlib pydoc topics and license texts for text tasks, stdlib ``.py``
+    files for ``varrecall``; ``mqar`` needs none); for the text tasks it is never repeated.
     ``digits``: answer length; ``distractors``: extra needles (default 3 for multikey and varrecall,
     0 for passkey); ``queries``: mqar queries, the last one unanswered. ``strict``: raise when the
     depth cannot be met within ±1% of ``length`` (only at depths near 0 or 1 and short lengths, where
@@ -483,6 +492,7 @@ def make_items(
     if haystack is not None:
         if isinstance(haystack, str):
             haystack = [haystack]
+        haystack = list(getattr(haystack, "docs", haystack))  # a Haystack, or plain strings
         haystack = [h for h in haystack if isinstance(h, str) and h.strip()]
         if not haystack:
             raise ConsaError("haystack is empty")
@@ -566,7 +576,7 @@ def _make_one(task, enc, rng, length, depth, digits, distractors, queries, hayst
         docs = haystack if haystack is not None else list(_default_text_docs())
         if not docs:
             raise ConsaError("no natural text found on this machine for the haystack; pass haystack=[...]")
-        stream = _Stream(enc, _text_pieces(docs, rng), "\n\n")
+        stream = _Stream(enc, _text_pieces(docs, rng, cycle=haystack is None), "\n\n")
         answer = _value(rng, digits, used_vals)
         used_vals.add(answer)
         if task == "passkey":

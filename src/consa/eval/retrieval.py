@@ -15,12 +15,12 @@ answer exactly.
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from typing import Callable, Sequence
 
 import torch
 
+from ..compat import cache_kwargs, output_cache
 from ..errors import ConsaError
 from .quality import autocast_context, model_device
 
@@ -97,30 +97,26 @@ def greedy_generate_ids(
     done = [False] * len(batch)
     cache = _hybrid_cache(model)
     step_ids, step_pos = ids, pos
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers >= 5.2x: `past_key_values` renamed
-        for _ in range(max_new_tokens):
-            with autocast_context(device, autocast):
-                out = model(
-                    input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
-                )
-            cache = getattr(out, "past_key_values", None)
-            if cache is None:
-                cache = getattr(out, "cache", None)
-            nxt = out.logits[:, -1].float().argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                if eos_id is not None and t == eos_id:
-                    done[r] = True
-                else:
-                    out_tokens[r].append(t)
-            if all(done):
-                break
-            step_ids = nxt[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    for _ in range(max_new_tokens):
+        with autocast_context(device, autocast):
+            out = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                **cache_kwargs(cache, model), use_cache=True, logits_to_keep=1,
+            )
+        cache = output_cache(out)
+        nxt = out.logits[:, -1].float().argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if eos_id is not None and t == eos_id:
+                done[r] = True
+            else:
+                out_tokens[r].append(t)
+        if all(done):
+            break
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out_tokens
 
 
@@ -171,16 +167,29 @@ def build_items(
 
     A cell the task cannot build (length too short for its needles, depth unreachable with this
     tokenizer) raises ConsaError, or — when an ``errors`` dict is given — is recorded there
-    (key → reason) and left empty, so the rest of the grid still runs."""
+    (key → reason) and left empty, so the rest of the grid still runs.
+
+    ``haystack`` (strings or a :class:`~consa.data.haystack.Haystack`) replaces the filler of the text
+    tasks (passkey, multikey) only; varrecall keeps its Python source and mqar its key lines. A
+    haystack too short for the longest text-task length is a ConsaError up front, never a skipped cell."""
     extra = {} if digits == 5 else {"digits": int(digits)}  # 5 is make_items' own default
     if make_items is None:
         from ..data.tasks import make_items
+    from ..data.haystack import TEXT_TASKS, Haystack
+
+    if haystack is not None:
+
+        haystack = haystack if isinstance(haystack, Haystack) else Haystack.from_texts(haystack)
+        text_lengths = [int(x) for t in tasks if t in TEXT_TASKS for x in lengths]
+        if text_lengths:
+            haystack.check_length(tokenizer, max(text_lengths))
     cells = {}
     for task in tasks:
         for length in lengths:
             for depth in depths:
                 try:
-                    items = make_items(task, tokenizer, int(length), float(depth), int(n), cell_seed(seed, task, length, depth), haystack=haystack, **extra)
+                    hay = haystack if task in TEXT_TASKS else None
+                    items = make_items(task, tokenizer, int(length), float(depth), int(n), cell_seed(seed, task, length, depth), haystack=hay, **extra)
                 except (ConsaError, ValueError, KeyError) as e:
                     msg = f"cannot make {task} items at length {length}, depth {depth}: {e}"
                     if errors is None:

@@ -43,6 +43,7 @@ class EvalConfig:
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     items: int = 8  # per (task, length, depth) cell
     digits: int = 5  # digits of passkeys / values: fewer make retrieval easier for small base models
+    haystack: str | None = None  # the user's text (file or directory) for passkey/multikey; None: stdlib text
     window: int | None = None  # default: the allocation's window (required without an allocation)
     sinks: int | None = None  # default: the allocation's sinks, else 0
     corpus: str | None = None  # token-shard corpus for perplexity (None: no perplexity)
@@ -81,12 +82,28 @@ class EvalConfig:
         return self
 
 
-def fingerprint(cfg: EvalConfig, window: int, sinks: int) -> dict:
-    """What baselines must share with a result to be reused."""
+def fingerprint(cfg: EvalConfig, window: int, sinks: int, haystack_sha256: str | None = None) -> dict:
+    """What baselines must share with a result to be reused. A user haystack enters by its content
+    hash (not its path: edited text must not reuse old results); the default one adds no key, so
+    fingerprints stored before haystacks existed still match."""
     keys = ("tasks", "lengths", "depths", "items", "digits", "corpus", "split", "ppl_length", "ppl_sequences", "seed")
     d = {k: getattr(cfg, k) for k in keys}
     d.update(window=window, sinks=sinks)
+    if haystack_sha256 is not None:
+        d["haystack"] = haystack_sha256
     return json.loads(json.dumps(d))
+
+
+def resolve_haystack(haystack=None, cfg: EvalConfig | None = None):
+    """The :class:`~consa.data.haystack.Haystack` in use: ``haystack`` (strings or a Haystack), else
+    the file/directory ``cfg.haystack``, else None (the stdlib text)."""
+    from ..data.haystack import Haystack, load_haystack
+
+    if haystack is not None:
+        return haystack if isinstance(haystack, Haystack) else Haystack.from_texts(haystack)
+    if cfg is not None and cfg.haystack is not None:
+        return load_haystack(cfg.haystack)
+    return None
 
 
 def evaluate(
@@ -106,9 +123,11 @@ def evaluate(
 
     ``documents``: token sequences for perplexity (overrides ``cfg.corpus``); ``baselines``: the
     ``"baselines"`` entry of an earlier result with the same fingerprint, reused instead of recomputed;
-    ``haystack``: passed to ``consa.data.tasks.make_items``; ``log``: where the calibration check and
-    progress lines go (None: silent); ``items``: the ``(cells, errors)`` of :func:`retrieval_items` for
-    this ``cfg``, to share between evaluations (building them costs ~0.1 s of CPU per item).
+    ``haystack``: the text tasks' filler (strings or a ``Haystack``; default: ``cfg.haystack``, else
+    the stdlib text), its hash part of the baselines' fingerprint; ``log``: where the calibration
+    check and progress lines go (None: silent); ``items``: the ``(cells, errors)`` of
+    :func:`retrieval_items` for this ``cfg`` and haystack, to share between evaluations (building
+    them costs ~0.1 s of CPU per item).
     """
     cfg = (cfg or EvalConfig()).validate()
     t0 = time.time()
@@ -129,15 +148,16 @@ def evaluate(
     swa_alloc = Allocation.uniform(False, "layer", shape, window, sinks)
 
     # ---- shared inputs -----------------------------------------------------------------------
+    hay = resolve_haystack(haystack, cfg) if cfg.tasks else None
     seqs = _ppl_sequences(cfg, window, documents)
-    cells, cell_errors = items if items is not None else retrieval_items(tokenizer, cfg, haystack)
+    cells, cell_errors = items if items is not None else retrieval_items(tokenizer, cfg, hay)
     for (task, length, depth), reason in cell_errors.items():
         say(f"consa eval: skipped {task} at length {length}, depth {depth:g}: {reason}")
     if cells and all(not items for items in cells.values()):
         first = next(iter(cell_errors.items()))
         raise ConsaError(f"no retrieval item could be made (e.g. {first[0][0]} at length {first[0][1]}: {first[1]})")
 
-    fp = fingerprint(cfg, window, sinks)
+    fp = fingerprint(cfg, window, sinks, hay.sha256 if hay is not None else None)
     if baselines is not None and baselines.get("fingerprint") != fp:
         say("consa eval: the baselines handed in were made with other settings; recomputing them")
         baselines = None
@@ -184,6 +204,7 @@ def evaluate(
         "allocation": allocation.to_dict() if allocation is not None else None,
         "allocation_stats": used.stats(),
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "haystack": hay.info() if hay is not None else None,
         "quality": main["quality"],
         "retrieval": retrieval,
         "calibration": calibration,
@@ -197,7 +218,9 @@ def evaluate(
 
 
 def retrieval_items(tokenizer, cfg: EvalConfig, haystack=None) -> tuple[dict, dict]:
-    """``(cells, errors)``: the retrieval grid's items of ``cfg`` (see ``build_items``)."""
+    """``(cells, errors)``: the retrieval grid's items of ``cfg`` (see ``build_items``); ``haystack``
+    as in :func:`evaluate`."""
+    haystack = resolve_haystack(haystack, cfg) if cfg.tasks else None
     errors: dict = {}
     cells = build_items(tokenizer, cfg.tasks, cfg.lengths, cfg.depths, cfg.items, cfg.seed, haystack=haystack,
                         errors=errors, digits=cfg.digits) if cfg.tasks else {}
@@ -303,6 +326,10 @@ def format_markdown(result: dict) -> str:
         f"{st['granularity']}, {st['swa_units']}/{st['units']} units SWA (sparsity {st['sparsity']:.3f})"
     )
     lines += [f"Allocation: {alloc_desc}  ", f"Window W = {result['window']}, sinks = {result['sinks']}", ""]
+    hay = result.get("haystack")
+    if hay:
+        lines[-1:-1] = ["", f"Haystack (passkey, multikey): `{hay['source']}`, {hay['documents']} documents, "
+                        f"sha256 {hay['sha256'][:16]}…"]
 
     q = result.get("quality")
     lines.append("## Perplexity (held-out long documents)")

@@ -130,6 +130,9 @@ def save_checkpoint(ckpt_dir: Path, search) -> None:
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     d.barrier()  # every shard is on disk before the swap
     if d.is_main:
+        from ..files import ordinary_modes
+
+        ordinary_modes(tmp)  # safetensors writes 0600: readable by others, as open() would make it
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
         if ckpt_dir.exists():
             if old.exists():

@@ -156,6 +156,24 @@ def shard(model: nn.Module, d: Dist, mixed_precision: bool = False) -> nn.Module
 
 
 # ---- launching --------------------------------------------------------------------------------
+def worker_argv(parser, args, command: str) -> list[str]:
+    """``[command, --opt value, ...]`` rebuilt from parsed ``args`` for the processes :func:`launch`
+    starts, minus ``--nproc`` (they are the processes; torchrun's world size says how many)."""
+    import argparse
+
+    argv = []
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "nproc"):
+            continue
+        v = getattr(args, a.dest, None)
+        if isinstance(a, argparse._StoreTrueAction):
+            if v:
+                argv.append(a.option_strings[0])
+        elif v is not None:
+            argv += [a.option_strings[0], str(v)]
+    return [command, *argv]
+
+
 def launch(module_argv: list[str], nproc: int) -> int:
     """Run ``python -m consa <module_argv>`` on ``nproc`` local processes through torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

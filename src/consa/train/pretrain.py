@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -44,8 +43,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from ..compat import dtype_kwargs
 from ..errors import ConsaError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, ordinary_modes, temp_dir
 from ..presets import get_preset, preset_config
 
 CHECKPOINT = "checkpoint"
@@ -523,7 +523,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def _save_checkpoint(out: Path, corpus: Path, model, opt, state: dict, log: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{CHECKPOINT}.", suffix=".tmp"))
+    tmp = temp_dir(out, f".{CHECKPOINT}.")  # mkdir-like mode, not mkdtemp's 0700
     try:
         _save_model_dir(model, corpus, tmp)
         tensors, meta = _optimizer_tensors(opt)
@@ -531,6 +531,7 @@ def _save_checkpoint(out: Path, corpus: Path, model, opt, state: dict, log: dict
         save_file(_rng_tensors(), str(tmp / RNG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
         (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
+        ordinary_modes(tmp)  # safetensors writes 0600
         _replace_dir(tmp, out / CHECKPOINT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -546,10 +547,11 @@ def _find_checkpoint(out: Path) -> Path | None:
 
 def _export_final(out: Path, corpus: Path, model, log: dict) -> None:
     """Write the final model files into ``out`` (each file by an atomic rename)."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final.", suffix=".tmp"))
+    tmp = temp_dir(out, ".final.")
     try:
         _save_model_dir(model, corpus, tmp)
         (tmp / LOG_FILE).write_text(json.dumps(log, indent=1))
+        ordinary_modes(tmp)  # safetensors writes 0600
         names = sorted(p.name for p in tmp.iterdir())
         # config.json last: a directory with a config.json is a complete model
         for name in sorted(names, key=lambda n: n == "config.json"):
@@ -564,7 +566,7 @@ def _build_model(config, seed: int):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **dtype_kwargs(torch.float32))
 
 
 def _make_optimizer(model, r: _Resolved) -> torch.optim.Optimizer:
@@ -689,7 +691,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
         from transformers import AutoModelForCausalLM
 
         with _quiet_hf():
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="sdpa", dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="sdpa", **dtype_kwargs(torch.float32))
     else:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(train_shards, "eos_id", None)
         config = preset_config(r.preset, vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,

@@ -34,9 +34,10 @@ from ..files import atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
 from ..gates import HardConcreteGates, cut_agreement, topk_swa
-from ..models import attach_gates, model_shape
+from ..models import attach_gates, model_shape, native_plans, native_windows, searchable_native
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
+from .refine import RefineResult, refine_cut
 
 BatchFn = Callable[[int], dict]
 
@@ -66,6 +67,12 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     backend: str = "auto"
+    # search the model's native sliding layers too (default: they keep their window, unsearched)
+    reopen_native: bool = False
+    # after the cut: try swaps across it on held-out batches (``refine.refine_cut``); 0 = off
+    refine_evals: int = 0
+    refine_candidates: int = 4
+    refine_batches: int = 2
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
@@ -87,6 +94,8 @@ class SearchConfig:
             raise ConsaError(f"train_weights must be none, full or lora, got {self.train_weights!r}")
         if self.controller not in ("lagrangian", "project"):
             raise ConsaError(f"controller must be lagrangian or project, got {self.controller!r}")
+        if self.refine_evals < 0 or self.refine_candidates < 1 or self.refine_batches < 1:
+            raise ConsaError("refine_evals must be >= 0, and refine_candidates and refine_batches >= 1")
 
 
 def kl_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
@@ -147,6 +156,54 @@ def lm_sum(logits, input_ids, mask=None):
     return _masked_sum(nll, None if mask is None else mask[:, 1:])
 
 
+def prepare_student(model, mode: str, lora_rank: int = 8):
+    """The model ready to train: frozen (``none``), every weight (``full``) or LoRA adapters on the
+    attention projections (``lora``, via PEFT); dropout off, so a run is deterministic given its seed."""
+    if mode == "none":
+        return model.eval().requires_grad_(False)
+    if mode == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConsaError("LoRA training needs PEFT: pip install 'consa[peft]'") from None
+        lcfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model = get_peft_model(model, lcfg)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if mode == "full":
+        model.requires_grad_(True)
+    return model
+
+
+def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
+    """This rank's share of the global-mean task loss, scaled so that *averaged* gradients are exact.
+
+    ``cfg`` gives ``kl_weight``, ``lm_weight`` and ``temperature``. Each term is Σ_local / count_global;
+    the count is all-reduced first. Multiplying by the world size makes the mean over ranks of the
+    gradients (what FSDP computes) the gradient of the global mean, the very loss a single process
+    would use on the whole batch. Returns (loss to backpropagate, the global task loss as a float).
+    """
+    d = dist
+    terms = []
+    if teacher is not None:
+        terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
+    if cfg.lm_weight > 0 and "input_ids" in batch:
+        terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if not terms:
+        return loss, 0.0
+    stats = torch.stack([x for _, s, c in terms for x in (s.detach().float(), c.float())])
+    d.all_reduce_sum_(stats)  # [Σ_1, n_1, Σ_2, n_2, ...] over the global batch
+    task = 0.0
+    for i, (w, s, _) in enumerate(terms):
+        n = stats[2 * i + 1].clamp_min(1.0)
+        loss = loss + w * d.world_size * s / n
+        task += w * float(stats[2 * i] / n)
+    return loss, task
+
+
 class Search:
     """One ConSA search; ``run`` returns the Allocation and writes it under ``out_dir``.
 
@@ -162,14 +219,20 @@ class Search:
         self.progress = progress and self.dist.is_main
         self.shape = model_shape(model)
         self.fingerprint = model_fingerprint(model)
-        self.n_units = self.shape.num_units(cfg.granularity)
+        # Native sliding layers stay as they are (fixed, uncounted) unless reopened; when reopened, the
+        # teacher still runs them at their native window: it is the model as trained.
+        self.native = searchable_native(model, cfg.reopen_native)
+        trained = native_windows(model)
+        self.reopened = trained if cfg.reopen_native and any(w is not None for w in trained) else None
+        self.free_layers = [i for i, w in enumerate(self.native) if w is None]
+        self.n_units = len(self.free_layers) * (1 if cfg.granularity == "layer" else self.shape.num_kv_heads)
         self.num_swa = swa_count(cfg.sparsity, self.n_units)
         torch.manual_seed(cfg.seed)
         self.teacher = None
         if cfg.train_weights != "none":
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = self._prepare_student(model)
-        self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend)
+        self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend, reopen_native=cfg.reopen_native)
         if self.dist.enabled:
             from .distributed import shard
 
@@ -193,31 +256,25 @@ class Search:
         self.history: list[dict] = []
 
     def _prepare_student(self, model):
-        mode = self.cfg.train_weights
-        if mode == "none":
-            return model.eval().requires_grad_(False)
-        if mode == "lora":
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError:
-                raise ConsaError("train_weights=lora needs PEFT: pip install 'consa[peft]'") from None
-            lcfg = LoraConfig(r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-            model = get_peft_model(model, lcfg)
-        model.train()
-        for m in model.modules():  # no dropout: the search must be deterministic given the seed
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        if mode == "full":
-            model.requires_grad_(True)
-        return model
+        return prepare_student(model, self.cfg.train_weights, self.cfg.lora_rank)
 
     # ---- one step -----------------------------------------------------------------------------
     def _unit_to_heads(self, z: torch.Tensor) -> torch.Tensor:
-        if self.cfg.granularity == "layer":
-            return z.view(-1, 1).expand(-1, self.shape.num_kv_heads)
-        return z.view(self.shape.num_layers, self.shape.num_kv_heads)
+        """Gate values of the searched units → [layers, kv_heads] (fixed layers read none: 0 there)."""
+        h = self.shape.num_kv_heads
+        rows = z.view(-1, 1).expand(-1, h) if self.cfg.granularity == "layer" else z.view(-1, h)
+        if len(self.free_layers) == self.shape.num_layers:
+            return rows
+        out = rows.new_zeros(self.shape.num_layers, h)
+        return out.index_copy(0, torch.tensor(self.free_layers, device=rows.device), rows)
 
     def _teacher_logits(self, batch):
+        if self.reopened is None:
+            return self._teacher_pass(batch)
+        with native_plans(self.model, self.reopened):
+            return self._teacher_pass(batch)
+
+    def _teacher_pass(self, batch):
         with torch.no_grad():
             if self.teacher is not None:
                 return forward_logits(self.teacher, batch)
@@ -281,23 +338,7 @@ class Search:
         size makes the mean over ranks of the gradients (what FSDP and the gate all-reduce compute)
         the gradient of the global mean, the very loss a single process would use on the whole batch.
         """
-        cfg, d = self.cfg, self.dist
-        terms = []
-        if teacher is not None:
-            terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
-        if cfg.lm_weight > 0 and "input_ids" in batch:
-            terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if not terms:
-            return loss, 0.0
-        stats = torch.stack([x for _, s, c in terms for x in (s.detach().float(), c.float())])
-        d.all_reduce_sum_(stats)  # [Σ_1, n_1, Σ_2, n_2, ...] over the global batch
-        task = 0.0
-        for i, (w, s, _) in enumerate(terms):
-            n = stats[2 * i + 1].clamp_min(1.0)
-            loss = loss + w * d.world_size * s / n
-            task += w * float(stats[2 * i] / n)
-        return loss, task
+        return global_task_loss(logits, teacher, batch, loss_mask, self.cfg, self.dist)
 
     @torch.no_grad()
     def _sync_replicated(self) -> None:
@@ -340,6 +381,8 @@ class Search:
                     save_checkpoint(ckpt_dir, self)
         if bar is not None:
             bar.close()
+        if self.cfg.refine_evals:
+            self.refine()
         alloc = self.allocation()
         if not main:
             self.dist.barrier()  # rank 0 writes the outputs
@@ -355,7 +398,9 @@ class Search:
                   file=sys.stderr, flush=True)
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
                    "cut_agreement": agree, "steps_done": self.step, "extra_steps": max(0, self.step - self.cfg.steps),
-                   "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size}
+                   "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size,
+                   "native_windows": self.native,
+                   "refine": self.refined.summary() if self.refined is not None else None}
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc
@@ -382,12 +427,50 @@ class Search:
         with torch.no_grad():
             return cut_agreement(self.gates.prob_nonzero(), topk_swa(self.gates.log_alpha, self.num_swa))
 
+    # held-out batches for refinement: steps the search never reaches (batch_fn is pure in the step)
+    HELD_OUT_STEP = 1_000_000_007
+
+    @torch.no_grad()
+    def held_out_kl(self, fa_bits: list[bool]) -> float:
+        """Mean KL(full ‖ binary allocation ``fa_bits``) over the held-out batches, through the gated
+        attention with z ∈ {0, 1} (exactly the hybrid). Teacher logits are computed once and kept."""
+        if not hasattr(self, "_held_out"):
+            self._held_out = []
+            for i in range(self.cfg.refine_batches):
+                batch = self.dist.local_batch(self.batch_fn(self.HELD_OUT_STEP + i))
+                batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                self._held_out.append((batch, self._teacher_logits(batch)))
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch, teacher in self._held_out:
+            mask = batch.get("loss_mask")
+            mask = batch.get("attention_mask") if mask is None else mask
+            self.mix.z = self._unit_to_heads(torch.tensor(fa_bits, dtype=torch.float32, device=self.device))
+            s, n = kl_sum(forward_logits(self.model, batch), teacher, mask, self.cfg.temperature)
+            total += torch.stack([s.double(), n.double()])
+        self.dist.all_reduce_sum_(total)
+        return float(total[0] / total[1].clamp_min(1.0))
+
+    refined: RefineResult | None = None
+
+    def refine(self) -> RefineResult:
+        """Swaps across the top-k cut that lower the held-out KL of the binary allocation (``refine.py``)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.refined = refine_cut(self.gates.log_alpha, topk_swa(self.gates.log_alpha, self.num_swa), self.held_out_kl,
+                                      candidates=self.cfg.refine_candidates, max_evals=self.cfg.refine_evals)
+        finally:
+            self.model.train(was_training)
+        return self.refined
+
     def allocation(self) -> Allocation:
-        fa = topk_swa(self.gates.log_alpha, self.num_swa)
+        fa = self.refined.fa if self.refined is not None else topk_swa(self.gates.log_alpha, self.num_swa)
         meta = {"method": f"consa-{self.cfg.granularity}", "sparsity_target": self.cfg.sparsity,
                 "log_alpha": [round(float(x), 4) for x in self.gates.log_alpha.detach().cpu()], "steps": self.step,
                 "seed": self.cfg.seed}
-        return Allocation.from_units(fa, self.cfg.granularity, self.shape, self.cfg.window, self.cfg.sinks, meta)
+        if self.refined is not None:
+            meta["refine"] = self.refined.summary()
+        return Allocation.from_units(fa, self.cfg.granularity, self.shape, self.cfg.window, self.cfg.sinks, meta, native=self.native)
 
 
 def run_search(model, cfg: SearchConfig, batch_fn: BatchFn, out_dir, resume: bool = False, progress: bool = True) -> Allocation:

@@ -1,0 +1,174 @@
+"""The experiment's ``heal`` stage: heal every allocation of a sparsity with the same tokens, then
+evaluate it next to the unhealed one.
+
+Every allocation starts from the same base weights and sees the same batches (one batch function,
+seeded apart from the search's), so before/after compares methods at an equal budget after the cut.
+Healed runs are written as ``WORKDIR/eval/s<t>/<method>-healed`` (``consa eval`` run directories, with
+a ``heal`` record); the heal runs themselves (heal.json, metrics.jsonl; the weights only with
+``keep_models``) go to ``WORKDIR/heal/s<t>/<method>``. "Gap closed by healing" is
+(PPL_before − PPL_after) / (PPL_before − PPL_full) on long-range PPL: the share of what the allocation
+still lost to full attention that healing recovered.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+
+from .errors import ConsaError
+
+SUFFIX = "-healed"
+
+
+def validate_heal(cfg) -> None:
+    h = cfg.heal
+    bad_t = [t for t in (h.sparsities or []) if t not in cfg.search.sparsities]
+    bad_m = [m for m in (h.methods or []) if m not in cfg.search.methods]
+    if bad_t or bad_m:
+        raise ConsaError(f"heal.sparsities / heal.methods must be among the search's (not: {bad_t + bad_m})")
+    if h.tokens < 1 or h.batch_size < 1 or not h.lr > 0 or h.lora_rank < 0 or h.lm_weight < 0:
+        raise ConsaError("heal.tokens and heal.batch_size must be >= 1, heal.lr > 0, heal.lora_rank and heal.lm_weight >= 0")
+    if not 0 <= h.retrieval_share <= 1 or not 0 <= h.warmup_frac <= 1:
+        raise ConsaError("heal.retrieval_share and heal.warmup_frac must lie in [0, 1]")
+
+
+def heal_targets(cfg) -> list[tuple[float, str]]:
+    """(sparsity, allocation file stem) of every allocation the stage heals."""
+    from .experiment import _method_list
+
+    h = cfg.heal
+    sparsities = h.sparsities or cfg.search.sparsities
+    methods = set(h.methods or cfg.search.methods)
+    stems = [stem for stem, name, gran, _ in _method_list(cfg) if f"{name}-{gran}" in methods]
+    return [(t, stem) for t in sparsities for stem in stems]
+
+
+def run_heal_stage(wd, deadline: float | None = None) -> dict:
+    import torch
+
+    from .allocation import Allocation
+    from .data.shards import TokenShards
+    from .data.tokenizer import load_tokenizer
+    from .eval.runner import evaluate, retrieval_items, write_run
+    from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, method_key, search_batch_fn
+    from .models import load_model
+    from .train.heal import Heal, HealConfig, steps_for_tokens
+
+    cfg, h = wd.cfg, wd.cfg.heal
+    if h is None:
+        return {"skipped": "no heal section in the config"}
+    full_path = wd.evals / "full" / "eval.json"
+    _require(wd.done("eval") and full_path.is_file(), "heal", f"the eval runs in {wd.evals}", "eval", wd)
+    base = wd.base_model_dir()
+    device = _device(cfg.device)
+    base_model = load_model(base, dtype=torch.float32, device=str(device))  # fp32 masters (bf16 autocast on CUDA)
+    tok = load_tokenizer(base)
+    ecfg = eval_config(cfg, wd.corpus)
+    items = retrieval_items(tok, ecfg)
+    full = json.loads(full_path.read_text())
+    shards = TokenShards.open(wd.corpus, "train")
+    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and h.retrieval_share > 0) else None
+    seq_len = int(h.seq_len or cfg.search.seq_len or cfg.context)
+    # one batch function for every allocation: the same tokens, other than the search's (seed offset)
+    batch_fn = search_batch_fn(shards, bank, h.batch_size, seq_len, h.retrieval_share, cfg.seed + 1009)
+    steps = steps_for_tokens(h.tokens, h.batch_size, seq_len)
+    eval_dtype = _dtype(cfg.eval.dtype, device)  # evaluate healed weights as the unhealed ones were
+    n_done, n_skipped = 0, 0
+    for t, stem in heal_targets(cfg):
+        out = wd.evals / method_key(t) / f"{stem}{SUFFIX}"
+        if (out / "eval.json").is_file():
+            continue
+        if deadline is not None and time.time() > deadline:
+            n_skipped += 1
+            continue
+        alloc = Allocation.load(wd.alloc / method_key(t) / f"{stem}.json")
+        run_dir = wd.root / "heal" / method_key(t) / stem
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished heal starts again (the runs are short)
+        hc = HealConfig(steps=steps, seq_len=seq_len, lr=h.lr, lora_rank=h.lora_rank, lm_weight=h.lm_weight,
+                        warmup_frac=h.warmup_frac, checkpoint_every=0, seed=cfg.seed, backend=h.backend)
+        t0 = time.time()
+        heal = Heal(copy.deepcopy(base_model), alloc, hc, batch_fn, run_dir, progress=cfg.progress, source_dir=base)
+        model = heal.run().to(eval_dtype)
+        seconds = time.time() - t0
+        r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=f"{stem}{SUFFIX}", log=None, items=items)
+        r["heal"] = {"tokens": steps * h.batch_size * seq_len, "steps": steps, "seconds": round(seconds, 2),
+                     "first_loss": heal.history[0]["loss"], "final_loss": heal.history[-1]["loss"], "lr": h.lr,
+                     "lora_rank": h.lora_rank, "lm_weight": h.lm_weight}
+        write_run(r, out)
+        if not h.keep_models:
+            for f in list(run_dir.glob("*.safetensors")) + list(run_dir.glob("*.safetensors.index.json")):
+                f.unlink()
+        n_done += 1
+        _say(f"heal: t={t} {stem}: KL {r['heal']['first_loss']:.4f} -> {r['heal']['final_loss']:.4f} in {seconds:.1f} s; "
+             f"long Δnll {r['summary']['delta_long_nll']}")
+        del model, heal
+    del base_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if n_skipped:
+        raise _Partial(f"heal: {n_skipped} allocations left for a later call (time budget reached)")
+    return {"healed": n_done, "tokens_per_allocation": steps * h.batch_size * seq_len, "steps": steps, "rows": heal_rows(wd)}
+
+
+def _long_ppl(res: dict):
+    return ((res.get("quality") or {}).get("long") or {}).get("ppl")
+
+
+def _retrieval(res: dict):
+    """Mean over tasks of the calibrated retrieval (raw where no length passed calibration)."""
+    s = res["summary"]
+    vals = [v if v is not None else s["retrieval_raw"].get(k) for k, v in (s.get("retrieval") or {}).items()]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def heal_rows(wd) -> list[dict]:
+    """Before/after numbers of every healed allocation on disk."""
+    from .experiment import method_key
+
+    full_path = wd.evals / "full" / "eval.json"
+    if not full_path.is_file():
+        return []
+    full = json.loads(full_path.read_text())
+    f_long, f_short = _long_ppl(full), ((full.get("quality") or {}).get("short") or {}).get("ppl")
+    rows = []
+    for t, stem in heal_targets(wd.cfg):
+        pb, pa = (wd.evals / method_key(t) / stem / "eval.json"), (wd.evals / method_key(t) / f"{stem}{SUFFIX}" / "eval.json")
+        if not (pb.is_file() and pa.is_file()):
+            continue
+        before, after = json.loads(pb.read_text()), json.loads(pa.read_text())
+        lb, la = _long_ppl(before), _long_ppl(after)
+        sa = ((after.get("quality") or {}).get("short") or {}).get("ppl")
+        gap = (lb - f_long) if (lb is not None and f_long is not None) else None
+        rows.append({"sparsity": t, "method": stem, "tokens": after["heal"]["tokens"],
+                     "long_ratio_before": lb / f_long if lb and f_long else None,
+                     "long_ratio_after": la / f_long if la and f_long else None,
+                     "short_ratio_after": sa / f_short if sa and f_short else None,
+                     "retrieval_before": _retrieval(before), "retrieval_after": _retrieval(after),
+                     "gap_closed_by_heal": (lb - la) / gap if (gap is not None and la is not None and gap > 1e-9) else None,
+                     "kl_first": after["heal"]["first_loss"], "kl_final": after["heal"]["final_loss"]})
+    return rows
+
+
+def format_heal(wd) -> str:
+    def f(v, d=3):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    rows = heal_rows(wd)
+    lines = ["### Healing (same tokens for every allocation)", "",
+             "| sparsity | method | heal tokens | long PPL ratio before → after | short PPL ratio after | "
+             "retrieval before → after | gap closed by healing | heal KL first → last |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["long_ratio_after"] or 0)):
+        lines.append(f"| {r['sparsity']} | {r['method']} | {r['tokens']:,} | {f(r['long_ratio_before'])} → "
+                     f"{f(r['long_ratio_after'])} | {f(r['short_ratio_after'])} | {f(r['retrieval_before'], 2)} → "
+                     f"{f(r['retrieval_after'], 2)} | {f(r['gap_closed_by_heal'], 2)} | {f(r['kl_first'], 4)} → "
+                     f"{f(r['kl_final'], 4)} |")
+    if not rows:
+        lines.append("| – | no healed run yet | | | | | | |")
+    lines += ["", "PPL ratios are to the unhealed base model with full attention. Gap closed by healing = "
+              "(PPL before − PPL after) / (PPL before − PPL full), long-range PPL. Retrieval: mean over tasks "
+              "(calibrated; raw where no length passed calibration).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Code shipped inside head-wise exports (copied next to config.json, named in its ``auto_map``)."""
