@@ -8,6 +8,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 import consa
+from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention import kernels
 from consa.attention.cache import HybridCache, HybridLayer, generate
@@ -15,7 +16,6 @@ from consa.attention.hybrid import SplitKV
 from consa.tiny import FAMILIES, tiny_model
 
 torch.set_default_dtype(torch.float32)
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 ATOL = 2e-4
 
 
@@ -81,7 +81,7 @@ def _cached_logits(model, ids, mask, pos, chunks, cache):
         with torch.no_grad():
             o = model(
                 input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end],
-                past_key_values=cache, use_cache=True,
+                **cache_kwargs(cache, model), use_cache=True,
             )
         out.append(o.logits)
         mem.append((end, [layer.stored_elements() for layer in cache.layers]))
@@ -171,7 +171,7 @@ def test_generate_greedy_matches_no_cache_and_sampling_runs():
     ids, mask, _ = _inputs(model, 2, 7, pad=2)
     kw = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
     cache = HybridCache(model)
-    out = model.generate(ids, past_key_values=cache, do_sample=False, **kw)
+    out = model.generate(ids, **cache_kwargs(cache, model), do_sample=False, **kw)
     assert cache.get_seq_length() == 7 + 8 - 1
     assert cache.layers[2].swa_keys.shape[-2] == 4 - 1 + 1  # all-SWA layer stays at W−1+S
     # the same greedy continuation, recomputed without any cache
@@ -184,7 +184,7 @@ def test_generate_greedy_matches_no_cache_and_sampling_runs():
     torch.manual_seed(3)
     s1 = generate(model, ids, do_sample=True, top_k=20, **kw)
     torch.manual_seed(3)
-    s2 = model.generate(ids, past_key_values=HybridCache(model), do_sample=True, top_k=20, **kw)
+    s2 = model.generate(ids, **cache_kwargs(HybridCache(model), model), do_sample=True, top_k=20, **kw)
     assert torch.equal(s1, s2) and s1.shape == (2, 15)
     assert torch.equal(generate(model, ids, do_sample=False, **kw), out)
 

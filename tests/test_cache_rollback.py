@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import consa
+from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache, HybridLayer
 from consa.tiny import tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
 
 def _kv(t, heads=3, seed=0):
@@ -126,13 +126,13 @@ def test_assisted_generation_equals_greedy(monkeypatch, how, device, dtype):
     pattern = torch.randint(3, model.config.vocab_size, (1, 5), generator=g)
     ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1).to(device)  # repeats: prompt lookup proposes drafts
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    want = model.generate(ids, past_key_values=HybridCache(model), **kw)
+    want = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
     crops = []
     real = HybridLayer.crop
     monkeypatch.setattr(HybridLayer, "crop", lambda self, n: crops.append(n) or real(self, n))
     extra = {"prompt_lookup_num_tokens": 3} if how == "prompt_lookup" else {"assistant_model": _hybrid(1).to(device, dtype)}
     cache = HybridCache(model)
-    got = model.generate(ids, past_key_values=cache, **extra, **kw)
+    got = model.generate(ids, **cache_kwargs(cache, model), **extra, **kw)
     assert torch.equal(got, want)
     assert any(n < 0 for n in crops), "no draft token was ever rolled back"
     assert cache.get_seq_length() == got.shape[1] - 1

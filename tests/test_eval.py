@@ -445,3 +445,26 @@ def test_digits_reach_the_generated_items():
     assert seen["passkey"] == {}
     with pytest.raises(ConsaError, match="digits"):
         EvalConfig(digits=0, window=4).validate()
+
+
+def test_cli_eval_of_a_head_wise_export_defaults_to_its_stored_allocation(saved_model, tmp_path, capsys):
+    """A consa export (or a heal output) is the hybrid model: with no --allocation, eval must score it as
+    stored (in the export's own head order), not as full attention."""
+    from consa.cli import main
+    from consa.export import export, read_export
+    from consa.models import load_model
+
+    root, shape = saved_model
+    alloc = Allocation.from_units([False, True, False, False, True, False], "kv_head", shape, window=16)
+    export(load_model(root / "model"), alloc, tmp_path / "exp", mode="heads", source_dir=root / "model")
+    stored = read_export(tmp_path / "exp")[2]
+    stored.save(tmp_path / "stored.json")
+    common = ["--corpus", str(root / "corpus"), "--tasks", "none", "--ppl-length", "64", "--ppl-sequences", "3",
+              "--batch-size", "2", "--no-progress"]
+    assert main(["eval", "--model", str(tmp_path / "exp"), *common, "--out", str(tmp_path / "default")]) == 0
+    assert "evaluating its stored allocation (4/6 SWA units" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "exp"), *common, "--allocation", str(tmp_path / "stored.json"),
+                 "--out", str(tmp_path / "explicit")]) == 0
+    assert main(["eval", "--model", str(root / "model"), *common, "--window", "16", "--out", str(tmp_path / "full")]) == 0
+    long = {r: json.loads((tmp_path / r / "eval.json").read_text())["quality"]["long"]["nll"] for r in ("default", "explicit", "full")}
+    assert long["default"] == long["explicit"] != long["full"]

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import consa
+from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache
 from consa.cli import main as cli_main
 from consa.export import ExportError, export, load, read_export
 from consa.tiny import tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 NATIVE = ["qwen3", "qwen2", "llama", "mistral"]
 W = 4
 
@@ -46,7 +46,7 @@ def _consa_path(model, alloc, ids, mask):
     consa.apply_allocation(model, alloc)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-        gen = model.generate(ids, attention_mask=mask, past_key_values=HybridCache(model), max_new_tokens=8,
+        gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=8,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
     return logits, gen
 

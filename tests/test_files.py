@@ -166,3 +166,24 @@ def test_a_resumable_run_leaves_the_modes_of_a_users_own_files_alone(tmp_path, u
     assert _mode(out / "notes.txt") == 0o600
     assert _mode(out / "checkpoint") == 0o777 & ~umask
     assert _mode(out / "checkpoint" / "state.safetensors") == 0o666 & ~umask
+
+
+def test_library_export_and_search_outputs_are_readable_by_others(tmp_path, umask):
+    """The Python API (no CLI staging around it) must not leave mkdtemp's 0700 or safetensors' 0600."""
+    import torch
+
+    from consa.allocation import Allocation
+    from consa.export import export
+    from consa.models import model_shape
+    from consa.tiny import tiny_model
+    from consa.train.search import Search, SearchConfig
+
+    model = tiny_model("qwen3", num_layers=2, num_kv_heads=2)
+    alloc = Allocation.from_units([True, False, False, True], "kv_head", model_shape(model), 4)
+    export(model, alloc, tmp_path / "exp", mode="heads")
+    assert _mode(tmp_path / "exp") == 0o777 & ~umask
+    assert {_mode(p) for p in (tmp_path / "exp").iterdir()} == {0o666 & ~umask}
+
+    cfg = SearchConfig(sparsity=0.5, window=4, seq_len=12, steps=1, checkpoint_every=0)
+    Search(model, cfg, lambda s: {"input_ids": torch.randint(3, 50, (1, 12))}, tmp_path / "s", progress=False).run()
+    assert _mode(tmp_path / "s" / "gates.safetensors") == 0o666 & ~umask

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import consa
+from consa.compat import cache_kwargs
 from consa.allocation import Allocation, AllocationError, swa_count
 from consa.attention.cache import HybridCache
 from consa.cli import main as cli_main
@@ -17,7 +18,6 @@ from consa.export import export, load, read_export
 from consa.models import native_windows
 from consa.train.search import Search, SearchConfig
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 NATIVE_W, W, VOCAB = 6, 3, 101
 GEMMA_5_1 = ["sliding_attention"] * 5 + ["full_attention"]
 
@@ -130,7 +130,7 @@ def test_gemma3_search_export_load_round_trip(tmp_path):
     assert cfg["model_type"] == "consa_gemma3_text" and stored.native == alloc.native and stored.num_swa == alloc.num_swa
     consa.apply_allocation(model, alloc)
     want = _logits(model, ids, mask)
-    want_gen = model.generate(ids, attention_mask=mask, past_key_values=HybridCache(model), max_new_tokens=6,
+    want_gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=6,
                               do_sample=False, pad_token_id=0, eos_token_id=None)
     loaded = load(tmp_path / "out")
     torch.testing.assert_close(_logits(loaded, ids, mask)[mask.bool()], want[mask.bool()], atol=2e-5, rtol=0)

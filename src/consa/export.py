@@ -31,7 +31,7 @@ import torch
 
 from .allocation import Allocation, AllocationError
 from .errors import ConsaError
-from .files import read_json
+from .files import ordinary_modes, read_json
 
 KEY = "consa"
 FORMAT = "consa.export"
@@ -139,6 +139,7 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
                 src = Path(source_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
+        ordinary_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock other users out
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

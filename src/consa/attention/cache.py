@@ -238,11 +238,8 @@ class HybridCache(Cache):
 
     @classmethod
     def from_allocation(cls, allocation, **kwargs) -> "HybridCache":
-        plans = [
-            LayerPlan(i, allocation.shape.num_kv_heads, allocation.window, allocation.sinks, "fixed", fa_kv=allocation.fa_heads(i))
-            for i in range(allocation.shape.num_layers)
-        ]
-        return cls(plans=plans, **kwargs)
+        """One layer per plan of ``allocation`` (native sliding layers at their own window)."""
+        return cls(plans=[LayerPlan.from_allocation(allocation, i) for i in range(allocation.shape.num_layers)], **kwargs)
 
     def stored_elements(self) -> int:
         return sum(layer.stored_elements() for layer in self.layers)

@@ -130,6 +130,8 @@ def run(args) -> int:
     allocation = Allocation.load(args.allocation) if args.allocation else None
     device = _device(args.device)
     model_dir = check_model_dir(args.model)  # before the output dir or any weights
+    if allocation is None:
+        allocation = _stored_allocation(model_dir)
     if allocation is not None and (model_dir / "config.json").is_file():
         _check_shape_early(model_dir, allocation)  # before minutes of loading weights
     if args.no_progress:
@@ -140,7 +142,8 @@ def run(args) -> int:
     if cfg.corpus is not None:
         check_corpus_vocab(cfg.corpus, cfg.split, model.config.get_text_config().vocab_size)
     tokenizer = _load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir)
-    label = args.label or (None if allocation is None or _meta_label(allocation) else Path(args.allocation).stem)
+    label = args.label or (None if allocation is None or _meta_label(allocation)
+                           else Path(args.allocation).stem if args.allocation else model_dir.name)
 
     result = evaluate(model, tokenizer, allocation, cfg, haystack=haystack, label=label, log=print)
     result["model"] = str(model_dir)
@@ -156,6 +159,20 @@ def run(args) -> int:
     print(line)
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}")
     return 0
+
+
+def _stored_allocation(model_dir: Path):
+    """The allocation a consa export (or a ``consa heal`` output) carries, in its own head order: such a
+    model is the hybrid, so evaluating it as full attention by default would report the wrong model."""
+    from ..export import read_export
+
+    _, section, stored = read_export(model_dir)
+    if stored is None or section.get("mode") != "heads":  # a native export is hybrid in its own config
+        return None
+    if stored is not None:
+        print(f"consa eval: {model_dir} is a consa export: evaluating its stored allocation "
+              f"({stored.num_swa}/{stored.num_units} SWA units; --allocation overrides)")
+    return stored
 
 
 def _load_haystack(path: str | None, tasks):

@@ -99,7 +99,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..files import output_dir
+    from ..files import has_checkpoint, output_dir
 
     from ..errors import ConsaError
     from ..train import distributed as D
@@ -122,7 +122,7 @@ def run(args) -> int:
     try:
         torch.manual_seed(args.seed)
         # resumable: a Ctrl-C keeps the checkpoint for --resume; any other failure removes a fresh --out
-        with output_dir(args.out, resumable=True) if dist is None or dist.is_main else nullcontext():
+        with output_dir(args.out, resumable=True, keep=has_checkpoint) if dist is None or dist.is_main else nullcontext():
             if dist is None:
                 device = pick_device(args.device)
                 model = load(args.model, device, pick_dtype(args.dtype, device))

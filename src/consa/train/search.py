@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..allocation import Allocation, check_granularity, check_sparsity, swa_count
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
 from ..gates import HardConcreteGates, cut_agreement, topk_swa
@@ -390,7 +390,8 @@ class Search:
         alloc.save(self.out_dir / "allocation.json")
         from safetensors.torch import save_file
 
-        save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(self.out_dir / "gates.safetensors"))
+        with atomic_path(self.out_dir / "gates.safetensors") as tmp:
+            save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(tmp))
         agree = self.cut_agreement()
         if agree < AGREEMENT_WARN and self.step > 0:
             print(f"consa search: only {agree:.0%} of the gates agree with the top-k cut: they have not separated "
