@@ -883,7 +883,8 @@ def plot_fa_shares(res: dict, path: Path) -> Path:
         ax.set_xlabel("FA share of the layer's KV heads")
         ax.set_xlim(-0.05, 1.05)
     axes[0][0].set_ylabel("layer (0 = bottom)")
-    axes[0][-1].legend(fontsize=7)
+    if axes[0][-1].get_legend_handles_labels()[0]:  # no data-driven rows (e.g. rules only): no legend
+        axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -34,16 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .hybrid import LayerPlan, RingKV, SplitKV, _take
+from .cache import _selector
 from .kernels import KeySlots
-
-
-def _selector(idx: list[int], n: int):
-    """A slice for contiguous head lists (a view, no copy), else an index tensor."""
-    if not idx:
-        return slice(0, 0)
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return slice(idx[0], idx[0] + len(idx))
-    return torch.tensor(idx)
 
 
 class StaticHybridLayer(CacheLayerMixin):

@@ -46,6 +46,15 @@ def load(model_dir: str, device: torch.device, dtype: torch.dtype):
     return load_model(model_dir, dtype=dtype, device=str(device))
 
 
+def load_for(args, dist=None):
+    """The model of ``args.model`` for one process (on ``--device``) or for a torchrun rank (on the CPU:
+    ``fully_shard`` moves each rank's shard to its device), in ``--dtype``."""
+    if dist is None:
+        device = pick_device(args.device)
+        return load(args.model, device, pick_dtype(args.dtype, device))
+    return load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
+
+
 def check_corpus_vocab(corpus, split: str, vocab_size: int) -> None:
     """A corpus tokenized with a larger vocabulary than the model's would index past its embedding
     (an IndexError deep in the forward); refuse it as one line before any work."""

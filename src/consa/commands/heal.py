@@ -104,7 +104,7 @@ def run(args) -> int:
     from ..errors import ConsaError
     from ..train import distributed as D
     from ..train.heal import Heal, check_out
-    from .common import load, pick_device, pick_dtype, search_batches
+    from .common import load_for, search_batches
 
     cfg, alloc = _check_inputs(args)
     under_torchrun = D.launched_by_torchrun()
@@ -123,11 +123,7 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
         # resumable: a Ctrl-C keeps the checkpoint for --resume; any other failure removes a fresh --out
         with output_dir(args.out, resumable=True, keep=has_checkpoint) if dist is None or dist.is_main else nullcontext():
-            if dist is None:
-                device = pick_device(args.device)
-                model = load(args.model, device, pick_dtype(args.dtype, device))
-            else:  # load on the CPU: fully_shard moves each rank's shard to its device
-                model = load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
+            model = load_for(args, dist)
             batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
             heal = Heal(model, alloc, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist, source_dir=args.model)
             heal.run(resume=args.resume)
@@ -145,6 +141,5 @@ def run(args) -> int:
         if cfg.lora_rank and not cfg.merge:
             print(f"wrote the LoRA adapter {args.out}/adapter (for {args.model}; allocation in {args.out}/allocation.json)")
         else:
-            print(f"wrote {args.out} (consa.load('{args.out}'), or consa eval --model {args.out} "
-                  f"--allocation {args.out}/allocation.json)")
+            print(f"wrote {args.out} (consa.load('{args.out}'); consa eval --model {args.out} scores its stored allocation)")
     return 0

@@ -60,21 +60,6 @@ def register(sub) -> None:
     _PARSER = p
 
 
-def _argv_without_nproc(args) -> list[str]:
-    """Rebuild this command line from ``args`` for the launched processes (minus ``--nproc``)."""
-    argv = []
-    for a in _PARSER._actions:
-        if not a.option_strings or a.dest in ("help", "nproc"):
-            continue
-        v = getattr(args, a.dest, None)
-        if isinstance(a, argparse._StoreTrueAction):
-            if v:
-                argv.append(a.option_strings[0])
-        elif v is not None:
-            argv += [a.option_strings[0], str(v)]
-    return ["search", *argv]
-
-
 def run(args) -> int:
     import os
 
@@ -86,7 +71,7 @@ def run(args) -> int:
     from contextlib import nullcontext
 
     from ..files import has_checkpoint, output_dir
-    from .common import check_model_dir, load, pick_device, pick_dtype, search_batches
+    from .common import check_model_dir, load_for, search_batches
 
     cfg = SearchConfig(
         sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
@@ -113,7 +98,7 @@ def run(args) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConsaError(f"--out {args.out} exists and is not a directory")
         check_resumable(Path(args.out), args.resume, world)  # fail here, once, before any process starts
-        return D.launch(_argv_without_nproc(args), world)
+        return D.launch(D.worker_argv(_PARSER, args, "search"), world)
 
     dist = None
     if under_torchrun:
@@ -124,11 +109,7 @@ def run(args) -> int:
         # resumable: a failure keeps a fresh --out only when it holds a checkpoint for --resume (or on Ctrl-C)
         main_rank = dist is None or dist.is_main
         with output_dir(args.out, resumable=True, keep=has_checkpoint) if main_rank else nullcontext():
-            if dist is None:
-                device = pick_device(args.device)
-                model = load(args.model, device, pick_dtype(args.dtype, device))
-            else:  # load on the CPU: fully_shard moves each rank's shard to its device
-                model = load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
+            model = load_for(args, dist)
             batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
             search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist)
             alloc = search.run(resume=args.resume)

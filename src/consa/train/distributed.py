@@ -155,6 +155,12 @@ def shard(model: nn.Module, d: Dist, mixed_precision: bool = False) -> nn.Module
     return model
 
 
+def shard_pair(student, teacher, dist: "Dist", mixed_precision: bool):
+    """Shard a student and its frozen teacher (None: none) alike: one rule for search and heal."""
+    student = shard(student, dist, mixed_precision=mixed_precision)
+    return student, (shard(teacher, dist, mixed_precision=mixed_precision) if teacher is not None else None)
+
+
 # ---- launching --------------------------------------------------------------------------------
 def worker_argv(parser, args, command: str) -> list[str]:
     """``[command, --opt value, ...]`` rebuilt from parsed ``args`` for the processes :func:`launch`

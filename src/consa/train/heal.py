@@ -160,14 +160,12 @@ class Heal:
         self.shell = None
         mp = False
         if self.dist.enabled:
-            from .distributed import shard
+            from .distributed import shard_pair
 
             # rank 0 keeps an unsharded CPU copy to gather the final weights into
             self.shell = copy.deepcopy(self.model) if self.dist.is_main else None
             mp = self.dist.device.type == "cuda" and dtype == torch.float32  # fp32 masters, bf16 compute
-            self.model = shard(self.model, self.dist, mixed_precision=mp)
-            if self.teacher is not None:
-                self.teacher = shard(self.teacher, self.dist, mixed_precision=mp)
+            self.model, self.teacher = shard_pair(self.model, self.teacher, self.dist, mp)
             self.device = self.dist.device
         else:
             self.device = next(model.parameters()).device

@@ -234,13 +234,11 @@ class Search:
         self.model = self._prepare_student(model)
         self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend, reopen_native=cfg.reopen_native)
         if self.dist.enabled:
-            from .distributed import shard
+            from .distributed import shard_pair
 
             # fp32 weights that train on GPU: keep fp32 masters, compute in bf16
             mp = self.dist.device.type == "cuda" and cfg.train_weights != "none" and next(model.parameters()).dtype == torch.float32
-            self.model = shard(self.model, self.dist, mixed_precision=mp)
-            if self.teacher is not None:
-                self.teacher = shard(self.teacher, self.dist, mixed_precision=mp)
+            self.model, self.teacher = shard_pair(self.model, self.teacher, self.dist, mp)
             self.device = self.dist.device
         else:
             self.device = next(model.parameters()).device
