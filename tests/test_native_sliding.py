@@ -209,3 +209,38 @@ def test_soft_capped_attention_is_refused():
     model = _model("gemma2", query_pre_attn_scalar=12, layer_types=["full_attention"] * 6, sliding_window=NATIVE_W)
     with pytest.raises(consa.UnsupportedModelError, match="soft-capping"):
         consa.attach_gates(model, window=W)
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "layer"])
+def test_rules_and_data_driven_baselines_keep_native_layers_and_count_the_others(tmp_path, granularity):
+    """Every method compared must place the same units: on the 5:1 pattern only layer 5 is free."""
+    from consa.models import apply_allocation, model_shape
+    from consa.rules import RULES, rule_allocation
+    from consa.train.baselines import attention_mass_allocation, duo_allocation
+
+    model = _model("gemma3_text")
+    shape, native = model_shape(model), native_windows(model)
+    free = Allocation.free_units(native, granularity, shape.num_kv_heads)
+    assert free == ([5] if granularity == "layer" else [10, 11])
+    k = swa_count(0.5, len(free)) if granularity == "kv_head" else 0
+    allocs = [rule_allocation(r, shape, granularity, k, W, native=native) for r in RULES]
+    allocs.append(duo_allocation(model, granularity, k, W, _batches, steps=2))
+    allocs.append(attention_mass_allocation(model, granularity, k, W, [_batches(0)]))
+    want = _logits(model, *_ids())
+    for a in allocs:
+        assert a.native == native and a.num_units == len(free) and a.num_swa == k, a.meta["method"]
+        apply_allocation(model, a)  # refuses an allocation that would reopen a native layer
+    if k == 0:  # nothing moved: the stock model, native windows included
+        assert torch.allclose(_logits(model, *_ids()), want, atol=1e-5)
+
+
+def test_cli_rules_on_a_natively_sliding_model(tmp_path, capsys):
+    _model("gemma3_text").save_pretrained(tmp_path / "m")
+    assert cli_main(["rules", "--model", str(tmp_path / "m"), "--sparsity", "0.5", "--window", str(W),
+                     "--rule", "fa_top", "--out", str(tmp_path / "r")]) == 0
+    a = Allocation.load(tmp_path / "r" / "fa_top.json")
+    assert a.native == [NATIVE_W] * 5 + [None] and a.num_units == 2 and a.num_swa == 1
+    assert cli_main(["rules", "--model", str(tmp_path / "m"), "--sparsity", "0.5", "--window", str(W), "--reopen-native",
+                     "--rule", "fa_top", "--out", str(tmp_path / "all")]) == 0
+    b = Allocation.load(tmp_path / "all" / "fa_top.json")
+    assert b.native == [None] * 6 and b.num_units == 12 and b.num_swa == 6

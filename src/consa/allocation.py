@@ -184,6 +184,13 @@ class Allocation:
         return cls(granularity, shape, window, tuple(map(tuple, fa)), sinks, dict(meta or {}),
                    tuple(map(tuple, fixed)), tuple(map(tuple, span)))
 
+    @staticmethod
+    def free_units(native: Sequence[int | None], granularity: str, num_kv_heads: int) -> list[int]:
+        """Flat indices (layer-major, over *all* units) of the units a method may choose: those of the
+        layers ``native`` leaves at None. Scores over every unit are cut on these only."""
+        per_layer = 1 if check_granularity(granularity) == "layer" else num_kv_heads
+        return [i * per_layer + h for i, w in enumerate(native) if w is None for h in range(per_layer)]
+
     @classmethod
     def uniform(cls, fa: bool, granularity: str, shape: ModelShape, window: int, sinks: int = 0) -> "Allocation":
         return cls.from_units([fa] * shape.num_units(granularity), granularity, shape, window, sinks)

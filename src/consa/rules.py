@@ -15,19 +15,23 @@ from .errors import ConsaError
 RULES = ("interleaved", "fa_top", "fa_bottom", "fa_middle", "random")
 
 
-def _from_fa_units(fa_idx, n, granularity, shape, window, sinks, name) -> Allocation:
+def _from_fa_units(fa_idx, n, granularity, shape, window, sinks, name, native) -> Allocation:
     fa = [False] * n
     for i in fa_idx:
         fa[i] = True
-    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": name})
+    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": name}, native=native)
 
 
 def rule_allocation(
-    name: str, shape: ModelShape, granularity: str, num_swa: int, window: int, sinks: int = 0, seed: int = 0
+    name: str, shape: ModelShape, granularity: str, num_swa: int, window: int, sinks: int = 0, seed: int = 0,
+    native=None,
 ) -> Allocation:
-    """The allocation of rule ``name`` with exactly ``num_swa`` SWA units."""
+    """The allocation of rule ``name`` with exactly ``num_swa`` SWA units.
+
+    ``native`` (per layer: the model's own sliding window, or None) leaves those layers as the model has
+    them: the rule then orders the other layers' units only (``fa_top`` = the top of *those* layers)."""
     check_granularity(granularity)
-    n = shape.num_units(granularity)
+    n = len(Allocation.free_units(native, granularity, shape.num_kv_heads)) if native is not None else shape.num_units(granularity)
     if not 0 <= num_swa <= n:
         raise ConsaError(f"cannot make {num_swa} of {n} units SWA")
     k = n - num_swa  # FA units to keep
@@ -46,7 +50,7 @@ def rule_allocation(
     else:
         raise ConsaError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
     label = f"random-{seed}" if name == "random" else name
-    return _from_fa_units(idx, n, granularity, shape, window, sinks, label)
+    return _from_fa_units(idx, n, granularity, shape, window, sinks, label, native)
 
 
 def _fill(idx: list[int], k: int, n: int) -> list[int]:

@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--sinks", type=nonneg_int, default=0)
     p.add_argument("--rule", action="append", help="rule name (repeatable; default: all)")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds for the random rule")
+    p.add_argument("--reopen-native", action="store_true",
+                   help="also place the layers the model already slides (default: they stay as trained, uncounted)")
     p.add_argument("--out", required=True, help="directory for <rule>.json files")
     p.set_defaults(func=run)
 
@@ -21,7 +23,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..allocation import ModelShape, check_granularity, swa_count
+    from ..allocation import Allocation, ModelShape, check_granularity, swa_count
     from ..errors import ConsaError
     from ..files import output_dir
     from ..rules import RULES, rule_allocation
@@ -39,13 +41,14 @@ def run(args) -> int:
     check_granularity(args.granularity)
     if args.window < 1:
         raise ConsaError(f"window must be >= 1, got {args.window}")
-    k = swa_count(args.sparsity, shape.num_units(args.granularity))
+    native = _native(model_dir, args.reopen_native)
+    k = swa_count(args.sparsity, len(Allocation.free_units(native, args.granularity, shape.num_kv_heads)))
     names = args.rule or list(RULES)
     allocs = []
     for name in names:
         seeds = range(args.seeds) if name == "random" else [0]
         for s in seeds:
-            allocs.append(rule_allocation(name, shape, args.granularity, k, args.window, args.sinks, seed=s))
+            allocs.append(rule_allocation(name, shape, args.granularity, k, args.window, args.sinks, seed=s, native=native))
     out = Path(args.out)
     with output_dir(out) as staged:
         for a in allocs:
@@ -54,3 +57,17 @@ def run(args) -> int:
         print(f"{a.meta['method']:>12}: FA share per layer {[round(x, 2) for x in a.fa_share_per_layer()]}")
     print(f"wrote {len(allocs)} allocations ({k} SWA units each) to {out}")
     return 0
+
+
+def _native(model_dir, reopen: bool) -> list:
+    """The model's own sliding windows per layer (None = full attention), read from a weightless copy of
+    the model built on the meta device: the same rule the search applies (``models.searchable_native``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import searchable_native
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return searchable_native(skeleton, reopen)

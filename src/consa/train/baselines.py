@@ -12,22 +12,25 @@ from transformers import AttentionInterface
 from ..allocation import Allocation
 from ..attention.kernels import attention
 from ..gates import topk_swa
-from ..models import attach_gates, attention_modules, detach, model_shape
+from ..models import attach_gates, attention_modules, detach, model_shape, searchable_native
 from .search import forward_logits, kl_loss
 
 
 def duo_allocation(
     model, granularity: str, num_swa: int, window: int, batch_fn, steps: int = 200, lr: float = 0.05,
     l1: float = 0.05, sinks: int = 0, seed: int = 0, progress: bool = False, backend: str = "auto",
+    reopen_native: bool = False,
 ) -> Allocation:
     """DuoAttention-style: a clamped scalar gate α ∈ [0, 1] per unit mixes FA and SWA, trained with
-    KL to the full model plus an L1 push towards SWA; the lowest α become SWA (quantile cut)."""
+    KL to the full model plus an L1 push towards SWA; the lowest α become SWA (quantile cut). A model's
+    native sliding layers stay as they are (their gates drive nothing) unless ``reopen_native``."""
     torch.manual_seed(seed)
     shape = model_shape(model)
     n = shape.num_units(granularity)
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
-    mix = attach_gates(model, window, sinks, backend=backend)
+    native = searchable_native(model, reopen_native)
+    mix = attach_gates(model, window, sinks, backend=backend, reopen_native=reopen_native)
     alpha = torch.nn.Parameter(torch.ones(n, device=device))
     opt = torch.optim.Adam([alpha], lr=lr)
     ones = torch.ones(shape.num_layers, shape.num_kv_heads, device=device)
@@ -51,8 +54,15 @@ def duo_allocation(
         with torch.no_grad():
             alpha.clamp_(0, 1)
     detach(model)
-    fa = topk_swa(alpha.detach(), num_swa)
-    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": "duo", "alpha": [round(float(a), 4) for a in alpha.detach()]})
+    return _cut(alpha.detach(), native, granularity, shape, num_swa, window, sinks, "duo", "alpha", 4)
+
+
+def _cut(scores, native, granularity, shape, num_swa, window, sinks, method, key, digits) -> Allocation:
+    """Top-k over the units a method may choose (native sliding layers excluded), scores kept in meta."""
+    free = Allocation.free_units(native, granularity, shape.num_kv_heads)
+    fa = topk_swa(scores[free], num_swa)
+    return Allocation.from_units(fa, granularity, shape, window, sinks,
+                                 {"method": method, key: [round(float(s), digits) for s in scores[free]]}, native=native)
 
 
 _MASS_NAME = "consa_mass"
@@ -83,11 +93,14 @@ def _mass_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 @torch.no_grad()
 def attention_mass_allocation(
-    model, granularity: str, num_swa: int, window: int, batches, sinks: int = 0
+    model, granularity: str, num_swa: int, window: int, batches, sinks: int = 0, reopen_native: bool = False
 ) -> Allocation:
-    """Training-free: keep FA where the share of attention mass beyond W (on calibration data) is largest."""
+    """Training-free: keep FA where the share of attention mass beyond W (on calibration data) is largest.
+    Native sliding layers are not candidates unless ``reopen_native`` (the scores come from a pass with
+    full attention in every layer, native ones included: an approximation for such models)."""
     AttentionInterface.register(_MASS_NAME, _mass_attention)
     shape = model_shape(model)
+    native = searchable_native(model, reopen_native)
     mods = attention_modules(model)
     for m in mods:
         m.consa_mass = {"window": window, "sum": torch.zeros(shape.num_kv_heads, dtype=torch.float64), "count": 0}
@@ -106,5 +119,4 @@ def attention_mass_allocation(
             del m.consa_mass
         model.set_attn_implementation(previous)
     scores = per_head.mean(1) if granularity == "layer" else per_head.flatten()
-    fa = topk_swa(scores, num_swa)
-    return Allocation.from_units(fa, granularity, shape, window, sinks, {"method": "attention_mass", "scores": [round(float(s), 5) for s in scores]})
+    return _cut(scores, native, granularity, shape, num_swa, window, sinks, "attention_mass", "scores", 5)
