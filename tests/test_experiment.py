@@ -24,7 +24,8 @@ def _ci_config(src: Path) -> dict:
         "pretrain": {"preset": "tiny", "steps": 3, "batch_size": 4, "seq_len": 128, "retrieval_mix": 0.5,
                      "bank_items": 6, "bank_tasks": ["passkey"], "bank_min_len": 80, "eval_every": 100, "bank_digits": 3,
                      "answer_weight": 1.0},
-        "search": {"sparsities": [0.5, 0.75], "steps": 3, "batch_size": 2, "mass_batches": 1, "random_seeds": [0, 1, 2]},
+        "search": {"sparsities": [0.5, 0.75], "steps": 3, "batch_size": 2, "mass_batches": 1, "random_seeds": [0, 1, 2],
+                   "refine_evals": 3},
         "eval": {"tasks": ["passkey"], "lengths": [112], "depths": [0.5], "items": 1, "digits": 3, "ppl_length": 128,
                  "ppl_sequences": 2, "batch_size": 4},
     }
@@ -73,6 +74,10 @@ def test_end_to_end_table_has_every_method_with_equal_swa_counts(finished):
     rows = res["tables"]["s0.5"]["rows"]
     assert rows["consa-kv_head"]["tokens_after_base"] == 3 * 2 * 128
     assert rows["fa_top-layer"]["tokens_after_base"] == 0
+    # ConSA rows carry the cut refinement's evidence into the report; other methods have none
+    ref = rows["consa-kv_head"]["refine"]
+    assert 1 <= ref["evals"] <= 3 and ref["kl_after"] <= ref["kl_before"] and rows["duo-kv_head"].get("refine") is None
+    assert f"{ref['kl_before']:.4f} → {ref['kl_after']:.4f}" in md
     assert (work / "report" / "fa_share_per_layer.png").is_file()
     assert (work / "report" / "heatmap-s0.75-consa-kv_head.png").is_file()
 

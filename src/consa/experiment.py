@@ -781,6 +781,7 @@ def collect(wd: Workdir) -> dict:
                        fa_bottom=st["fa_share_bottom_third"], fa_middle=st["fa_share_middle_third"],
                        fa_top=st["fa_share_top_third"], tokens_after_base=meta.get("tokens_after_base", 0),
                        search_seconds=meta.get("seconds"), seed=seed, cut_agreement=meta.get("cut_agreement"),
+                       refine=meta.get("refine"),
                        gap_closed=((s_nll - row["long_nll"]) / (s_nll - f_nll)) if (
                            row["long_nll"] is not None and f_nll is not None and s_nll is not None and s_nll - f_nll > 1e-9) else None)
             key = f"{name}-{gran}"
@@ -851,8 +852,8 @@ def format_tables(res: dict) -> str:
 
 
 def format_structure(res: dict) -> str:
-    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? | gates agreeing with the cut |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? | gates agreeing with the cut | cut refinement: held-out KL, swaps |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, tab in res["tables"].items():
         for name, r in tab["rows"].items():
             if not any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
@@ -860,10 +861,19 @@ def format_structure(res: dict) -> str:
             pattern = (r["fa_bottom"] < r["fa_middle"] and r["contiguity"] == 1.0)
             blocks = ", ".join(f"{a}–{b - 1}" for a, b in r["fa_blocks"])
             lines.append(f"| {tab['sparsity']} | {name} | {r['fa_bottom']:.2f} / {r['fa_middle']:.2f} / {r['fa_top']:.2f} | "
-                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} | {_fmt(r.get('cut_agreement'), 2)} |")
+                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} | {_fmt(r.get('cut_agreement'), 2)} | "
+                         f"{_refine_cell(r.get('refine'))} |")
     return "\n".join(lines) + "\n" + (
         "\nGates agreeing with the cut: share of a ConSA search's units whose own gate (P(z ≠ 0) ≥ 0.5 = FA) matches the "
-        "final top-k; well below 1 the search had not finished and more steps would likely change the allocation.\n")
+        "final top-k; well below 1 the search had not finished and more steps would likely change the allocation. "
+        "Cut refinement (search.refine_evals): the binary allocation's KL to the full model on held-out batches before → "
+        "after swaps across the cut, the swaps kept and the evaluations spent (train/refine.py).\n")
+
+
+def _refine_cell(ref: dict | None) -> str:
+    if not ref:
+        return "–"
+    return f"{ref['kl_before']:.4f} → {ref['kl_after']:.4f}, {len(ref['swaps'])} swaps in {ref['evals']} evals"
 
 
 def plot_fa_shares(res: dict, path: Path) -> Path:
