@@ -96,6 +96,14 @@ class SearchStage:
     until_agreement: float = 0.0  # ConSA only: extend past `steps` until this share of gates agrees with the cut
     max_steps: int = 0  # cap of that extension (0: 4 × steps)
     refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off
+    # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does); defaults = off
+    beta_final: float | None = None
+    gate_lr_final: float | None = None
+    init: str = "constant"
+    init_steps: int = 0
+    init_spread: float = 2.0
+    decide_weight: float = 0.0
+    decide_frac: float = 0.25
     batch_size: int = 8
     seq_len: int | None = None  # default: the pretraining sequence length
     retrieval_share: float = 0.5  # share of each search batch that is retrieval items
@@ -207,6 +215,9 @@ class ExperimentConfig:
             raise ConsaError(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}")
         if not 0 <= self.search.until_agreement <= 1 or (self.search.max_steps and self.search.max_steps < self.search.steps):
             raise ConsaError("search.until_agreement must be in [0, 1] and search.max_steps 0 or at least search.steps")
+        from .train.schedules import validate as validate_search_options
+
+        validate_search_options(self.search)
         if "random-kv_head" in self.search.methods and len(self.search.random_seeds) < 1:
             raise ConsaError("random needs at least one seed")
         if not 0 <= self.pretrain.retrieval_mix <= 1 or not 0 <= self.search.retrieval_share <= 1:
@@ -611,7 +622,9 @@ def stage_search(wd: Workdir) -> dict:
                 scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
                                     until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals)
+                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
+                                    beta_final=s.beta_final, gate_lr_final=s.gate_lr_final, init=s.init,
+                                    init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac)
                 out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
                 resume = (out_dir / "checkpoint" / "state.json").is_file()
                 alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)
@@ -621,7 +634,7 @@ def stage_search(wd: Workdir) -> dict:
                          "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
                          "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done"),
                          "refine": summ.get("refine")}
-                tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len
+                tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len + int(summ.get("init_tokens", 0))
             elif name == "duo":
                 alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
                 extra, tokens = {}, train_tokens

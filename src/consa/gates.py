@@ -18,7 +18,12 @@ EPS = 1e-6
 
 
 class HardConcreteGates(nn.Module):
-    """A vector of hard-concrete gates over ``num_units`` units."""
+    """A vector of hard-concrete gates over ``num_units`` units.
+
+    ``beta`` (the temperature) is a plain attribute that may change between steps (the search's
+    ``beta_final`` anneals it): ``sample``, ``prob_nonzero`` and the controller's shift solver all read
+    the current value, so the sparsity they report is that of the samples actually drawn.
+    ``deterministic`` does not depend on β (Louizos et al.'s test-time gate)."""
 
     def __init__(self, num_units: int, init_log_alpha: float = 3.0, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA):
         super().__init__()

@@ -40,6 +40,18 @@ def register(sub) -> None:
                    help="after the cut, try swaps across it on held-out batches, keeping those that lower the binary "
                         "allocation's KL to the full model; N objective evaluations at most (0: off)")
     p.add_argument("--gate-lr", type=positive_float, default=0.05)
+    p.add_argument("--gate-lr-final", type=nonneg_float, default=None,
+                   help="cosine-decay the gate lr from --gate-lr to this over --steps (default: constant)")
+    p.add_argument("--beta-final", type=positive_float, default=None,
+                   help="anneal the hard-concrete temperature geometrically from 2/3 to this over --steps (default: off)")
+    p.add_argument("--init", choices=["constant", "attention_mass", "duo"], default="constant",
+                   help="log α at step 0: all equal, or ranked by the attention-mass score or a short Duo-style run")
+    p.add_argument("--init-steps", type=nonneg_int, default=0,
+                   help="Duo-style warm-start steps / attention-mass batches for --init (0: 30 / 4)")
+    p.add_argument("--decide-weight", type=nonneg_float, default=0.0,
+                   help="weight of a penalty mean P(1-P) that pushes undecided gates apart late in the search (0: off)")
+    p.add_argument("--decide-frac", type=fraction, default=0.25,
+                   help="share of the last --steps in which --decide-weight applies")
     p.add_argument("--controller", default="lagrangian", help="lagrangian or project")
     p.add_argument("--warmup-frac", type=fraction, default=0.4, help="share of steps over which the target ramps up")
     p.add_argument("--train-weights", default="none", help="none, full or lora")
@@ -80,6 +92,8 @@ def run(args) -> int:
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
         lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
         refine_evals=args.refine_evals, reopen_native=args.reopen_native,
+        gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init=args.init, init_steps=args.init_steps,
+        decide_weight=args.decide_weight, decide_frac=args.decide_frac,
     )
     cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
     under_torchrun = D.launched_by_torchrun()

@@ -37,6 +37,7 @@ from ..gates import HardConcreteGates, cut_agreement, topk_swa
 from ..models import attach_gates, model_shape, native_plans, native_windows, searchable_native
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
+from . import schedules
 from .refine import RefineResult, refine_cut
 
 BatchFn = Callable[[int], dict]
@@ -73,6 +74,14 @@ class SearchConfig:
     refine_evals: int = 0
     refine_candidates: int = 4
     refine_batches: int = 2
+    # issue 17 options (``schedules.py``), all off by default:
+    beta_final: float | None = None  # anneal the hard-concrete β geometrically from 2/3 to this over `steps`
+    gate_lr_final: float | None = None  # cosine decay of the gate lr from gate_lr to this over `steps`
+    init: str = "constant"  # constant | attention_mass | duo: log α ranked by that score, init_log_alpha ± init_spread/2
+    init_steps: int = 0  # duo warm-start steps / attention-mass batches (0: 30 / 4)
+    init_spread: float = 2.0
+    decide_weight: float = 0.0  # weight of mean P(1−P) in the last decide_frac of `steps`
+    decide_frac: float = 0.25
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
@@ -96,6 +105,7 @@ class SearchConfig:
             raise ConsaError(f"controller must be lagrangian or project, got {self.controller!r}")
         if self.refine_evals < 0 or self.refine_candidates < 1 or self.refine_batches < 1:
             raise ConsaError("refine_evals must be >= 0, and refine_candidates and refine_batches >= 1")
+        schedules.validate(self)
 
 
 def kl_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
@@ -227,6 +237,11 @@ class Search:
         self.free_layers = [i for i, w in enumerate(self.native) if w is None]
         self.n_units = len(self.free_layers) * (1 if cfg.granularity == "layer" else self.shape.num_kv_heads)
         self.num_swa = swa_count(cfg.sparsity, self.n_units)
+        self.init_scores, self.init_tokens = None, 0
+        if cfg.init != "constant":  # on the bare model, before anything is attached
+            if self.dist.enabled:
+                raise ConsaError(f"init {cfg.init} runs on one process only; use init constant under torchrun")
+            self.init_scores, self.init_tokens = schedules.init_scores(model, cfg, batch_fn, self.num_swa)
         torch.manual_seed(cfg.seed)
         self.teacher = None
         if cfg.train_weights != "none":
@@ -243,6 +258,9 @@ class Search:
         else:
             self.device = next(model.parameters()).device
         self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
+        if self.init_scores is not None:
+            with torch.no_grad():
+                self.gates.log_alpha.copy_(schedules.rank_init(self.init_scores, cfg.init_log_alpha, cfg.init_spread))
         # Gates and weights get separate optimisers: the gates' is replicated, the weights' sharded.
         self.opt = torch.optim.Adam([{"params": [self.gates.log_alpha], "lr": cfg.gate_lr}])
         weights = [p for p in self.model.parameters() if p.requires_grad]
@@ -296,6 +314,7 @@ class Search:
         if loss_mask is None and batch.get("attention_mask") is not None:
             loss_mask = batch["attention_mask"]
         teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
+        opts = self._apply_schedules(step)
         z = self.gates.sample(self.gen)
         self.mix.z = self._unit_to_heads(z)
         logits = forward_logits(self.model, batch)
@@ -304,6 +323,10 @@ class Search:
             raise ConsaError(f"loss became {task} at step {step}; no allocation was written (lower --gate-lr or check the data)")
         s_hat = self.gates.expected_sparsity()
         total = loss + self.controller.penalty(s_hat, step)
+        if cfg.decide_weight and schedules.decide_active(step, cfg.steps, cfg.decide_frac):
+            decide = schedules.decide_penalty(self.gates.prob_nonzero())
+            total = total + cfg.decide_weight * decide
+            opts["decide"] = float(decide.detach())
         self.opt.zero_grad(set_to_none=True)
         if self.wopt is not None:
             self.wopt.zero_grad(set_to_none=True)
@@ -323,11 +346,20 @@ class Search:
         rec = {
             "step": step, "loss": task, "expected_sparsity": s_after, "hard_sparsity": hard,
             "target": self.controller.target_at(step), "lambda1": self.controller.lambda1,
-            "shift": self.controller.last_shift,
+            "shift": self.controller.last_shift, **opts,
         }
         self.history.append(rec)
         self.step += 1
         return rec
+
+    def _apply_schedules(self, step: int) -> dict:
+        """Set this step's β and gate lr (options off: nothing changes); returns what to log."""
+        cfg, out = self.cfg, {}
+        if cfg.beta_final is not None:
+            self.gates.beta = out["beta"] = schedules.beta_at(step, cfg.steps, cfg.beta_final)
+        if cfg.gate_lr_final is not None:
+            self.opt.param_groups[0]["lr"] = out["gate_lr"] = schedules.cosine_lr(step, cfg.steps, cfg.gate_lr, cfg.gate_lr_final)
+        return out
 
     def _global_task_loss(self, logits, teacher, batch, loss_mask):
         """This rank's share of the global-mean task loss, scaled so that *averaged* gradients are exact.
@@ -353,6 +385,7 @@ class Search:
         check_resumable(self.out_dir, resume, self.dist.world_size)
         if resume:
             load_checkpoint(ckpt_dir, self)
+            self._apply_schedules(max(0, self.step - 1))  # β of the last step done, for the agreement checks
         self.dist.barrier()  # every rank has read the old state before rank 0 writes anything
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +433,8 @@ class Search:
                    "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size,
                    "native_windows": self.native,
                    "refine": self.refined.summary() if self.refined is not None else None}
+        if self.cfg.init != "constant":
+            summary["init_tokens"] = self.init_tokens
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc

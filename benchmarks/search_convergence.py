@@ -1,0 +1,235 @@
+"""Search convergence (issue 17, item 1): which ConSA options reach a decided, good cut in fewest steps.
+
+For each seed, each step budget and each variant (SearchConfig options, ``VARIANTS``), one ConSA
+search; beside them the Duo-style baseline at the same budgets and the training-free attention-mass
+cut once. Per run: cut agreement (``gates.cut_agreement``; for Duo-style the share of α on the cut's
+side of 0.5), the binary allocation's KL to the full model on held-out batches (``Search.held_out_kl``,
+the same batches for every run), expected sparsity at the end, wall seconds and search tokens (a
+warm start's tokens included). JSON is rewritten after every run, a table is printed last, and
+``--budget-s`` skips the runs that would not finish in time (they are listed as skipped).
+
+    # on the run-4 recipe's base model (experiment workdir + its config), on one GPU:
+    python benchmarks/search_convergence.py --config experiments/gpu-curriculum.json --workdir W \\
+        --sparsity 0.75 --steps 75,150,300 --out conv.json --budget-s 560
+    # any model and built corpus:
+    python benchmarks/search_convergence.py --model DIR --corpus DIR --window 256 --seq-len 4096 --out conv.json
+    # CPU, a tiny random model, seconds (tests/test_search_options.py runs this):
+    python benchmarks/search_convergence.py --smoke --out smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+# variant -> SearchConfig options; "{steps}" budgets the warm start as a share of the search's steps
+VARIANTS = {
+    "default": {},
+    "anneal": {"beta_final": 0.2},
+    "lr": {"gate_lr_final": 0.005},
+    "init_mass": {"init": "attention_mass"},
+    "init_duo": {"init": "duo", "init_steps": "steps/5"},
+    "decide": {"decide_weight": 1.0, "decide_frac": 0.25},
+    "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25},
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", help="a `consa experiment` workdir whose base model and corpus to use (with --config)")
+    p.add_argument("--config", help="that experiment's config (its search stage gives batch, length, window)")
+    p.add_argument("--model", help="HF model directory (instead of --workdir)")
+    p.add_argument("--corpus", help="corpus directory from `consa data build` (with --model)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model and random tokens on the CPU")
+    p.add_argument("--variants", default="default,anneal,lr,init_mass,init_duo,decide,all")
+    p.add_argument("--steps", default="75,150,300", help="step budgets, comma-separated")
+    p.add_argument("--seeds", default="0", help="search seeds, comma-separated")
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--granularity", default="kv_head")
+    p.add_argument("--window", type=int, help="default: the experiment's W")
+    p.add_argument("--seq-len", type=int, help="default: the experiment's search length")
+    p.add_argument("--batch-size", type=int, help="default: the experiment's search batch (4 otherwise)")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches for the binary allocation's KL")
+    p.add_argument("--no-baselines", action="store_true", help="skip Duo-style and attention mass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock budget; runs that would overrun are skipped (0: none)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    bad = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    if sum(bool(x) for x in (a.workdir, a.model, a.smoke)) != 1:
+        p.error("give exactly one of --workdir (with --config), --model or --smoke")
+    if a.workdir and not a.config:
+        p.error("--workdir needs --config (the experiment's config file)")
+    return a
+
+
+def setup(a):
+    """(model, batch_fn, window, seq_len, tokens per step, description) for the chosen source."""
+    from consa.commands.common import pick_device, pick_dtype
+
+    if a.smoke:
+        from consa.tiny import tiny_model
+
+        model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
+        b, t = a.batch_size or 2, a.seq_len or 40
+
+        def fn(step):
+            g = torch.Generator().manual_seed(step)
+            return {"input_ids": torch.randint(3, 101, (b, t), generator=g)}
+
+        return model, fn, a.window or 5, t, b * t, {"source": "smoke"}
+    from consa.data.shards import TokenShards
+    from consa.experiment import BankSource, ExperimentConfig, Workdir, search_batch_fn
+    from consa.models import load_model
+
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    if a.workdir:
+        cfg = ExperimentConfig.load(a.config)
+        wd = Workdir(a.workdir, cfg)
+        base = wd.base_model_dir()
+        if base is None:
+            raise SystemExit(f"{a.workdir} has no finished base model")
+        s = cfg.search
+        b, t, w = a.batch_size or s.batch_size, a.seq_len or int(s.seq_len or cfg.context), a.window or cfg.W
+        shards = TokenShards.open(wd.corpus, "train")
+        bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
+        fn = search_batch_fn(shards, bank, b, t, s.retrieval_share, cfg.seed)  # the experiment's own batches
+        desc = {"source": "workdir", "workdir": str(a.workdir), "config": str(a.config), "model": str(base)}
+    else:
+        if not (a.window and a.seq_len):
+            raise SystemExit("--model needs --window and --seq-len")
+        base, b, t, w = a.model, a.batch_size or 4, a.seq_len, a.window
+        if a.corpus:
+            shards = TokenShards.open(a.corpus, "train")
+            fn = search_batch_fn(shards, None, b, t, 0.0, 0)
+        else:
+            vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size", 1000)
+
+            def fn(step):
+                g = torch.Generator().manual_seed(step)
+                return {"input_ids": torch.randint(0, vocab, (b, t), generator=g)}
+        desc = {"source": "model", "model": str(base), "corpus": a.corpus}
+    return load_model(base, dtype=dtype, device=str(device)), fn, w, t, b * t, desc
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.smoke:
+        torch.set_num_threads(1)
+    from consa.allocation import swa_count
+    from consa.allocation import Allocation
+    from consa.models import detach, model_shape, searchable_native
+    from consa.train.baselines import attention_mass_allocation, duo_allocation
+    from consa.train.search import Search, SearchConfig
+
+    model, batch_fn, window, seq_len, step_tokens, desc = setup(a)
+    variants, budgets, seeds = a.variants.split(","), _ints(a.steps), _ints(a.seeds)
+    base = dict(sparsity=a.sparsity, window=window, seq_len=seq_len, granularity=a.granularity,
+                checkpoint_every=0, refine_batches=a.eval_batches)
+    if a.workdir:
+        from consa.experiment import ExperimentConfig
+
+        s = ExperimentConfig.load(a.config).search
+        base.update(gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac, backend=s.backend)
+    shape = model_shape(model)
+    free = Allocation.free_units(searchable_native(model, False), a.granularity, shape.num_kv_heads)
+    num_swa = swa_count(a.sparsity, len(free))  # native sliding layers stay unsearched, as in `consa search`
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = {"setup": {**desc, "window": window, "seq_len": seq_len, "tokens_per_step": step_tokens, "sparsity": a.sparsity,
+                     "granularity": a.granularity, "num_swa": num_swa, "eval_batches": a.eval_batches,
+                     "variants": {v: VARIANTS[v] for v in variants}, "device": str(next(model.parameters()).device)},
+           "runs": [], "skipped": []}
+    t_start = time.time()
+    rate = None  # seconds per search step, measured on the last run
+
+    def save():
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    def fits(steps: int) -> bool:
+        if not a.budget_s:
+            return True
+        left = a.budget_s - (time.time() - t_start)
+        return left > 0 and (rate is None or rate * steps * 1.2 < left)
+
+    def held_kl(seed: int, fa: list[bool]) -> float:
+        """The binary allocation ``fa``'s held-out KL, through a never-run Search (same batches for all)."""
+        probe = Search(model, SearchConfig(**base, steps=1, seed=seed), batch_fn, out.parent / "_probe", progress=False)
+        try:
+            return probe.held_out_kl(fa)
+        finally:
+            detach(model)
+
+    for seed in seeds:
+        if not a.no_baselines and fits(1):
+            t0 = time.time()
+            batches = [batch_fn(10_000 + i) for i in range(2)]
+            alloc = attention_mass_allocation(model, a.granularity, num_swa, window, batches)
+            detach(model)
+            res["runs"].append({"method": "attention_mass", "seed": seed, "steps": 0, "held_out_kl": held_kl(seed, alloc.units),
+                                "seconds": time.time() - t0, "tokens": 2 * step_tokens})
+            save()
+        for steps in budgets:
+            jobs = [(v, VARIANTS[v]) for v in variants] + ([] if a.no_baselines else [("duo", None)])
+            for name, opts in jobs:
+                if not fits(steps):
+                    res["skipped"].append({"method": name, "seed": seed, "steps": steps})
+                    save()
+                    continue
+                t0 = time.time()
+                if opts is None:
+                    alloc = duo_allocation(model, a.granularity, num_swa, window, batch_fn, steps=steps, seed=seed,
+                                           backend=base.get("backend", "auto"))
+                    detach(model)
+                    alpha = alloc.meta["alpha"]
+                    rec = {"method": "duo", "cut_agreement": sum((x >= 0.5) == f for x, f in zip(alpha, alloc.units)) / len(alpha),
+                           "mean_alpha": sum(alpha) / len(alpha), "fa": alloc.units, "tokens": steps * step_tokens}
+                else:
+                    kw = {k: (max(1, steps // 5) if v == "steps/5" else v) for k, v in opts.items()}
+                    cfg = SearchConfig(**base, steps=steps, seed=seed, **kw)
+                    run_dir = out.parent / f"{out.stem}-runs" / f"{name}-s{steps}-seed{seed}"
+                    search = Search(model, cfg, batch_fn, run_dir, progress=False)
+                    fa = search.run().units
+                    detach(model)
+                    last = search.history[-1]
+                    rec = {"method": f"consa:{name}", "options": kw, "cut_agreement": search.cut_agreement(),
+                           "expected_sparsity": last["expected_sparsity"], "hard_sparsity": last["hard_sparsity"],
+                           "final_loss": last["loss"], "steps_done": search.step, "fa": fa,
+                           "tokens": search.step * step_tokens + search.init_tokens}
+                seconds = time.time() - t0
+                rate = seconds / steps  # the last run's pace (the first includes warm-up: an overestimate, skips early)
+                rec.update(seed=seed, steps=steps, seconds=seconds, held_out_kl=held_kl(seed, rec["fa"]))
+                res["runs"].append(rec)
+                save()
+    res["seconds"] = time.time() - t_start
+    save()
+    print(f"{'method':22s} {'seed':>4s} {'steps':>5s} {'agree':>6s} {'KL':>9s} {'s_exp':>6s} {'sec':>7s} {'tokens':>10s}")
+    for r in res["runs"]:
+        agree = f"{r['cut_agreement']:.3f}" if "cut_agreement" in r else "-"
+        s_exp = f"{r['expected_sparsity']:.3f}" if "expected_sparsity" in r else "-"
+        print(f"{r['method']:22s} {r['seed']:4d} {r['steps']:5d} {agree:>6s} {r['held_out_kl']:9.5f} {s_exp:>6s} "
+              f"{r['seconds']:7.1f} {r['tokens']:10d}")
+    if res["skipped"]:
+        print(f"skipped {len(res['skipped'])} runs (--budget-s {a.budget_s:g}); see {out}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
