@@ -116,7 +116,8 @@ def test_version_1_files_load_unchanged(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("span", [[None, 4], [4, 4], [4, 4], [4, 4]], "null exactly for full-attention"),
     ("span", [[16, 16], [16, 16], [16, 16], [16, 16]], "null exactly for full-attention"),
-    ("span", [[None, None], [4, 4], [4, 4], [4, 5]], "per-unit spans are not supported yet"),
+    ("span", [[None, None], [4, 4], [4, 4], [4, 5]], "layer 3 several spans"),  # layer units: one span a layer
+    ("span", [[None, None], [4, 4], [4, 4], [5, 5]], "window 4 must be the largest span"),
     ("span", [[None, None], [4, 4], [4, 4], [4, 0]], "integer >= 1"),
     ("fixed", [[1, 0], [0, 0], [0, 0], [0, 0]], "fixes only some heads"),
     ("fixed", [[0, 0], [0, 0], [0, 0]], "3 rows of 'fixed'"),

@@ -10,8 +10,10 @@ shared by the query heads of its GQA group). Internally the bits are always expa
 Each unit also records what it keeps: ``span`` (the keys it sees back, self included; None = full
 attention) and ``fixed`` (kept as the model has it, e.g. a native sliding layer of Gemma3 or
 Mistral: never searched and not counted by the sparsity target). Format version 2 stores both per KV
-head, so per-unit spans (each unit its own window) can later fill ``span`` without another format
-change; version-1 files (no spans, nothing fixed) load unchanged.
+head; searched SWA units may each have their own span (issue 16: "spans as the unit's choice"; for
+``granularity="layer"`` the heads of a layer share one). ``window`` is then the *largest* searched span
+(what an old consumer that knows one window would have to hold for every SWA unit to stay correct);
+with one span it is that span, as always. Version-1 files (no spans, nothing fixed) load unchanged.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class Allocation:
     ``fa`` holds one tuple per layer with one bool per KV head (True = full attention). For
     ``granularity="layer"`` every head of a layer carries the same bit. ``fixed`` and ``span`` (per KV
     head, filled in when left out) say which units the model fixes and how far back each unit sees;
-    counts (``num_units``, ``num_swa``, ``sparsity``) cover the searched units only.
+    counts (``num_units``, ``num_swa``, ``sparsity``) cover the searched units only. ``window`` is the
+    largest span of the searched SWA units (their one span when they share it); :meth:`head_windows`
+    gives what each head serves, :meth:`kv_slots` what the cache holds.
     """
 
     granularity: str
@@ -130,9 +134,11 @@ class Allocation:
                     raise AllocationError(f"unit {i}:{h}: span must be null exactly for full-attention units, got {s!r}")
                 if s is not None and (not _is_int(s) or s < 1):
                     raise AllocationError(f"unit {i}:{h}: span must be an integer >= 1, got {s!r}")
-                if s is not None and not x and s != self.window:  # the format has room for per-unit spans
-                    raise AllocationError(f"unit {i}:{h}: span {s} differs from the window {self.window} "
-                                          "(per-unit spans are not supported yet)")
+            if self.granularity == "layer" and len(set(span[i])) > 1:
+                raise AllocationError(f"layer-granularity allocation gives layer {i} several spans {list(span[i])}")
+        searched = [s for rf, rs in zip(fixed, span) for x, s in zip(rf, rs) if s is not None and not x]
+        if searched and max(searched) != self.window:
+            raise AllocationError(f"window {self.window} must be the largest span of the searched SWA units, {max(searched)}")
 
     def _check_grid(self, grid, rows: str, cols: str) -> None:
         if len(grid) != self.shape.num_layers:
@@ -183,6 +189,40 @@ class Allocation:
                 span.append([w] * h)
         return cls(granularity, shape, window, tuple(map(tuple, fa)), sinks, dict(meta or {}),
                    tuple(map(tuple, fixed)), tuple(map(tuple, span)))
+
+    @classmethod
+    def from_spans(
+        cls,
+        spans_per_unit: Sequence[int | None],
+        granularity: str,
+        shape: ModelShape,
+        sinks: int = 0,
+        meta: dict | None = None,
+        native: Sequence[int | None] | None = None,
+        window: int | None = None,
+    ) -> "Allocation":
+        """Build from a flat per-unit span vector (layer-major, None = full attention; the searched
+        units only when ``native`` fixes layers, as in :meth:`from_units`). ``window`` becomes the largest
+        span; it must be given only when every unit is FA (there is no span to take it from)."""
+        spans = list(spans_per_unit)
+        for j, s in enumerate(spans):
+            if s is not None and (not _is_int(s) or s < 1):
+                raise AllocationError(f"unit {j}: span must be an integer >= 1 or None (full attention), got {s!r}")
+        swa = [s for s in spans if s is not None]
+        if swa:
+            if window is not None and window != max(swa):
+                raise AllocationError(f"window {window} must be the largest span, {max(swa)}")
+            window = max(swa)
+        elif window is None:
+            raise AllocationError("an allocation without SWA units needs an explicit window")
+        base = cls.from_units([s is None for s in spans], granularity, shape, window, sinks, meta, native)
+        per_layer = 1 if granularity == "layer" else shape.num_kv_heads
+        free = [i for i, w in enumerate(native if native is not None else [None] * shape.num_layers) if w is None]
+        grid = [list(row) for row in base.span]
+        for n, i in enumerate(free):
+            for h in range(shape.num_kv_heads):
+                grid[i][h] = spans[n * per_layer + (0 if per_layer == 1 else h)]
+        return cls(granularity, shape, window, base.fa, sinks, base.meta, base.fixed, tuple(map(tuple, grid)))
 
     @staticmethod
     def free_units(native: Sequence[int | None], granularity: str, num_kv_heads: int) -> list[int]:
@@ -247,7 +287,41 @@ class Allocation:
             raise AllocationError(f"layer {layer}: its SWA heads differ in span or origin; one window per layer is served")
         return spans.pop(), (0 if kinds.pop() else self.sinks)
 
+    def head_windows(self, layer: int) -> list[tuple[int, int] | None]:
+        """Per KV head of ``layer``: (span, sinks) of an SWA head (a fixed/native head keeps no sinks),
+        None for an FA head. What the runtime serves; several spans in one layer are fine."""
+        return [None if s is None else (s, 0 if x else self.sinks)
+                for s, x in zip(self.span[layer], self.fixed[layer])]
+
+    def spans(self) -> list[int]:
+        """The distinct SWA spans held anywhere (fixed units included), ascending."""
+        return sorted({s for row in self.span for s in row if s is not None})
+
+    @property
+    def multi_span(self) -> bool:
+        """True when SWA units differ in span (more than one window to serve)."""
+        return len(self.spans()) > 1
+
+    def kv_slots(self, context: int) -> int:
+        """KV slots (per batch row, per head dim, keys or values) held at ``context`` tokens, over all
+        KV heads: an FA head holds ``context``, an SWA head min(context, span − 1 + sinks): the cost model
+        of issue 16 (the hybrid cache holds exactly this)."""
+        if not _is_int(context) or context < 0:
+            raise AllocationError(f"context must be an integer >= 0, got {context!r}")
+        return sum(context if hw is None else min(context, hw[0] - 1 + hw[1])
+                   for i in range(self.shape.num_layers) for hw in self.head_windows(i))
+
+    def kv_share(self, context: int) -> float:
+        """KV held at ``context`` relative to full attention on every head."""
+        full = context * self.shape.num_layers * self.shape.num_kv_heads
+        return self.kv_slots(context) / full if full else 0.0
+
     def with_window(self, window: int, sinks: int | None = None) -> "Allocation":
+        """Every searched SWA unit at ``window`` (and ``sinks``); the same window keeps per-unit spans
+        as they are, so ``with_window(a.window, sinks)`` only changes the sinks."""
+        if window == self.window:
+            return Allocation(self.granularity, self.shape, window, self.fa, self.sinks if sinks is None else sinks,
+                              self.meta, self.fixed, self.span)
         span = tuple(tuple(s if (s is None or x) else window for s, x in zip(rs, rf)) for rs, rf in zip(self.span, self.fixed))
         return Allocation(self.granularity, self.shape, window, self.fa, self.sinks if sinks is None else sinks, self.meta,
                           self.fixed, span)
@@ -297,6 +371,7 @@ class Allocation:
             "fa_units": self.num_units - self.num_swa,
             "sparsity": self.sparsity,
             "window": self.window,
+            "spans": self.spans(),
             "sinks": self.sinks,
             "fixed_units": self.num_fixed,
             "native_windows": self.native,

@@ -60,6 +60,9 @@ def native_blocker(model_or_config, allocation: Allocation) -> str | None:
     other = sorted({w for w in allocation.native if w is not None and w != allocation.window})
     if other:
         return f"the model's native sliding window {other} differs from consa's {allocation.window} (one sliding_window per config)"
+    searched = sorted({s for rs, rf in zip(allocation.span, allocation.fixed) for s, x in zip(rs, rf) if s is not None and not x})
+    if len(searched) > 1:
+        return f"SWA units have several spans {searched} (a transformers config has one sliding_window)"
     if allocation.sinks:
         return "attention sinks have no native transformers equivalent"
     mixed = [i for i, row in enumerate(allocation.fa) if len(set(row)) > 1]

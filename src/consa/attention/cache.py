@@ -15,6 +15,9 @@ last W − 1 slots once T > W − 1 + S (a query at slot T sees T−W+1 … T pl
 T arrives with the query). The mask transformers builds spans *all* slots (``get_mask_sizes`` reports
 the full length, offset 0), and the attention kernels pick the columns of the keys actually held.
 
+A layer whose SWA heads differ in span (per-unit spans) is a :class:`SpanGroupsLayer`: one inner layer
+per span group, each trimming to its own W − 1 + S, so the formula becomes a sum over groups.
+
 Use it with ``model.generate(..., past_key_values=HybridCache(model))`` or :func:`generate`.
 Assisted and prompt-lookup decoding work too: with past recording on (transformers turns it on), the
 SWA heads keep their keys untrimmed until ``crop`` rolls rejected drafts back and trims them again.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .hybrid import LayerPlan, SplitKV, _take
+from .hybrid import GroupedKV, LayerPlan, SplitKV, _take
 from .kernels import KeySlots
 
 
@@ -62,9 +65,11 @@ class HybridLayer(CacheLayerMixin):
         self.record_past = False
 
     @classmethod
-    def from_plan(cls, plan: LayerPlan) -> "HybridLayer":
+    def from_plan(cls, plan: LayerPlan) -> "CacheLayerMixin":
         if plan.mode != "fixed":
             raise ValueError(f"layer {plan.layer}: a hybrid cache needs a fixed allocation (plan mode is {plan.mode!r})")
+        if plan.multi_span:
+            return SpanGroupsLayer(plan)
         return cls(plan.num_kv_heads, plan.fa_kv, plan.window, plan.sinks)
 
     @property
@@ -220,6 +225,103 @@ class HybridLayer(CacheLayerMixin):
         """The theory: 2·B·d·(n_FA·T + n_SWA·min(T, W−1+S))."""
         t = self.cumulative_length
         return 2 * batch * head_dim * (len(self.fa_kv) * t + len(self.swa_kv) * min(t, self.keep))
+
+
+class SpanGroupsLayer(CacheLayerMixin):
+    """One decoder layer's cache when its SWA heads differ in span: an all-FA :class:`HybridLayer` for
+    the FA heads and an all-SWA one per span group (``LayerPlan.span_groups``), each holding exactly its
+    own W − 1 + S slots. ``update`` returns :class:`~consa.attention.hybrid.GroupedKV`."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, plan: LayerPlan):
+        super().__init__()
+        self.num_kv_heads = plan.num_kv_heads
+        self.fa_kv = list(plan.fa_kv)
+        self.groups = [(_selector(heads, plan.num_kv_heads), HybridLayer(len(heads), [], w, plan.sinks))
+                       for w, heads in plan.span_groups]
+        self.fa = HybridLayer(len(self.fa_kv), list(range(len(self.fa_kv))), plan.window) if self.fa_kv else None
+        self._fa_sel = _selector(self.fa_kv, plan.num_kv_heads)
+        self.cumulative_length = 0
+
+    def _layers(self):
+        return ([self.fa] if self.fa is not None else []) + [layer for _, layer in self.groups]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[1] != self.num_kv_heads:
+            raise ValueError(f"hybrid cache layer expects {self.num_kv_heads} KV heads, got {key_states.shape[1]}")
+        self.is_initialized = True
+        self.cumulative_length += key_states.shape[-2]
+        if self.fa is not None:
+            fa_k, fa_v = self.fa.update(_take(key_states, self._fa_sel), _take(value_states, self._fa_sel))
+        else:
+            fa_k = fa_v = key_states[:, :0]
+        kg, vg = [], []
+        for sel, layer in self.groups:
+            k, v = layer.update(_take(key_states, sel), _take(value_states, sel))
+            kg.append((k.swa, k.swa_slots))
+            vg.append((v.swa, v.swa_slots))
+        return GroupedKV(fa_k, kg), GroupedKV(fa_v, vg)
+
+    def activate_past_recording(self) -> None:
+        for layer in self._layers():
+            layer.activate_past_recording()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Every group crops as a :class:`HybridLayer` does (same rules, same errors)."""
+        for layer in self._layers():
+            layer.crop(tokens_to_remove)
+        self.cumulative_length = self._layers()[0].cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for layer in self._layers():
+            layer.reset()
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def offload(self):
+        for layer in self._layers():
+            layer.offload()
+
+    def prefetch(self):
+        for layer in self._layers():
+            layer.prefetch()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self._layers():
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self._layers():
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self._layers():
+            layer.batch_select_indices(indices)
+
+    def stored_elements(self) -> int:
+        return sum(layer.stored_elements() for layer in self._layers())
+
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes() for layer in self._layers())
+
+    def expected_elements(self, batch: int, head_dim: int) -> int:
+        """The theory, summed over groups: 2·B·d·(n_FA·T + Σ_g n_g·min(T, W_g − 1 + S))."""
+        return sum(layer.expected_elements(batch, head_dim) for layer in self._layers())
 
 
 class HybridCache(Cache):

@@ -14,6 +14,12 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
   kernel of ``triton_prefill``, per-head windows) a plain prefill runs both groups in one call
   instead (no split, no merge).
 
+Per-unit spans (issue 16): a plan whose SWA heads differ in window carries ``windows`` (one entry per KV
+head, None = FA). Its SWA heads run in span groups, one kernel call per distinct window (the same
+split/merge as the two-group case); the "triton" prefill runs the whole layer in one launch with each
+head's own window; the hybrid cache returns :class:`GroupedKV`. A plan with one window keeps
+``windows=None`` and takes exactly the single-window path.
+
 A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
 Padding survives because the mask interface registered under the same name is transformers' own
 SDPA mask (boolean, or None when plain causal; a sliding one comes back causal, see ``consa_mask``).
@@ -55,6 +61,16 @@ class RingKV:
     ring: int  # M: slot t >= S sits at S + (t - S) mod M
 
 
+@dataclass
+class GroupedKV:
+    """Keys (or values) of a layer whose SWA heads differ in span, from the hybrid cache: the FA heads'
+    keys [B, n_fa, T, D] and, per span group of the plan (``LayerPlan.span_groups`` order), the keys that
+    group holds and their slots."""
+
+    fa: torch.Tensor
+    groups: list[tuple[torch.Tensor, KeySlots]]
+
+
 class GateMix:
     """Gate values shared by all layers during search: ``z`` is [num_layers, num_kv_heads]."""
 
@@ -73,16 +89,43 @@ class LayerPlan:
     gate_mix: GateMix | None = None
     backend: str = "auto"
 
+    windows: tuple[int | None, ...] | None = None  # per KV head when SWA heads differ in span, else None
+
     @classmethod
     def from_allocation(cls, alloc, layer: int, backend: str = "auto") -> "LayerPlan":
-        """The fixed plan of ``layer`` (a native sliding layer keeps its own window, no sinks)."""
-        window, sinks = alloc.layer_window(layer)
-        return cls(layer, alloc.shape.num_kv_heads, window, sinks, "fixed", fa_kv=alloc.fa_heads(layer), backend=backend)
+        """The fixed plan of ``layer`` (a native sliding layer keeps its own window, no sinks). SWA heads
+        of one span give today's plan (``windows=None``); several spans fill ``windows``, ``window``
+        being the largest."""
+        heads = alloc.head_windows(layer)
+        swa = [hw for hw in heads if hw is not None]
+        spans, sinks = {w for w, _ in swa}, {s for _, s in swa}
+        if len(sinks) > 1:
+            from ..allocation import AllocationError
+
+            raise AllocationError(f"layer {layer}: its SWA heads mix fixed (native) and searched units; one sink count per layer is served")
+        if len(spans) <= 1:
+            window, sinks = alloc.layer_window(layer)
+            return cls(layer, alloc.shape.num_kv_heads, window, sinks, "fixed", fa_kv=alloc.fa_heads(layer), backend=backend)
+        windows = tuple(None if hw is None else hw[0] for hw in heads)
+        return cls(layer, alloc.shape.num_kv_heads, max(spans), sinks.pop(), "fixed", fa_kv=alloc.fa_heads(layer),
+                   backend=backend, windows=windows)
 
     @property
     def swa_kv(self) -> list[int]:
         fa = set(self.fa_kv)
         return [h for h in range(self.num_kv_heads) if h not in fa]
+
+    @property
+    def multi_span(self) -> bool:
+        return self.windows is not None and len({w for w in self.windows if w is not None}) > 1
+
+    @property
+    def span_groups(self) -> list[tuple[int, list[int]]]:
+        """(window, SWA KV heads) per distinct window, ascending; one group (the plan's window) unless
+        ``windows`` says otherwise."""
+        if not self.multi_span:
+            return [(self.window, self.swa_kv)] if self.swa_kv else []
+        return [(w, [h for h, x in enumerate(self.windows) if x == w]) for w in sorted({w for w in self.windows if w is not None})]
 
 
 def _heads(idx: list[int], group: int, n_total_kv: int):
@@ -121,7 +164,13 @@ def consa_attention(
     if plan is None:
         plan = _plan_from_config(module)
 
-    if isinstance(key, RingKV):
+    if plan is not None and plan.multi_span and plan.mode != "fixed":
+        raise RuntimeError(f"layer {plan.layer}: per-head spans are served in fixed mode only (mode {plan.mode!r})")
+    if isinstance(key, GroupedKV):
+        if plan is None or not plan.multi_span:
+            raise RuntimeError("grouped keys from the hybrid cache need a plan with per-head spans")
+        out = _spans_split(plan, query, key, value, attention_mask, scale)
+    elif isinstance(key, RingKV):
         if plan is None or plan.mode != "fixed":
             raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
         from .static_cache import ring_decode  # imports this module: imported here, not at the top
@@ -137,6 +186,8 @@ def consa_attention(
         out = attention(query, key, value, scale=scale, mask=attention_mask, dropout=dropout).transpose(1, 2)
     elif plan.mode == "gate":
         out = _gate_mix(plan, query, key, value, attention_mask, scale, dropout).transpose(1, 2)
+    elif plan.multi_span:
+        out = _fixed_spans(plan, query, key, value, attention_mask, scale, dropout)
     else:
         out = _fixed(plan, query, key, value, attention_mask, scale, dropout)
     # Paths return [B, T, H, D]; when the merge already wrote that layout, contiguous() is free.
@@ -189,6 +240,52 @@ def _fixed(plan, q, k, v, mask, scale, dropout):
     else:
         out_fa, out_sw = run_fa(), run_sw()
     return _merge(q, fa_q, out_fa, sw_q, out_sw)
+
+
+def _fixed_spans(plan, q, k, v, mask, scale, dropout):
+    """Fixed mode with SWA heads of several spans: the "triton" prefill in one launch (each KV head its
+    own window), else the FA group and one call per span group, merged."""
+    if _fused_prefill(plan, q, k, v, mask, dropout) == "triton":
+        t = q.shape[-2]
+        wins = tuple(t if w is None else w for w in plan.windows)
+        return triton_prefill.banded_attention(q, k, v, wins, plan.sinks, scale).transpose(1, 2)
+    group = q.shape[1] // k.shape[1]
+    parts = []
+    if plan.fa_kv:
+        sel_q, sel_k = _heads(plan.fa_kv, group, k.shape[1])
+        parts.append((sel_q, attention(_take(q, sel_q), _take(k, sel_k), _take(v, sel_k), scale=scale, mask=mask, dropout=dropout)))
+    for window, heads in plan.span_groups:
+        sel_q, sel_k = _heads(heads, group, k.shape[1])
+        parts.append((sel_q, attention(_take(q, sel_q), _take(k, sel_k), _take(v, sel_k), scale=scale, mask=mask,
+                                       window=window, sinks=plan.sinks, dropout=dropout, backend=plan.backend)))
+    return _merge_parts(q, parts)
+
+
+def _spans_split(plan, q, k: GroupedKV, v: GroupedKV, mask, scale):
+    """A cached step of a plan with several spans: the FA heads over every slot, each span group over
+    the keys it holds (its own slots), merged. Not the one-launch decode kernel (it takes one window)."""
+    group = q.shape[1] // plan.num_kv_heads
+    parts = []
+    if plan.fa_kv:
+        sel_q, _ = _heads(plan.fa_kv, group, plan.num_kv_heads)
+        parts.append((sel_q, attention(_take(q, sel_q), k.fa, v.fa, scale=scale, mask=mask)))
+    for (window, heads), (kg, slots), (vg, _) in zip(plan.span_groups, k.groups, v.groups):
+        sel_q, _ = _heads(heads, group, plan.num_kv_heads)
+        parts.append((sel_q, attention(_take(q, sel_q), kg, vg, scale=scale, mask=mask, window=window,
+                                       sinks=plan.sinks, slots=slots, backend=plan.backend)))
+    return _merge_parts(q, parts)
+
+
+def _merge_parts(q, parts):
+    """Head groups' outputs [B, h, T, D] (with their query-head selectors) into one [B, T, H, D]."""
+    b, _, t, d = parts[0][1].shape
+    out = torch.empty(b, t, q.shape[1], d, dtype=parts[0][1].dtype, device=parts[0][1].device)
+    for sel, part in parts:
+        if isinstance(sel, slice):
+            out[:, :, sel] = part.transpose(1, 2)
+        else:
+            out.index_copy_(2, sel.to(out.device), part.transpose(1, 2))
+    return out
 
 
 def _overlapped_groups(plan, q, run_fa, run_sw):

@@ -65,6 +65,9 @@ class StaticHybridLayer(CacheLayerMixin):
     def from_plan(cls, plan: LayerPlan, max_len: int, rollback: int = 0) -> "StaticHybridLayer":
         if plan.mode != "fixed":
             raise ValueError(f"layer {plan.layer}: a hybrid cache needs a fixed allocation (plan mode is {plan.mode!r})")
+        if plan.multi_span:  # the ring and the one-launch write/decode kernels take one window per layer
+            raise ValueError(f"layer {plan.layer}: the static cache serves one window per layer, its SWA heads have "
+                             f"several spans; use the eager HybridCache (consa.generate falls back to it)")
         return cls(plan.num_kv_heads, plan.fa_kv, plan.window, max_len, plan.sinks, rollback)
 
     # ---- allocation -----------------------------------------------------------------------------

@@ -43,8 +43,9 @@ except ImportError:
     HAVE_CONSA = False
 
 
-def layer_plan(module) -> tuple[torch.Tensor, int, int]:
-    """(FA flag per KV head, window, sinks) of this attention module, from ``config.consa``; cached."""
+def layer_plan(module) -> tuple[torch.Tensor, int, int, tuple]:
+    """(FA flag per KV head, largest window, sinks, per-KV-head window or None for FA) of this attention
+    module, from ``config.consa``; cached. KV heads may differ in window (per-unit spans)."""
     plan = getattr(module, "_consa_reference_plan", None)
     if plan is not None:
         return plan
@@ -56,22 +57,29 @@ def layer_plan(module) -> tuple[torch.Tensor, int, int]:
     spans = alloc.get("span") or [[None if b else alloc["window"] for b in row] for row in alloc["fa"]]
     fixed = alloc.get("fixed") or [[0] * len(row) for row in alloc["fa"]]
     swa = [h for h, b in enumerate(fa) if not b]
-    window = spans[i][swa[0]] if swa else alloc["window"]
+    wins = tuple(None if b else int(spans[i][h]) for h, b in enumerate(fa))
+    window = max(w for w in wins if w is not None) if swa else alloc["window"]
     sinks = 0 if swa and fixed[i][swa[0]] else int(alloc.get("sinks", 0))  # native sliding layers: no sinks
-    plan = (torch.tensor(fa), int(window), sinks)
+    plan = (torch.tensor(fa), int(window), sinks, wins)
     if not isinstance(module, SimpleNamespace):
         module._consa_reference_plan = plan
     return plan
 
 
+def span_groups(wins: tuple) -> list[tuple[int, list[int]]]:
+    """(window, SWA KV heads) per distinct window, ascending."""
+    return [(w, [h for h, x in enumerate(wins) if x == w]) for w in sorted({w for w in wins if w is not None})]
+
+
 @dataclass
 class HeldKV:
     """Keys (or values) of one layer of a :class:`ReferenceHybridCache`: the FA heads' at every slot,
-    the SWA heads' at ``swa_slots`` only (sinks and the window's tail), ``total`` slots so far."""
+    each span group's (``span_groups`` order) at its own slots only (sinks and its window's tail),
+    ``total`` slots so far."""
 
     fa: torch.Tensor  # [B, n_fa, total, D]
-    swa: torch.Tensor  # [B, n_swa, m, D]
-    swa_slots: torch.Tensor  # [m] int64
+    swa: list  # per span group: [B, n_g, m_g, D]
+    swa_slots: list  # per span group: [m_g] int64
     total: int
 
 
@@ -94,30 +102,30 @@ def _attend(q, k, v, k_pos, q_pos, mask, window, sinks, scale):
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         sliding_window=None, softcap=None, **kwargs):
     """Per-head hybrid attention, dense: FA heads see every earlier slot, SWA heads the last ``window``
-    slots (self included) plus the first ``sinks`` slots. Slots are cache positions, as in transformers'
-    own sliding window; ``attention_mask`` is transformers' boolean (or additive) mask, or None when
-    plain causal. GQA: a KV head's FA flag holds for its whole query group. ``key``/``value`` are
-    tensors holding every slot, or :class:`HeldKV` from the reference cache."""
+    slots of their own (self included) plus the first ``sinks`` slots. Slots are cache positions, as in
+    transformers' own sliding window; ``attention_mask`` is transformers' boolean (or additive) mask, or
+    None when plain causal. GQA: a KV head's window holds for its whole query group. ``key``/``value``
+    are tensors holding every slot, or :class:`HeldKV` from the reference cache."""
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("consa attention does not compute logit soft-capping or learned sinks")
     if dropout and module.training:
         raise NotImplementedError("the shipped consa attention is for inference (no attention dropout)")
-    fa_kv, window, sinks = layer_plan(module)
+    fa_kv, _, sinks, wins = layer_plan(module)
     b, h, tq, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     group, dev = h // fa_kv.numel(), query.device
-    fa_idx, swa_idx = fa_kv.nonzero().flatten().to(dev), (~fa_kv).nonzero().flatten().to(dev)
+    spec = [(fa_kv.nonzero().flatten().to(dev), None)]
+    spec += [(torch.tensor(heads, device=dev), w) for w, heads in span_groups(wins)]
     q_heads = lambda idx: (idx[:, None] * group + torch.arange(group, device=dev)).flatten()  # noqa: E731
     if isinstance(key, HeldKV):
         total, mask = key.total, attention_mask
-        groups = [(fa_idx, key.fa, value.fa, torch.arange(total, device=dev), None),
-                  (swa_idx, key.swa, value.swa, key.swa_slots.to(dev), window)]
+        groups = [(spec[0][0], key.fa, value.fa, torch.arange(total, device=dev), None)]
+        groups += [(idx, kg, vg, slots.to(dev), w) for (idx, w), kg, vg, slots in zip(spec[1:], key.swa, value.swa, key.swa_slots)]
     else:  # every slot held (or a transformers sliding layer's contiguous tail): local slots
         total = key.shape[-2]
         mask = None if attention_mask is None else attention_mask[..., -total:]
         k_pos = torch.arange(total, device=dev)
-        groups = [(idx, key.index_select(1, idx), value.index_select(1, idx), k_pos, w)
-                  for idx, w in ((fa_idx, None), (swa_idx, window))]
+        groups = [(idx, key.index_select(1, idx), value.index_select(1, idx), k_pos, w) for idx, w in spec]
     q_pos = torch.arange(total - tq, total, device=dev)
     out = query.new_empty(b, h, tq, d, dtype=torch.float32)
     for idx, k, v, k_pos, w in groups:
@@ -128,24 +136,35 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 class ReferenceHybridLayer(CacheLayerMixin):
-    """One layer of :class:`ReferenceHybridCache`: FA heads keep every slot, SWA heads the first
-    ``sinks`` slots and the last ``window − 1`` (all a later query can see). The mask spans all slots."""
+    """One layer of :class:`ReferenceHybridCache`: FA heads keep every slot, each span group of SWA heads
+    the first ``sinks`` slots and the last ``window − 1`` of its own window (all a later query can see).
+    ``keys``/``values``: [FA heads, then one tensor per span group]. The mask spans all slots."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, fa_kv: torch.Tensor, window: int, sinks: int):
+    def __init__(self, fa_kv: torch.Tensor, window: int, sinks: int, wins: tuple | None = None):
         super().__init__()
-        self.fa_idx, self.swa_idx = fa_kv.nonzero().flatten(), (~fa_kv).nonzero().flatten()
+        if wins is None:
+            wins = tuple(None if b else window for b in fa_kv.tolist())
+        self.fa_idx = fa_kv.nonzero().flatten()
+        self.groups = [(w, torch.tensor(heads)) for w, heads in span_groups(wins)]
         self.window, self.sinks, self.total = window, sinks, 0
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The slots the first (or only) span group holds."""
+        return self.group_slots[0] if self.groups else torch.zeros(0, dtype=torch.long)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.fa_idx, self.swa_idx = self.fa_idx.to(self.device), self.swa_idx.to(self.device)
+        self.fa_idx = self.fa_idx.to(self.device)
+        self.groups = [(w, idx.to(self.device)) for w, idx in self.groups]
+        idxs = [self.fa_idx] + [idx for _, idx in self.groups]
         pick = lambda x, idx: x.index_select(1, idx)[..., :0, :]  # noqa: E731
-        self.keys = [pick(key_states, self.fa_idx), pick(key_states, self.swa_idx)]
-        self.values = [pick(value_states, self.fa_idx), pick(value_states, self.swa_idx)]
-        self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.keys = [pick(key_states, idx) for idx in idxs]
+        self.values = [pick(value_states, idx) for idx in idxs]
+        self.group_slots = [torch.zeros(0, dtype=torch.long, device=self.device) for _ in self.groups]
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -153,15 +172,18 @@ class ReferenceHybridLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         new = torch.arange(self.total, self.total + key_states.shape[-2], device=self.device)
         self.total += key_states.shape[-2]
-        slots = torch.cat([self.slots, new])
+        slots = [torch.cat([held, new]) for held in self.group_slots]
+        keeps = [(sl < self.sinks) | (sl > self.total - w) for sl, (w, _) in zip(slots, self.groups)]
         out = []
         for held, x in ((self.keys, key_states), (self.values, value_states)):
-            fa = torch.cat([held[0], x.index_select(1, self.fa_idx)], dim=-2)
-            swa = torch.cat([held[1], x.index_select(1, self.swa_idx)], dim=-2)
-            keep = (slots < self.sinks) | (slots > self.total - self.window)
-            held[0], held[1] = fa, swa[..., keep, :]
-            out.append(HeldKV(fa, swa, slots, self.total))
-        self.slots = slots[keep]
+            held[0] = torch.cat([held[0], x.index_select(1, self.fa_idx)], dim=-2)
+            swa = []
+            for g, ((_, idx), keep) in enumerate(zip(self.groups, keeps)):
+                full = torch.cat([held[g + 1], x.index_select(1, idx)], dim=-2)
+                held[g + 1] = full[..., keep, :]
+                swa.append(full)
+            out.append(HeldKV(held[0], swa, slots, self.total))
+        self.group_slots = [sl[keep] for sl, keep in zip(slots, keeps)]
         return out[0], out[1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
