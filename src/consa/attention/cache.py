@@ -41,7 +41,21 @@ def _selector(idx: list[int], n: int):
     return torch.tensor(idx)
 
 
-class HybridLayer(CacheLayerMixin):
+class _SpansEverySlot:
+    """The mask transformers builds spans every slot seen (offset 0): the FA heads need them all, and
+    the kernels pick the columns of the keys a sliding head still holds."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class HybridLayer(_SpansEverySlot, CacheLayerMixin):
     """One decoder layer's cache, split by head group (see the module docstring)."""
 
     is_sliding = False  # the mask must span every slot: FA heads need them all
@@ -169,15 +183,6 @@ class HybridLayer(CacheLayerMixin):
             return x[..., :total, :]
         return x[..., : slots.num_sinks + (total - slots.offset), :]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.fa_keys = self.fa_values = self.swa_keys = self.swa_values = None
         self.swa_slots = KeySlots()
@@ -227,7 +232,7 @@ class HybridLayer(CacheLayerMixin):
         return 2 * batch * head_dim * (len(self.fa_kv) * t + len(self.swa_kv) * min(t, self.keep))
 
 
-class SpanGroupsLayer(CacheLayerMixin):
+class SpanGroupsLayer(_SpansEverySlot, CacheLayerMixin):
     """One decoder layer's cache when its SWA heads differ in span: an all-FA :class:`HybridLayer` for
     the FA heads and an all-SWA one per span group (``LayerPlan.span_groups``), each holding exactly its
     own W − 1 + S slots. ``update`` returns :class:`~consa.attention.hybrid.GroupedKV`."""
@@ -277,15 +282,6 @@ class SpanGroupsLayer(CacheLayerMixin):
         for layer in self._layers():
             layer.crop(tokens_to_remove)
         self.cumulative_length = self._layers()[0].cumulative_length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         for layer in self._layers():

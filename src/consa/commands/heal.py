@@ -93,7 +93,6 @@ def _check_inputs(args):
 
 
 def run(args) -> int:
-    import os
     from contextlib import nullcontext
     from pathlib import Path
 
@@ -107,11 +106,7 @@ def run(args) -> int:
     from .common import load_for, search_batches
 
     cfg, alloc = _check_inputs(args)
-    under_torchrun = D.launched_by_torchrun()
-    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else (args.nproc or 1)
-    if under_torchrun and args.nproc not in (None, world):
-        raise ConsaError(f"--nproc {args.nproc} disagrees with torchrun's world size {world}")
-    D.check_batch_split(args.batch_size, world)
+    under_torchrun, world = D.world_from_args(args.nproc, args.batch_size)
     check_out(Path(args.out), args.resume, world)
     if not under_torchrun and world > 1:
         return D.launch(D.worker_argv(_PARSER, args, "heal"), world)

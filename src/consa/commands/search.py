@@ -73,7 +73,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import os
 
     import torch
 
@@ -96,13 +95,7 @@ def run(args) -> int:
         decide_weight=args.decide_weight, decide_frac=args.decide_frac,
     )
     cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
-    under_torchrun = D.launched_by_torchrun()
-    if args.nproc is not None and args.nproc < 1:
-        raise ConsaError(f"--nproc must be >= 1, got {args.nproc}")
-    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else (args.nproc or 1)
-    if under_torchrun and args.nproc not in (None, world):
-        raise ConsaError(f"--nproc {args.nproc} disagrees with torchrun's world size {world}")
-    D.check_batch_split(args.batch_size, world)
+    under_torchrun, world = D.world_from_args(args.nproc, args.batch_size)
     if not under_torchrun and world > 1:
         from pathlib import Path
 

@@ -161,6 +161,19 @@ def shard_pair(student, teacher, dist: "Dist", mixed_precision: bool):
     return student, (shard(teacher, dist, mixed_precision=mixed_precision) if teacher is not None else None)
 
 
+def world_from_args(nproc: int | None, batch_size: int) -> tuple[bool, int]:
+    """(launched by torchrun?, world size) for a command with ``--nproc``: torchrun's world size when it
+    launched us (``--nproc`` must then agree), else ``--nproc`` (default 1); the batch must split evenly."""
+    under = launched_by_torchrun()
+    if nproc is not None and nproc < 1:
+        raise ConsaError(f"--nproc must be >= 1, got {nproc}")
+    world = int(os.environ["WORLD_SIZE"]) if under else (nproc or 1)
+    if under and nproc not in (None, world):
+        raise ConsaError(f"--nproc {nproc} disagrees with torchrun's world size {world}")
+    check_batch_split(batch_size, world)
+    return under, world
+
+
 # ---- launching --------------------------------------------------------------------------------
 def worker_argv(parser, args, command: str) -> list[str]:
     """``[command, --opt value, ...]`` rebuilt from parsed ``args`` for the processes :func:`launch`
