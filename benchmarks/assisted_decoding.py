@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from consa.attention import kernels  # noqa: E402
 from consa.attention.cache import HybridCache  # noqa: E402
-from consa.compat import cache_kwargs, dtype_kwargs  # noqa: E402
+from consa.compat import cache_kwargs  # noqa: E402
 
 
 def _prompt(vocab: int, device) -> torch.Tensor:
@@ -70,7 +70,7 @@ def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(qwen3_config(device.type != "cuda"), **dtype_kwargs(dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_config(qwen3_config(device.type != "cuda"), dtype=dtype).to(device).eval()
     shape = consa.model_shape(model)
     units = [(i % 4 == 0) for i in range(shape.num_layers * shape.num_kv_heads)]  # 25% FA heads
     consa.apply_allocation(model, Allocation.from_units(units, "kv_head", shape, 512, 0))

@@ -417,13 +417,13 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
     import consa
     from consa.allocation import Allocation
     from consa.attention.cache import HybridCache
-    from consa.compat import cache_kwargs, dtype_kwargs
+    from consa.compat import cache_kwargs
     from transformers import AutoModelForCausalLM, DynamicCache
 
     cfg = qwen3_config(smoke)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **dtype_kwargs(dtype)).eval()
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
     ids = torch.randint(3, cfg.vocab_size, (1, context), device=device)
     shape = consa.model_shape(model)
     n_fa = round(share * shape.num_kv_heads)

@@ -27,7 +27,6 @@ import traceback
 import torch
 
 import consa
-from consa import compat
 from consa.allocation import Allocation
 from consa.serving import DecodeEngine
 
@@ -45,7 +44,7 @@ def build(shape: str):
 
     cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=262144)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="consa", **compat.dtype_kwargs(torch.bfloat16))
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="consa", dtype=torch.bfloat16)
     return model.eval()
 
 

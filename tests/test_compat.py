@@ -34,9 +34,6 @@ def test_keyword_detection_covers_both_versions():
     assert compat.cache_kwargs(1, _Old()) == {"past_key_values": 1}
     assert compat.cache_kwargs(1, _New()) == {"cache": 1}
     assert compat.cache_kwargs(1, _Wrapper()) == {compat.CACHE_KWARG: 1} == compat.cache_kwargs(1)
-    assert compat.dtype_kwarg_for("4.55.4") == "torch_dtype"
-    assert compat.dtype_kwarg_for("4.56.0") == compat.dtype_kwarg_for("5.17.0") == compat.dtype_kwarg_for("5.24.0") == "dtype"
-    assert compat.dtype_kwargs(None) == {} and compat.dtype_kwargs(torch.float16) == {compat.DTYPE_KWARG: torch.float16}
     with pytest.raises(AttributeError):
         compat.NO_SUCH_NAME  # noqa: B018
 
@@ -51,11 +48,10 @@ def test_keyword_detection_covers_both_versions():
 
 
 def test_installed_keyword_is_what_the_model_forwards_take():
-    from transformers import Qwen3ForCausalLM, __version__
+    from transformers import Qwen3ForCausalLM
 
     assert compat.CACHE_KWARG in inspect.signature(Qwen3ForCausalLM.forward).parameters
     assert compat.cache_kwarg(tiny_model("qwen3")) == compat.CACHE_KWARG
-    assert compat.DTYPE_KWARG == compat.dtype_kwarg_for(__version__)
 
 
 def test_output_cache_reads_either_field():
@@ -122,9 +118,9 @@ def test_dtype_keyword_loads_without_the_torch_dtype_notice(tmp_path):
         model = load_model(tmp_path, dtype=torch.float64)
         assert next(model.parameters()).dtype == torch.float64
         assert not [m for m in records if "torch_dtype" in m], records
-        if compat.DTYPE_KWARG == "dtype":  # the probe can see the notice: the old keyword logs it
-            AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True, torch_dtype=torch.float64)
-            assert [m for m in records if "torch_dtype" in m]
+        # the probe can see the notice: the old keyword logs it
+        AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True, torch_dtype=torch.float64)
+        assert [m for m in records if "torch_dtype" in m]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

@@ -3,9 +3,10 @@
 transformers 5.2x renamed the KV-cache keyword ``past_key_values`` to ``cache`` (the old name warns
 and is due to go from forwards in 5.40), while 5.17 has no ``cache``: there a forward swallows
 ``cache=`` into ``**kwargs`` and silently runs without the cache. So every consa call that hands
-transformers a cache or a dtype takes the keyword from here, picked once from what the installed
-version accepts. ``CACHE_KWARG`` and ``DTYPE_KWARG`` are module attributes computed on first use,
-so importing this module does not import transformers' model code.
+transformers a cache takes the keyword from here, picked once from what the installed version
+accepts. ``CACHE_KWARG`` is a module attribute computed on first use, so importing this module does
+not import transformers' model code. (The dtype needs nothing here: every supported version takes
+``dtype=``, and ``torch_dtype=`` is deprecated.)
 """
 
 from __future__ import annotations
@@ -16,23 +17,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 NEW_CACHE, OLD_CACHE = "cache", "past_key_values"
-# `dtype=` replaced `torch_dtype=` in from_pretrained/from_config in transformers 4.56
-_DTYPE_SINCE = "4.56.0"
 
-__all__ = ["CACHE_KWARG", "DTYPE_KWARG", "cache_kwarg_for", "dtype_kwarg_for", "cache_kwarg", "cache_kwargs",
-           "dtype_kwargs", "output_cache"]
+__all__ = ["CACHE_KWARG", "cache_kwarg_for", "cache_kwarg", "cache_kwargs", "output_cache"]
 
 
 def cache_kwarg_for(params: Iterable[str]) -> str:
     """The cache keyword of a forward whose parameter names are ``params``."""
     return NEW_CACHE if NEW_CACHE in set(params) else OLD_CACHE
-
-
-def dtype_kwarg_for(version: str) -> str:
-    """The dtype keyword of ``from_pretrained``/``from_config`` in transformers ``version``."""
-    from packaging.version import Version
-
-    return "dtype" if Version(version) >= Version(_DTYPE_SINCE) else "torch_dtype"
 
 
 def _params(fn) -> set[str] | None:
@@ -48,13 +39,6 @@ def _installed_cache_kwarg() -> str:
     from transformers import LlamaForCausalLM
 
     return cache_kwarg_for(_params(LlamaForCausalLM.forward) or ())
-
-
-@functools.cache
-def _installed_dtype_kwarg() -> str:
-    import transformers
-
-    return dtype_kwarg_for(transformers.__version__)
 
 
 @functools.cache
@@ -76,11 +60,6 @@ def cache_kwargs(cache, model=None) -> dict[str, Any]:
     return {cache_kwarg(model): cache}
 
 
-def dtype_kwargs(dtype) -> dict[str, Any]:
-    """``{keyword: dtype}`` for ``from_pretrained``/``from_config``; empty when ``dtype`` is None."""
-    return {} if dtype is None else {_installed_dtype_kwarg(): dtype}
-
-
 def output_cache(out):
     """The cache a forward returned, or None. Reads the field by key/attribute without touching the
     deprecated ``ModelOutput.past_key_values`` property (it logs a warning on new versions)."""
@@ -94,6 +73,4 @@ def output_cache(out):
 def __getattr__(name: str):
     if name == "CACHE_KWARG":
         return _installed_cache_kwarg()
-    if name == "DTYPE_KWARG":
-        return _installed_dtype_kwarg()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -224,11 +224,10 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
     """
     from transformers import AutoModelForCausalLM
 
-    from .compat import dtype_kwargs
     from .models import apply_allocation, model_shape
 
     cfg, section, alloc = read_export(path)
-    kwargs = {"local_files_only": True, "output_loading_info": True, **dtype_kwargs(dtype)}
+    kwargs = {"local_files_only": True, "output_loading_info": True, "dtype": dtype}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

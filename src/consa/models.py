@@ -257,9 +257,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None, 
         raise ConsaError(f"model directory not found: {p}")
     if not (p / "config.json").is_file():
         raise ConsaError(f"{p} is not a Hugging Face model directory (no config.json)")
-    from .compat import dtype_kwargs
-
-    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **dtype_kwargs(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
     attention_modules(model)  # fail early and clearly on unsupported families
     if device:
         model.to(device)

@@ -43,7 +43,6 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from ..compat import dtype_kwargs
 from ..errors import ConsaError
 from ..files import atomic_write_text, ordinary_modes, temp_dir
 from ..presets import get_preset, preset_config
@@ -566,7 +565,7 @@ def _build_model(config, seed: int):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **dtype_kwargs(torch.float32))
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def _make_optimizer(model, r: _Resolved) -> torch.optim.Optimizer:
@@ -691,7 +690,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
         from transformers import AutoModelForCausalLM
 
         with _quiet_hf():
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="sdpa", **dtype_kwargs(torch.float32))
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="sdpa", dtype=torch.float32)
     else:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(train_shards, "eos_id", None)
         config = preset_config(r.preset, vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
