@@ -360,14 +360,7 @@ def _merge(q, fa_q, out_fa, sw_q, out_sw):
     """Assemble both head groups directly in the [B, T, H, D] layout the model wants (one copy)."""
     if isinstance(fa_q, slice) and isinstance(sw_q, slice) and fa_q.stop == sw_q.start:
         return torch.cat([out_fa.transpose(1, 2), out_sw.transpose(1, 2)], dim=2)
-    b, _, t, d = out_fa.shape
-    out = torch.empty(b, t, q.shape[1], d, dtype=out_fa.dtype, device=out_fa.device)
-    for sel, part in ((fa_q, out_fa), (sw_q, out_sw)):
-        if isinstance(sel, slice):
-            out[:, :, sel] = part.transpose(1, 2)
-        else:
-            out.index_copy_(2, sel.to(out.device), part.transpose(1, 2))
-    return out
+    return _merge_parts(q, [(fa_q, out_fa), (sw_q, out_sw)])
 
 
 def consa_mask(*args, mask_function=None, local_size=None, **kwargs):

@@ -137,18 +137,19 @@ class StaticHybridLayer(CacheLayerMixin):
         held = None
         if start and self.swa_kv:  # the window the first new query still sees, gathered before it is overwritten
             first = max(self.sinks, start - (self.window - 1))
-            slots = list(range(min(self.sinks, start))) + list(range(first, start))
-            idx = self._ring_index(torch.tensor(slots, dtype=torch.long)).to(self.device)
+            slots = torch.cat([torch.arange(min(self.sinks, start)), torch.arange(first, start)])
+            idx = self._ring_index(slots).to(self.device)
             held = (self.swa_keys.index_select(2, idx), self.swa_values.index_select(2, idx),
                     KeySlots() if first <= self.sinks else KeySlots(self.sinks, first))
         if self.fa_kv:
             self.fa_keys[:, :, start:end] = _take(k, self._fa_sel)
             self.fa_values[:, :, start:end] = _take(v, self._fa_sel)
         new_k, new_v = _take(k, self._swa_sel), _take(v, self._swa_sel)
-        if self.swa_kv:  # of the new slots the ring keeps the sinks and the last M
-            keep = [p for p in range(start, end) if p < self.sinks or p >= end - self.ring]
-            src = torch.tensor([p - start for p in keep], dtype=torch.long, device=self.device)
-            idx = self._ring_index(torch.tensor(keep, dtype=torch.long)).to(self.device)
+        if self.swa_kv:  # of the new slots the ring keeps the sinks and the last M (two ranges, no Python loop)
+            keep = torch.cat([torch.arange(start, max(start, min(end, self.sinks))),
+                              torch.arange(min(end, max(start, self.sinks, end - self.ring)), end)])
+            src = (keep - start).to(self.device)
+            idx = self._ring_index(keep).to(self.device)
             self.swa_keys.index_copy_(2, idx, new_k.index_select(2, src))
             self.swa_values.index_copy_(2, idx, new_v.index_select(2, src))
         self.seen = end
@@ -291,7 +292,7 @@ def _dense_ring(plan, q, k: RingKV, v: RingKV, mask, scale):
     b, hq, _, d = q.shape
     group = hq // plan.num_kv_heads
     length = k.length
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and mask.dim() == 4:  # called directly (tests) with transformers' [B, 1, 1, L] mask
         mask = mask[:, 0, -1]
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
     parts = []
