@@ -19,14 +19,14 @@ _NEEDS_HF = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 
              "forced_bos_token_id": None, "forced_eos_token_id": None}
 
 
-def has_fixed_plans(model) -> bool:
+def _plans(model):
+    """The model's fixed consa plans, or None when some layer has none."""
     from ..attention.cache import plans_of
 
     try:
-        plans_of(model)
+        return plans_of(model)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def static_supported(model, kwargs: dict) -> str | None:
@@ -39,7 +39,7 @@ def static_supported(model, kwargs: dict) -> str | None:
         value = getattr(gc, name, default)
         if value is not None and value != default:
             return f"generation_config.{name} needs the eager path"
-    if not has_fixed_plans(model):
+    if _plans(model) is None:
         return "the model has no fixed consa allocation on every layer"
     return spans_blocker(model)
 
@@ -47,13 +47,7 @@ def static_supported(model, kwargs: dict) -> str | None:
 def spans_blocker(model) -> str | None:
     """Why the static cache cannot serve this model's plans (its ring holds one window per layer), or
     None: a layer whose SWA heads differ in span (per-unit spans) is served by the eager cache only."""
-    from ..attention.cache import plans_of
-
-    try:
-        plans = plans_of(model)
-    except ValueError:
-        return None
-    for plan in plans:
+    for plan in _plans(model) or []:
         if plan.multi_span:
             spans = sorted({w for w in plan.windows if w is not None})
             return f"layer {plan.layer} has SWA heads of several spans {spans} (the static cache serves one window per layer)"
@@ -71,6 +65,12 @@ def _eos(model, kwargs) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pad(model, kwargs, eos: list[int]) -> int:
+    """The token a finished row emits: ``pad_token_id``, else the first EOS, else 0."""
+    pad = _setting(model, kwargs, "pad_token_id")
+    return int(pad) if pad is not None else (eos[0] if eos else 0)
 
 
 def sampler_for(model, kwargs):
@@ -120,8 +120,7 @@ def generate_static(model, input_ids: torch.Tensor, *, cuda_graphs: bool | None 
     if new == 0:
         return input_ids
     eos = _eos(model, kwargs)
-    pad = _setting(model, kwargs, "pad_token_id")
-    pad = int(pad) if pad is not None else (eos[0] if eos else 0)
+    pad = _pad(model, kwargs, eos)
     if engine is None:
         engine = DecodeEngine(model, b, t + new, eos=eos, pad=pad, cuda_graphs=cuda_graphs, sampler=sampler_for(model, kwargs))
     engine.prefill(input_ids, kwargs.get("attention_mask"))
@@ -158,8 +157,7 @@ def generate_many(model, prompts, *, batch_size: int = 8, cuda_graphs: bool | No
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     b = min(batch_size, len(seqs))
     eos = _eos(model, kwargs)
-    pad = _setting(model, kwargs, "pad_token_id")
-    pad = int(pad) if pad is not None else (eos[0] if eos else 0)
+    pad = _pad(model, kwargs, eos)
     dev = next(model.parameters()).device
     engine = DecodeEngine(model, b, longest + max(new, 1), eos=eos, pad=pad, cuda_graphs=cuda_graphs,
                           sampler=sampler_for(model, kwargs))
