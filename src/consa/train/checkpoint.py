@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 import os
 import shutil
 from dataclasses import asdict
@@ -94,8 +95,11 @@ def _shape(search) -> list[int]:
     return [search.shape.num_layers, search.shape.num_kv_heads, search.shape.num_q_heads]
 
 
-def save_checkpoint(ckpt_dir: Path, search) -> None:
-    d = search.dist
+@contextmanager
+def staged_checkpoint(ckpt_dir: Path, d):
+    """Yield a sibling directory to write a checkpoint into (every rank may write shards there); when
+    the block ends, rank 0 swaps it in for ``ckpt_dir`` by rename, so a crash at any point leaves either
+    the old checkpoint or the new one whole. Files get ordinary modes (safetensors writes 0600)."""
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     if d.is_main:
@@ -103,6 +107,30 @@ def save_checkpoint(ckpt_dir: Path, search) -> None:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     d.barrier()
+    yield tmp
+    d.barrier()  # every shard is on disk before the swap
+    if d.is_main:
+        from ..files import ordinary_modes
+
+        ordinary_modes(tmp)
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+        if ckpt_dir.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    d.barrier()
+
+
+def save_checkpoint(ckpt_dir: Path, search) -> None:
+    with staged_checkpoint(ckpt_dir, search.dist) as tmp:
+        _write_search_state(tmp, search)
+
+
+def _write_search_state(tmp: Path, search) -> None:
+    d = search.dist
     sharded = d.enabled and search.wopt is not None
     if sharded:  # collective: every rank writes its shards
         import torch.distributed.checkpoint as dcp
@@ -128,20 +156,6 @@ def save_checkpoint(ckpt_dir: Path, search) -> None:
             tensors.update(wopt_t)
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    d.barrier()  # every shard is on disk before the swap
-    if d.is_main:
-        from ..files import ordinary_modes
-
-        ordinary_modes(tmp)  # safetensors writes 0600: readable by others, as open() would make it
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-        if ckpt_dir.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    d.barrier()
 
 
 def _read_meta(ckpt_dir: Path) -> dict:

@@ -17,8 +17,8 @@ DCP shards on several, like the search's). Multi-process runs shard student and 
 (``distributed.shard``); the final weights are gathered on rank 0, which writes the output.
 
 Output: ``out`` becomes a head-wise consa export (``export.export``, mode ``heads``: the allocation in
-config.json, heads reordered FA-first) that ``consa.load``, ``consa eval --allocation OUT/allocation.json``
-and ``consa export`` take, plus ``allocation.json`` (in the export's head order), ``heal.json`` and
+config.json, heads reordered FA-first) that ``consa.load``, ``consa eval`` (which scores the stored
+allocation) and ``consa export`` take, plus ``allocation.json`` (in the export's head order), ``heal.json`` and
 ``metrics.jsonl``. A LoRA run with ``merge=False`` writes the PEFT adapter (``out/adapter``) instead of
 a model, for the original model and head order.
 """
@@ -43,7 +43,7 @@ from ..errors import ConsaError
 from ..files import atomic_write_text
 from ..attention.hybrid import LayerPlan
 from ..models import apply_allocation, attention_modules, detach, model_shape, native_windows
-from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint
+from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint, staged_checkpoint
 from .distributed import Dist
 from .search import forward_logits, global_task_loss, prepare_student
 
@@ -216,10 +216,10 @@ class Heal:
         self.wopt.zero_grad(set_to_none=True)
         loss.backward()
         rec = {"step": step, "loss": task, "lr": lr}
-        if cfg.clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
-            rec["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip else None
         self.wopt.step()
+        if norm is not None:  # read on the host only once the optimiser step is queued
+            rec["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.history.append(rec)
         self.step += 1
         return rec
@@ -313,14 +313,13 @@ class Heal:
     # ---- checkpoints --------------------------------------------------------------------------
     def _save(self, ckpt_dir: Path) -> None:
         """Weights + optimiser + step, written beside the old checkpoint and swapped in by rename."""
+        with staged_checkpoint(ckpt_dir, self.dist) as tmp:
+            self._write_state(tmp)
+
+    def _write_state(self, tmp: Path) -> None:
         from safetensors.torch import save_file
 
         d = self.dist
-        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-        if d.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        d.barrier()
         if d.enabled:  # collective: every rank writes its shards
             import torch.distributed.checkpoint as dcp
 
@@ -336,15 +335,6 @@ class Heal:
                 tensors.update(opt_t)
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        d.barrier()
-        if d.is_main:
-            old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if ckpt_dir.exists():
-                os.replace(ckpt_dir, old)
-            os.replace(tmp, ckpt_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
 
     def _load(self, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
