@@ -235,7 +235,7 @@ class Search:
         trained = native_windows(model)
         self.reopened = trained if cfg.reopen_native and any(w is not None for w in trained) else None
         self.free_layers = [i for i, w in enumerate(self.native) if w is None]
-        self.n_units = len(self.free_layers) * (1 if cfg.granularity == "layer" else self.shape.num_kv_heads)
+        self.n_units = len(Allocation.free_units(self.native, cfg.granularity, self.shape.num_kv_heads))
         self.num_swa = swa_count(cfg.sparsity, self.n_units)
         self.init_scores, self.init_tokens = None, 0
         if cfg.init != "constant":  # on the bare model, before anything is attached
@@ -281,8 +281,9 @@ class Search:
         rows = z.view(-1, 1).expand(-1, h) if self.cfg.granularity == "layer" else z.view(-1, h)
         if len(self.free_layers) == self.shape.num_layers:
             return rows
-        out = rows.new_zeros(self.shape.num_layers, h)
-        return out.index_copy(0, torch.tensor(self.free_layers, device=rows.device), rows)
+        if getattr(self, "_free_idx", None) is None or self._free_idx.device != rows.device:  # once, not every step
+            self._free_idx = torch.tensor(self.free_layers, device=rows.device)
+        return rows.new_zeros(self.shape.num_layers, h).index_copy(0, self._free_idx, rows)
 
     def _teacher_logits(self, batch):
         if self.reopened is None:
@@ -475,10 +476,10 @@ class Search:
                 batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 self._held_out.append((batch, self._teacher_logits(batch)))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.mix.z = self._unit_to_heads(torch.tensor(fa_bits, dtype=torch.float32, device=self.device))
         for batch, teacher in self._held_out:
             mask = batch.get("loss_mask")
             mask = batch.get("attention_mask") if mask is None else mask
-            self.mix.z = self._unit_to_heads(torch.tensor(fa_bits, dtype=torch.float32, device=self.device))
             s, n = kl_sum(forward_logits(self.model, batch), teacher, mask, self.cfg.temperature)
             total += torch.stack([s.double(), n.double()])
         self.dist.all_reduce_sum_(total)
