@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from consa import Allocation, model_shape
 from consa.data import make_items, train_tokenizer
@@ -24,6 +23,8 @@ from consa.tiny import tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data_tasks import QUESTION, _check_item  # noqa: E402  (the same checks as for the default haystack)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = (
     "harbor lantern meadow orchard quarry saddle tower valley walrus river falcon garden island kettle the a of and "
@@ -42,14 +43,6 @@ def prose(seed: int, paragraphs: int) -> str:
                  for _ in range(int(rng.integers(3, 7)))]
         out.append(" ".join(sents))
     return "\n\n".join(out)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
