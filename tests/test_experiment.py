@@ -282,3 +282,49 @@ def test_base_from_runs_a_variant_on_the_same_base_model(finished, tmp_path, cap
     # an adopted workdir never pretrains into itself
     with pytest.raises(ConsaError, match="uses the base model of"):
         run_stage("pretrain", ExperimentConfig.load(cfg_path), w2, force=True)
+
+
+def test_budget_stage_compares_methods_at_equal_measured_kv_bytes(finished, tmp_path):
+    """The budget stage (issue 16): every method's allocation holds at most the budget, the bytes the
+    cache really holds equal what the allocation says, and the report has the equal-bytes table."""
+    from consa.allocation import Allocation
+    from consa.experiment_budget import BUDGET_METHODS, budget_rows
+
+    cfg_path, work, _ = finished
+    d = json.loads(cfg_path.read_text())
+    d["name"] = "ci-budget"
+    d["search"].update(sparsities=[0.5], methods=["fa_top-layer"])
+    d["budget"] = {"kv_budgets": [0.5, 0.3], "spans": "4,8,16,full", "methods": list(BUDGET_METHODS), "steps": 3,
+                   "profile_batches": 1, "decode_tokens": 2}
+    var = tmp_path / "budget.json"
+    var.write_text(json.dumps(d))
+    w2 = tmp_path / "w2"
+    assert main(["experiment", "all", "--config", str(var), "--workdir", str(w2), "--base-from", str(work)]) == 0
+    cfg = ExperimentConfig.load(var)
+    rows = budget_rows(Workdir(w2, cfg))
+    assert len(rows) == 2 * len(BUDGET_METHODS)
+    for r in rows:
+        assert r["kv_share_measured"] <= r["kv_budget"] + 1e-9, r
+        assert r["kv_share_measured"] == pytest.approx(r["kv_share_computed"], abs=1e-12), r
+        assert r["long_ratio"] is not None and r["prefill_s"] > 0
+    spans = Allocation.load(w2 / "alloc" / "b0.3" / "consa_spans-kv_head.json")
+    assert set(spans.spans()) <= {4, 8, 16}
+    single = Allocation.load(w2 / "alloc" / "b0.3" / "consa-kv_head.json")
+    assert single.spans() == [cfg.W]
+    md = (w2 / "report" / "results.md").read_text()
+    assert "Equal KV bytes" in md and "consa_spans-kv_head" in md and "heatmap-b0.3-consa_spans-kv_head.png" in md
+    # the eval split is W for every row, whatever the spans: the long-range PPL of uniform spans is not on its own split
+    ev = json.loads((w2 / "eval" / "b0.3" / "uniform-kv_head" / "eval.json").read_text())
+    assert ev["config"]["window"] == cfg.W
+    # `consa report` over budget runs: spans and the KV share each row holds at the run's longest context
+    out = tmp_path / "cmp"
+    runs = [str(w2 / "eval" / "b0.3" / m) for m in ("consa_spans-kv_head", "uniform-kv_head")]
+    assert main(["report", *runs, "--out", str(out)]) == 0
+    table = next(p for p in out.iterdir() if p.suffix == ".md").read_text()
+    assert "KV share" in table and f"| {spans.kv_share(128):.3f} |" in table
+    if len(spans.spans()) > 1:
+        assert ",".join(map(str, spans.spans())) in table
+    bad = dict(d, budget={**d["budget"], "methods": ["nope-kv_head"]})
+    var.write_text(json.dumps(bad))
+    with pytest.raises(ConsaError, match="unknown budget methods"):
+        ExperimentConfig.load(var)

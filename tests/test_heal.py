@@ -282,6 +282,121 @@ def test_gap_closed_by_healing_is_the_share_of_the_remaining_long_range_gap(tmp_
     assert "| 0.75 | fa_top-layer | 1,000 | 1.200 → 1.100 | 1.000 | 0.50 → 0.50 | 0.50 |" in format_heal(wd)
 
 
+def _stdlib_sources(tmp_path):
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("textwrap.py", "string.py", "heapq.py", "bisect.py", "fractions.py", "calendar.py"):
+        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, src / name)
+    return src
+
+
+def _heal_experiment(tmp_path, heal: dict):
+    from consa.experiment import ExperimentConfig
+
+    return ExperimentConfig.from_dict({
+        "name": "heal-ci", "device": "cpu", "data": {"sources": [str(_stdlib_sources(tmp_path))], "vocab_size": 384, "workers": 1},
+        "pretrain": {"preset": "tiny", "steps": 2, "batch_size": 2, "seq_len": 128, "retrieval_mix": 0.0, "eval_every": 100},
+        "search": {"sparsities": [0.5, 0.75], "methods": ["fa_top-layer", "interleaved-kv_head"], "batch_size": 2},
+        "eval": {"tasks": [], "ppl_length": 128, "ppl_sequences": 2, "batch_size": 2},
+        "heal": {"sparsities": [0.75], "batch_size": 2, "lr": 1e-3, **heal},
+    })
+
+
+def test_experiment_heal_stage_heals_with_several_token_budgets(tmp_path):
+    """heal.tokens [1000, 256]: every allocation is healed twice from the same base weights, into
+    ``<method>-healed-1K`` and ``-256``; the smaller heal runs fewer steps on the same first batch, a
+    time budget leaves the heals for a later call, and the report has a row per method and budget."""
+    import time
+
+    from consa.experiment import Workdir, run_all, run_stage
+    from consa.experiment_heal import format_heal
+
+    cfg = _heal_experiment(tmp_path, {"tokens": [1000, 256]})
+    work = tmp_path / "work"
+    assert run_all(cfg, work, until="eval")["eval"]["done"]
+    late = run_stage("heal", cfg, work, deadline=time.time() - 1)  # out of time: nothing healed, continued below
+    assert not late["done"] and "4 heals left" in late["note"] and not list((work / "eval" / "s0.75").glob("*-healed*"))
+    rec = run_stage("heal", cfg, work)
+    assert rec["done"] and rec["tokens_per_allocation"] == [1024, 256] and rec["steps"] == [4, 1]
+    for m in ("fa_top-layer", "interleaved-kv_head"):
+        assert not (work / "eval" / "s0.75" / f"{m}-healed").exists()  # several budgets: every run has its label
+        runs = {lab: json.loads((work / "eval" / "s0.75" / f"{m}-healed-{lab}" / "eval.json").read_text())["heal"]
+                for lab in ("256", "1K")}
+        assert (runs["256"]["tokens"], runs["256"]["steps"], runs["1K"]["tokens"], runs["1K"]["steps"]) == (256, 1, 1024, 4)
+        assert runs["256"]["first_loss"] == pytest.approx(runs["1K"]["first_loss"], rel=1e-6)  # same base, same batch 0
+        for lab, steps in (("256", 1), ("1K", 4)):
+            d = work / "heal" / "s0.75" / f"{m}-{lab}"
+            assert json.loads((d / "heal.json").read_text())["steps_done"] == steps
+            assert len((d / "metrics.jsonl").read_text().splitlines()) == steps
+    rows = rec["rows"]
+    assert [(r["tokens"], r["sparsity"]) for r in rows] == [(256, 0.75)] * 2 + [(1024, 0.75)] * 2  # sorted by tokens
+    assert sorted(r["method"] for r in rows[:2]) == ["fa_top-layer", "interleaved-kv_head"]
+    table = format_heal(Workdir(work, cfg))
+    for m in ("fa_top-layer", "interleaved-kv_head"):
+        assert f"| 0.75 | {m} | 256 |" in table and f"| 0.75 | {m} | 1,024 |" in table
+
+
+def test_token_labels():
+    from consa.experiment_heal import token_label
+
+    assert [token_label(n) for n in (2_000_000, 10_000_000, 500_000, 1_000, 1_234_567, 3_000_000_000)] == \
+        ["2M", "10M", "500K", "1K", "1234567", "3B"]
+
+
+@pytest.mark.parametrize("tokens, match", [
+    ([1000, 1000], "lists a budget twice"), ([1000, 0], ">= 1"), (-5, ">= 1"), ([], ">= 1"), ([1.5], ">= 1"),
+])
+def test_bad_heal_budgets_are_one_line(tokens, match):
+    from consa.experiment import ExperimentConfig
+
+    with pytest.raises(ConsaError, match=match) as e:
+        ExperimentConfig.from_dict({"search": {"sparsities": [0.75], "methods": ["fa_top-layer"]}, "heal": {"tokens": tokens}})
+    assert "\n" not in str(e.value) and "heal.tokens" in str(e.value)
+
+
+# ---- an unmerged LoRA heal loads back -------------------------------------------------------------
+def test_unmerged_lora_heal_loads_with_the_merged_logits(files, tmp_path, monkeypatch):
+    """`consa heal --lora 4` with and without --no-merge on the same batches and seed: consa.load of the
+    adapter folder (base model + allocation + PEFT adapter) gives the merged export's logits, from
+    another working directory too (heal.json records the base model's absolute path)."""
+    monkeypatch.chdir(files)
+    argv = ["heal", "--model", "model", "--allocation", "alloc.json", "--steps", "3", "--seq-len", str(T),
+            "--batch-size", "3", "--lr", "1e-3", "--lora", "4", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "merged")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "unmerged"), "--no-merge"]) == 0
+    assert not (tmp_path / "unmerged" / "config.json").exists()  # an adapter, not a model
+    assert json.loads((tmp_path / "unmerged" / "heal.json").read_text())["source_model"] == str((files / "model").resolve())
+    monkeypatch.chdir(tmp_path)
+    ids = _batches(9)["input_ids"]
+    want = _logits(consa.load(tmp_path / "merged"), ids)
+    assert (want - _logits(_hybrid(_model(), _alloc()), ids)).abs().max() > 1e-4  # the heal changed the model
+    for d in (tmp_path / "unmerged", tmp_path / "unmerged" / "adapter"):
+        assert torch.allclose(_logits(consa.load(d), ids), want, atol=1e-5, rtol=0)
+
+
+def test_unmerged_lora_heal_without_its_base_or_peft_is_one_line(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    _model().save_pretrained(tmp_path / "base")
+    Heal(load_model(tmp_path / "base"), _alloc(), _cfg(steps=1, lora_rank=4, merge=False), _batches, tmp_path / "o",
+         progress=False, source_dir=tmp_path / "base").run()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "peft", None)  # `from peft import ...` now raises ImportError
+        with pytest.raises(ConsaError, match=r"pip install 'consa\[peft\]'") as e:
+            consa.load(tmp_path / "o")
+        assert "\n" not in str(e.value)
+    base = str((tmp_path / "base").resolve())
+    shutil.rmtree(base)
+    with pytest.raises(ConsaError, match="no longer exists") as e:
+        consa.load(tmp_path / "o")
+    assert base in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_two_process_heal_matches_one_process(files, tmp_path):
     """`--nproc 2` (torchrun, FSDP2, gloo on CPU) heals to the one-process model up to reduction order."""

@@ -74,9 +74,10 @@ def test_report_merges_runs_into_one_table_and_png(runs, tmp_path, capsys):
     assert [row.split(" | ")[0] for row in table] == ["| full", "| learned", "| rule-top", "| all-SWA (ref)"]
     learned = table[1].split(" | ")
     # long NLL 3.1 vs full 3.0 / all-SWA 3.4 → Δ 0.100, gap closed 75%; passkey only at length 512 counts
-    assert learned[7:10] == ["3.100", "0.100", "75%"] and learned[10].rstrip(" |") == "0.75"
-    assert table[2].split(" | ")[9] == "25%" and table[0].split(" | ")[9] == "100%"
-    assert table[3].split(" | ")[7] == "3.400"
+    assert learned[8:11] == ["3.100", "0.100", "75%"] and learned[11].rstrip(" |") == "0.75"
+    assert table[2].split(" | ")[10] == "25%" and table[0].split(" | ")[10] == "100%"
+    assert table[3].split(" | ")[8] == "3.400"
+    assert table[0].split(" | ")[4] == "1.000"  # full attention holds all of its KV
     assert "consa eval --label rule-top" in md and "![comparison](comparison.png)" in md
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| learned |" in capsys.readouterr().out

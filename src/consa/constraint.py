@@ -87,17 +87,14 @@ class SparsityController:
         self.last_shift = float(state.get("last_shift", 0.0))
 
 
-def _sparsity_after_shift(gates: HardConcreteGates, shift: float) -> float:
-    p = torch.sigmoid(gates.log_alpha.detach() + shift - gates.beta * torch.log(torch.tensor(-gates.gamma / gates.zeta)))
-    return 1.0 - float(p.mean())
-
-
+@torch.no_grad()
 def solve_shift(gates: HardConcreteGates, target: float, iters: int = 60) -> float:
-    """The common offset δ with ŝ(log α + δ) = target, by bisection (ŝ decreases monotonically in δ)."""
+    """The common offset δ with ŝ(log α + δ) = target, by bisection (ŝ decreases monotonically in δ,
+    for single gates and span chains alike)."""
     lo, hi = -50.0, 50.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if _sparsity_after_shift(gates, mid) > target:
+        if float(gates.expected_sparsity(mid)) > target:
             lo = mid
         else:
             hi = mid

@@ -1,6 +1,6 @@
 """The reference experiment (GUIDE §6, issue 5): does a learned allocation beat the rules?
 
-One JSON config drives six stages, each resuming from the previous stage's output on disk:
+One JSON config drives seven stages, each resuming from the previous stage's output on disk:
 
 ``data``      corpus (tokenizer + token shards) in ``WORKDIR/corpus`` (or an existing corpus dir)
 ``pretrain``  a full-attention Qwen3 base model in ``WORKDIR/base``, trained on the corpus mixed with
@@ -14,6 +14,8 @@ One JSON config drives six stages, each resuming from the previous stage's outpu
               and of every allocation, in ``WORKDIR/eval/...`` (one run dir each, as ``consa eval``)
 ``heal``      (only with a ``heal`` section) every allocation of ``heal.sparsities`` fine-tuned under its
               allocation (``consa.train.heal``) and evaluated into ``WORKDIR/eval/s<t>/<method>-healed``
+``budget``    (only with a ``budget`` section) methods at equal KV bytes, per-unit spans included
+              (``experiment_budget.py``), into ``WORKDIR/alloc/b<b>`` and ``WORKDIR/eval/b<b>``
 ``report``    ``WORKDIR/report/results.md`` + ``results.json`` + heatmaps: one table per sparsity
 
 A finished stage (recorded in ``WORKDIR/stages.json`` with its wall time) is skipped; inside a stage
@@ -41,8 +43,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConsaError
+from .experiment_budget import BudgetStage
 
-STAGES = ("data", "pretrain", "search", "eval", "heal", "report")
+STAGES = ("data", "pretrain", "search", "eval", "heal", "budget", "report")
 RULE_METHODS = ("interleaved-kv_head", "interleaved-layer", "fa_top-layer", "fa_bottom-layer", "fa_middle-layer")
 ALL_METHODS = ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head", *RULE_METHODS, "random-kv_head")
 
@@ -139,7 +142,7 @@ class HealStage:
 
     sparsities: list | None = None  # default: every search sparsity
     methods: list | None = None  # default: every search method
-    tokens: int = 2_000_000
+    tokens: int | list = 2_000_000  # one budget, or a list: each heal starts from the same base weights
     batch_size: int = 8
     seq_len: int | None = None  # default: the search's
     lr: float = 1e-5
@@ -163,13 +166,15 @@ class ExperimentConfig:
     search: SearchStage = field(default_factory=SearchStage)
     eval: EvalStage = field(default_factory=EvalStage)
     heal: HealStage | None = None  # no section: the heal stage does nothing
+    budget: BudgetStage | None = None  # no section: the budget stage (equal KV bytes, experiment_budget.py) does nothing
     source: str | None = None  # the config file it came from (recorded only)
 
     @classmethod
     def from_dict(cls, d: dict, base_dir: str | Path | None = None) -> "ExperimentConfig":
         if not isinstance(d, dict):
             raise ConsaError("an experiment config must be a JSON object")
-        subs = {"data": DataConfig, "pretrain": PretrainStage, "search": SearchStage, "eval": EvalStage, "heal": HealStage}
+        subs = {"data": DataConfig, "pretrain": PretrainStage, "search": SearchStage, "eval": EvalStage, "heal": HealStage,
+                "budget": BudgetStage}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"comment", "_comment"})
         if unknown:
@@ -234,6 +239,10 @@ class ExperimentConfig:
             from .experiment_heal import validate_heal
 
             validate_heal(self)
+        if self.budget is not None:
+            from .experiment_budget import validate_budget
+
+            validate_budget(self)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -932,6 +941,16 @@ def stage_report(wd: Workdir) -> dict:
                 name = f"heatmap-{method_key(t)}-{stem}.png"
                 plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, t={t}")
                 figs.append(name)
+    if cfg.budget is not None:
+        from .experiment_budget import budget_key
+
+        for kb in cfg.budget.kv_budgets:
+            for stem in ("consa_spans-kv_head", "consa_spans-layer", "moa-kv_head", "moa-layer"):
+                p = wd.alloc / budget_key(kb) / f"{stem}.json"
+                if p.is_file():
+                    name = f"heatmap-{budget_key(kb)}-{stem}.png"
+                    plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, KV budget {kb:g}")
+                    figs.append(name)
     stages = wd.stages()
     pre = stages.get("pretrain", {})
     md = [f"# Experiment `{cfg.name}`", "",
@@ -950,12 +969,23 @@ def stage_report(wd: Workdir) -> dict:
         from .experiment_heal import format_heal
 
         md += ["", format_heal(wd)]
+    if cfg.budget is not None:
+        from .experiment_budget import format_budget
+
+        md += ["", format_budget(wd)]
     md += [f"![{f}]({f})" for f in figs]
     atomic_write_text(wd.report / "results.md", "\n".join(md) + "\n")
     res["stages"] = stages
     res["config"] = cfg.to_dict()
     atomic_write_text(wd.report / "results.json", json.dumps(res, indent=1, default=str) + "\n")
     return {"results": str(wd.report / "results.md"), "figures": figs}
+
+
+def stage_budget(wd: Workdir, deadline: float | None = None) -> dict:
+    """Every method at equal KV bytes (experiment_budget.py)."""
+    from .experiment_budget import run_budget_stage
+
+    return run_budget_stage(wd, deadline)
 
 
 def stage_heal(wd: Workdir, deadline: float | None = None) -> dict:
@@ -967,7 +997,8 @@ def stage_heal(wd: Workdir, deadline: float | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------ driver
 STAGE_FNS: dict[str, Callable] = {"data": stage_data, "pretrain": stage_pretrain, "search": stage_search,
-                                   "eval": stage_eval, "heal": stage_heal, "report": stage_report}
+                                   "eval": stage_eval, "heal": stage_heal, "budget": stage_budget,
+                                   "report": stage_report}
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: bool = False,
@@ -985,7 +1016,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: 
     t0 = time.time()
     _say(f"{stage}: start")
     try:
-        info = STAGE_FNS[stage](wd, deadline) if stage in ("eval", "heal") else STAGE_FNS[stage](wd)
+        info = STAGE_FNS[stage](wd, deadline) if stage in ("eval", "heal", "budget") else STAGE_FNS[stage](wd)
         done = True
     except _Partial as e:
         info, done = {"note": str(e)}, False

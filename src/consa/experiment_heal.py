@@ -3,11 +3,13 @@ evaluate it next to the unhealed one.
 
 Every allocation starts from the same base weights and sees the same batches (one batch function,
 seeded apart from the search's), so before/after compares methods at an equal budget after the cut.
-Healed runs are written as ``WORKDIR/eval/s<t>/<method>-healed`` (``consa eval`` run directories, with
-a ``heal`` record); the heal runs themselves (heal.json, metrics.jsonl; the weights only with
-``keep_models``) go to ``WORKDIR/heal/s<t>/<method>``. "Gap closed by healing" is
-(PPL_before − PPL_after) / (PPL_before − PPL_full) on long-range PPL: the share of what the allocation
-still lost to full attention that healing recovered.
+``heal.tokens`` may list several budgets: each heal starts from the base weights again, and a smaller
+budget's batches are the first steps of a larger one's. Healed runs are written as
+``WORKDIR/eval/s<t>/<method>-healed`` (one budget) or ``<method>-healed-<label>`` (several; label e.g.
+``2M``), ``consa eval`` run directories with a ``heal`` record; the heal runs themselves (heal.json,
+metrics.jsonl; the weights only with ``keep_models``) go to ``WORKDIR/heal/s<t>/<method>[-<label>]``.
+"Gap closed by healing" is (PPL_before − PPL_after) / (PPL_before − PPL_full) on long-range PPL: the
+share of what the allocation still lost to full attention that healing recovered.
 """
 
 from __future__ import annotations
@@ -22,14 +24,37 @@ from .errors import ConsaError
 SUFFIX = "-healed"
 
 
+def heal_budgets(h) -> list[int]:
+    """``heal.tokens`` as a list (one int or several)."""
+    return list(h.tokens) if isinstance(h.tokens, (list, tuple)) else [h.tokens]
+
+
+def token_label(n: int) -> str:
+    """2_000_000 -> "2M", 500_000 -> "500K"; other counts as they are."""
+    for div, unit in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def budget_suffix(h, tokens: int) -> str:
+    """"" with one budget (the layout of single-budget workdirs), else "-<label>"."""
+    return "" if len(heal_budgets(h)) == 1 else f"-{token_label(tokens)}"
+
+
 def validate_heal(cfg) -> None:
     h = cfg.heal
+    budgets = heal_budgets(h)
+    if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in budgets):
+        raise ConsaError(f"heal.tokens must be an integer >= 1 or a non-empty list of them, got {h.tokens!r}")
+    if len(set(budgets)) != len(budgets):
+        raise ConsaError(f"heal.tokens lists a budget twice: {h.tokens!r}")
     bad_t = [t for t in (h.sparsities or []) if t not in cfg.search.sparsities]
     bad_m = [m for m in (h.methods or []) if m not in cfg.search.methods]
     if bad_t or bad_m:
         raise ConsaError(f"heal.sparsities / heal.methods must be among the search's (not: {bad_t + bad_m})")
-    if h.tokens < 1 or h.batch_size < 1 or not h.lr > 0 or h.lora_rank < 0 or h.lm_weight < 0:
-        raise ConsaError("heal.tokens and heal.batch_size must be >= 1, heal.lr > 0, heal.lora_rank and heal.lm_weight >= 0")
+    if h.batch_size < 1 or not h.lr > 0 or h.lora_rank < 0 or h.lm_weight < 0:
+        raise ConsaError("heal.batch_size must be >= 1, heal.lr > 0, heal.lora_rank and heal.lm_weight >= 0")
     if not 0 <= h.retrieval_share <= 1 or not 0 <= h.warmup_frac <= 1:
         raise ConsaError("heal.retrieval_share and heal.warmup_frac must lie in [0, 1]")
 
@@ -73,18 +98,21 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
     seq_len = int(h.seq_len or cfg.search.seq_len or cfg.context)
     # one batch function for every allocation: the same tokens, other than the search's (seed offset)
     batch_fn = search_batch_fn(shards, bank, h.batch_size, seq_len, h.retrieval_share, cfg.seed + 1009)
-    steps = steps_for_tokens(h.tokens, h.batch_size, seq_len)
     eval_dtype = _dtype(cfg.eval.dtype, device)  # evaluate healed weights as the unhealed ones were
     n_done, n_skipped = 0, 0
-    for t, stem in heal_targets(cfg):
-        out = wd.evals / method_key(t) / f"{stem}{SUFFIX}"
+    # smaller budgets first: under a time budget every allocation gets the small heal before any large one
+    pieces = [(b, t, stem) for b in sorted(heal_budgets(h)) for t, stem in heal_targets(cfg)]
+    for budget, t, stem in pieces:
+        sfx = budget_suffix(h, budget)
+        out = wd.evals / method_key(t) / f"{stem}{SUFFIX}{sfx}"
         if (out / "eval.json").is_file():
             continue
         if deadline is not None and time.time() > deadline:
             n_skipped += 1
             continue
+        steps = steps_for_tokens(budget, h.batch_size, seq_len)
         alloc = Allocation.load(wd.alloc / method_key(t) / f"{stem}.json")
-        run_dir = wd.root / "heal" / method_key(t) / stem
+        run_dir = wd.root / "heal" / method_key(t) / f"{stem}{sfx}"
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished heal starts again (the runs are short)
         hc = HealConfig(steps=steps, seq_len=seq_len, lr=h.lr, lora_rank=h.lora_rank, lm_weight=h.lm_weight,
                         warmup_frac=h.warmup_frac, checkpoint_every=0, seed=cfg.seed, backend=h.backend)
@@ -92,7 +120,7 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
         heal = Heal(copy.deepcopy(base_model), alloc, hc, batch_fn, run_dir, progress=cfg.progress, source_dir=base)
         model = heal.run().to(eval_dtype)
         seconds = time.time() - t0
-        r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=f"{stem}{SUFFIX}", log=None, items=items)
+        r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=f"{stem}{SUFFIX}{sfx}", log=None, items=items)
         r["heal"] = {"tokens": steps * h.batch_size * seq_len, "steps": steps, "seconds": round(seconds, 2),
                      "first_loss": heal.history[0]["loss"], "final_loss": heal.history[-1]["loss"], "lr": h.lr,
                      "lora_rank": h.lora_rank, "lm_weight": h.lm_weight}
@@ -101,15 +129,19 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
             for f in list(run_dir.glob("*.safetensors")) + list(run_dir.glob("*.safetensors.index.json")):
                 f.unlink()
         n_done += 1
-        _say(f"heal: t={t} {stem}: KL {r['heal']['first_loss']:.4f} -> {r['heal']['final_loss']:.4f} in {seconds:.1f} s; "
-             f"long Δnll {r['summary']['delta_long_nll']}")
+        _say(f"heal: t={t} {stem} ({token_label(budget)} tokens): KL {r['heal']['first_loss']:.4f} -> "
+             f"{r['heal']['final_loss']:.4f} in {seconds:.1f} s; long Δnll {r['summary']['delta_long_nll']}")
         del model, heal
     del base_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if n_skipped:
-        raise _Partial(f"heal: {n_skipped} allocations left for a later call (time budget reached)")
-    return {"healed": n_done, "tokens_per_allocation": steps * h.batch_size * seq_len, "steps": steps, "rows": heal_rows(wd)}
+        raise _Partial(f"heal: {n_skipped} heals left for a later call (time budget reached)")
+    per = [steps_for_tokens(b, h.batch_size, seq_len) for b in heal_budgets(h)]
+    tokens = [n * h.batch_size * seq_len for n in per]
+    one = len(per) == 1
+    return {"healed": n_done, "tokens_per_allocation": tokens[0] if one else tokens, "steps": per[0] if one else per,
+            "rows": heal_rows(wd)}
 
 
 def _long_ppl(res: dict):
@@ -125,7 +157,7 @@ def _retrieval(res: dict):
 
 
 def heal_rows(wd) -> list[dict]:
-    """Before/after numbers of every healed allocation on disk."""
+    """Before/after numbers of every healed allocation and budget on disk."""
     from .experiment import method_key
 
     full_path = wd.evals / "full" / "eval.json"
@@ -134,8 +166,10 @@ def heal_rows(wd) -> list[dict]:
     full = json.loads(full_path.read_text())
     f_long, f_short = _long_ppl(full), ((full.get("quality") or {}).get("short") or {}).get("ppl")
     rows = []
-    for t, stem in heal_targets(wd.cfg):
-        pb, pa = (wd.evals / method_key(t) / stem / "eval.json"), (wd.evals / method_key(t) / f"{stem}{SUFFIX}" / "eval.json")
+    h = wd.cfg.heal
+    for (t, stem), budget in ((ts, b) for ts in heal_targets(wd.cfg) for b in heal_budgets(h)):
+        pb = wd.evals / method_key(t) / stem / "eval.json"
+        pa = wd.evals / method_key(t) / f"{stem}{SUFFIX}{budget_suffix(h, budget)}" / "eval.json"
         if not (pb.is_file() and pa.is_file()):
             continue
         before, after = json.loads(pb.read_text()), json.loads(pa.read_text())
@@ -149,7 +183,7 @@ def heal_rows(wd) -> list[dict]:
                      "retrieval_before": _retrieval(before), "retrieval_after": _retrieval(after),
                      "gap_closed_by_heal": (lb - la) / gap if (gap is not None and la is not None and gap > 1e-9) else None,
                      "kl_first": after["heal"]["first_loss"], "kl_final": after["heal"]["final_loss"]})
-    return rows
+    return sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], r["long_ratio_after"] or 0))
 
 
 def format_heal(wd) -> str:
@@ -161,7 +195,7 @@ def format_heal(wd) -> str:
              "| sparsity | method | heal tokens | long PPL ratio before → after | short PPL ratio after | "
              "retrieval before → after | gap closed by healing | heal KL first → last |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sparsity"], r["long_ratio_after"] or 0)):
+    for r in rows:
         lines.append(f"| {r['sparsity']} | {r['method']} | {r['tokens']:,} | {f(r['long_ratio_before'])} → "
                      f"{f(r['long_ratio_after'])} | {f(r['short_ratio_after'])} | {f(r['retrieval_before'], 2)} → "
                      f"{f(r['retrieval_after'], 2)} | {f(r['gap_closed_by_heal'], 2)} | {f(r['kl_first'], 4)} → "

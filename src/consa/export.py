@@ -220,12 +220,18 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
 
     A head-wise export gets its allocation applied (``attn_implementation="consa"``); serve it with
     ``consa.attention.cache.generate`` or ``model.generate(..., past_key_values=HybridCache(model))``.
-    A native export loads as stock transformers would load it.
+    A native export loads as stock transformers would load it. The output of a LoRA heal without merge
+    (``consa heal --lora R --no-merge``) loads as its base model + allocation + adapter (PEFT).
     """
     from transformers import AutoModelForCausalLM
 
     from .models import apply_allocation, model_shape
 
+    p = Path(path)
+    if not (p / "config.json").is_file() and any((d / "adapter_config.json").is_file() for d in (p / "adapter", p)):
+        from .train.heal import load_unmerged
+
+        return load_unmerged(p, dtype=dtype, device=device, backend=backend)
     cfg, section, alloc = read_export(path)
     kwargs = {"local_files_only": True, "output_loading_info": True, "dtype": dtype}
     try:

@@ -53,13 +53,69 @@ class HardConcreteGates(nn.Module):
     def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.sample(generator) if self.training else self.deterministic()
 
-    def prob_nonzero(self) -> torch.Tensor:
-        """P(z_u ≠ 0) = σ(log α − β·log(−γ/ζ)): the probability that unit u keeps any full attention."""
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+    def prob_nonzero(self, shift: float = 0.0) -> torch.Tensor:
+        """P(z_u ≠ 0) = σ(log α + shift − β·log(−γ/ζ)): the probability that unit u keeps any full
+        attention (``shift``: as if every log α were moved by it, for the controller's solver)."""
+        return torch.sigmoid(self.log_alpha + shift - self.beta * math.log(-self.gamma / self.zeta))
 
-    def expected_sparsity(self) -> torch.Tensor:
+    def expected_sparsity(self, shift: float = 0.0) -> torch.Tensor:
         """ŝ = 1 − mean_u P(z_u ≠ 0): the expected share of SWA units."""
-        return 1.0 - self.prob_nonzero().mean()
+        return 1.0 - self.prob_nonzero(shift).mean()
+
+
+class SpanGates(HardConcreteGates):
+    """Per unit, a chain of K − 1 hard-concrete gates over a span menu of K options (narrowest first,
+    widest, usually full attention, last): z_{u,j} ≠ 0 means "unit u sees wider than option j".
+
+    The unit's output mixes the options' outputs with weights w_k = P_k − P_{k+1}, P_k = Π_{j<k} z_j
+    (P_0 = 1, P_K = 0): a convex mix that is one option exactly when the gates are binary, and
+    the two-option menu {W, full} reduces to ConSA's single gate (w = [1 − z, z]). The chain makes a
+    wider span cost a gate more than a narrower one, so the budget pushes units down one step at a
+    time. ``expected_sparsity`` is the expected *saving* 1 − E[cost] / cost on full attention, with
+    ``costs`` [units, K] the options' shares of the full-attention total: the controller drives it to
+    1 − budget exactly as it drives ConSA's share of SWA units (same solver, same settling)."""
+
+    def __init__(self, costs: torch.Tensor, init_log_alpha: float = 3.0, **kw):
+        costs = torch.as_tensor(costs, dtype=torch.float32)
+        if costs.dim() != 2 or costs.shape[1] < 2:
+            raise ValueError("costs must be [units, options] with at least two options")
+        super().__init__(costs.shape[0], init_log_alpha, **kw)
+        self.log_alpha = nn.Parameter(torch.full((costs.shape[0], costs.shape[1] - 1), float(init_log_alpha)))
+        self.register_buffer("costs", costs)
+
+    @property
+    def num_units(self) -> int:
+        return self.log_alpha.shape[0]
+
+    @staticmethod
+    def weights(z: torch.Tensor) -> torch.Tensor:
+        """Chain gate values [U, K − 1] → option weights [U, K] (each row sums to 1)."""
+        ones = z.new_ones(z.shape[0], 1)
+        reach = torch.cat([ones, torch.cumprod(z, dim=1), z.new_zeros(z.shape[0], 1)], dim=1)  # P_0 … P_K
+        return reach[:, :-1] - reach[:, 1:]
+
+    def level_probs(self, shift: float = 0.0) -> torch.Tensor:
+        """P(unit u takes option k) [U, K] under independent gates."""
+        return self.weights(self.prob_nonzero(shift))
+
+    def expected_sparsity(self, shift: float = 0.0) -> torch.Tensor:
+        return 1.0 - (self.level_probs(shift) * self.costs).sum()
+
+    def reach_probs(self) -> torch.Tensor:
+        """P(unit u takes option k or a wider one) [U, K] (column 0 is 1)."""
+        p = self.prob_nonzero()
+        return torch.cat([p.new_ones(p.shape[0], 1), torch.cumprod(p, dim=1)], dim=1)
+
+    def option_scores(self) -> torch.Tensor:
+        """The values of the budgeted assignment [U, K]: option k is worth Σ_{j=1..k} P(reach j), each
+        step up floored at 1e-6. Every step up is worth something, so the assignment spends the budget
+        as ConSA's top-k spends its count, and the units most likely to be wide get the width first."""
+        reach = self.reach_probs()[:, 1:].clamp_min(1e-6)
+        return torch.cat([reach.new_zeros(reach.shape[0], 1), torch.cumsum(reach, dim=1)], dim=1)
+
+    def most_likely(self) -> torch.Tensor:
+        """Each unit's most likely option [U] (for the agreement with the assignment)."""
+        return self.level_probs().argmax(1)
 
 
 def topk_swa(scores: torch.Tensor, num_swa: int) -> list[bool]:

@@ -144,16 +144,19 @@ def _set_impl(model, impl: str) -> None:
         model.config._attn_implementation = impl
 
 
-def attach_gates(model, window: int, sinks: int = 0, backend: str = "auto", reopen_native: bool = False) -> GateMix:
+def attach_gates(model, window: int, sinks: int = 0, backend: str = "auto", reopen_native: bool = False,
+                 menu: tuple | None = None) -> GateMix:
     """Put every searched layer in gate mode; the returned GateMix's ``z`` ([layers, kv_heads]) drives
-    the mix. Native sliding layers keep their own window (a fixed plan) unless ``reopen_native``."""
+    the mix (None: full attention). With a span ``menu`` z is [layers, kv_heads, options] weights.
+    Native sliding layers keep their own window (a fixed plan) unless ``reopen_native``."""
     mix = GateMix()
     shape = model_shape(model)
     native = searchable_native(model, reopen_native)
     for mod in attention_modules(model):
         w = native[mod.layer_idx]
         if w is None:
-            mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, window, sinks, "gate", gate_mix=mix, backend=backend)
+            mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, window, sinks, "gate", gate_mix=mix, backend=backend,
+                                       menu=tuple(menu) if menu is not None else None)
         else:
             mod.consa_plan = LayerPlan(mod.layer_idx, shape.num_kv_heads, w, 0, "fixed", backend=backend)
     _set_impl(model, NAME)

@@ -94,10 +94,32 @@ def _f(v, digits=3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _spans_cell(r: dict) -> str:
+    """The window, or the SWA spans of an allocation with several (per-unit spans, issue 16)."""
+    spans = (r.get("allocation_stats") or {}).get("spans") or []
+    return ",".join(map(str, spans)) if len(spans) > 1 else str(r.get("window", "–"))
+
+
+def _kv_share(r: dict) -> float | None:
+    """KV the row's allocation holds at the run's longest context, as a share of full attention's."""
+    if r.get("allocation") is None:
+        return None if "(ref)" in str(r.get("label")) and "all-SWA" in str(r.get("label")) else 1.0
+    cfg = r.get("config") or {}
+    ctx = max([*(cfg.get("lengths") or []), cfg.get("ppl_length") or 0])
+    if not ctx:
+        return None
+    from .allocation import Allocation
+
+    try:
+        return Allocation.from_dict(r["allocation"]).kv_share(int(ctx))
+    except ConsaError:
+        return None
+
+
 def comparison_table(rows: Sequence[dict]) -> str:
     """One markdown table of the headline numbers of each row."""
     tasks = sorted({t for r in rows for t in (r["summary"].get("retrieval") or {})})
-    head = ["run", "granularity", "sparsity", "W", "PPL", "short PPL", "long PPL", "long NLL", "Δ long NLL", "gap closed"]
+    head = ["run", "granularity", "sparsity", "W / spans", "KV share", "PPL", "short PPL", "long PPL", "long NLL", "Δ long NLL", "gap closed"]
     head += [f"{t} acc" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
@@ -107,7 +129,8 @@ def comparison_table(rows: Sequence[dict]) -> str:
             str(r.get("label")),
             str(s.get("granularity") or "–"),
             _f(s.get("sparsity")),
-            str(r.get("window", "–")),
+            _spans_cell(r),
+            _f(_kv_share(r), 3),
             _f(s.get("overall_ppl"), 2),
             _f(s.get("short_ppl"), 2),
             _f(s.get("long_ppl"), 2),

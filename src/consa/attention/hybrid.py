@@ -90,6 +90,7 @@ class LayerPlan:
     backend: str = "auto"
 
     windows: tuple[int | None, ...] | None = None  # per KV head when SWA heads differ in span, else None
+    menu: tuple[int | None, ...] | None = None  # gate mode over a span menu (None = full): z is [H_kv, K] weights
 
     @classmethod
     def from_allocation(cls, alloc, layer: int, backend: str = "auto") -> "LayerPlan":
@@ -209,8 +210,19 @@ def _plan_from_config(module) -> LayerPlan | None:
 
 
 def _gate_mix(plan, q, k, v, mask, scale, dropout):
-    z = plan.gate_mix.z[plan.layer]  # [H_kv]
+    """z = None (a teacher pass) is full attention; a span menu mixes one output per option."""
+    if plan.gate_mix.z is None:
+        return attention(q, k, v, scale=scale, mask=mask, dropout=dropout)
+    z = plan.gate_mix.z[plan.layer]  # [H_kv], or [H_kv, K] option weights over plan.menu
     group = q.shape[1] // k.shape[1]
+    if plan.menu is not None:
+        out = None
+        for j, span in enumerate(plan.menu):
+            wq = z[:, j].repeat_interleave(group).to(q.dtype).view(1, -1, 1, 1)
+            o = attention(q, k, v, scale=scale, mask=mask, dropout=dropout) if span is None else attention(
+                q, k, v, scale=scale, mask=mask, window=span, sinks=plan.sinks, dropout=dropout, backend=plan.backend)
+            out = wq * o if out is None else out + wq * o
+        return out
     zq = z.repeat_interleave(group).to(q.dtype).view(1, -1, 1, 1)
     full = attention(q, k, v, scale=scale, mask=mask, dropout=dropout)
     swa = attention(q, k, v, scale=scale, mask=mask, window=plan.window, sinks=plan.sinks, dropout=dropout, backend=plan.backend)

@@ -134,7 +134,8 @@ def run(args) -> int:
         print(f"healed {heal.step} steps ({heal.step * args.batch_size * cfg.seq_len:,} tokens) under "
               f"{alloc.num_swa}/{alloc.num_units} SWA {alloc.granularity} units: loss {first:.4f} -> {last:.4f}")
         if cfg.lora_rank and not cfg.merge:
-            print(f"wrote the LoRA adapter {args.out}/adapter (for {args.model}; allocation in {args.out}/allocation.json)")
+            print(f"wrote the LoRA adapter {args.out}/adapter (for {args.model}; allocation in {args.out}/allocation.json; "
+                  f"consa.load('{args.out}') applies both to that model)")
         else:
             print(f"wrote {args.out} (consa.load('{args.out}'); consa eval --model {args.out} scores its stored allocation)")
     return 0

@@ -18,8 +18,19 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="learn which units keep full attention (ConSA)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--sparsity", type=open_fraction, required=True, help="share t of units that become SWA, in (0, 1)")
-    p.add_argument("--window", type=positive_int, required=True, help="sliding window W (tokens, self included)")
+    p.add_argument("--sparsity", type=open_fraction, default=None,
+                   help="share t of units that become SWA, in (0, 1) (or give --kv-budget)")
+    p.add_argument("--kv-budget", type=open_fraction, default=None, metavar="B",
+                   help="instead of --sparsity: the KV cache held at --budget-context tokens must fit in this share of full "
+                        "attention's (sinks included); the search drives its expected KV to the budget and the final "
+                        "assignment is exact")
+    p.add_argument("--budget-context", type=positive_int, default=None,
+                   help="context (tokens) at which --kv-budget is measured (default: --seq-len)")
+    p.add_argument("--spans", default=None, metavar="MENU",
+                   help="with --kv-budget: each unit picks its span from this menu, e.g. 128,512,2048,full "
+                        "(default: --window or full)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="sliding window W (tokens, self included); required unless --spans gives a menu")
     p.add_argument("--granularity", default="kv_head", help="kv_head or layer")
     p.add_argument("--sinks", type=nonneg_int, default=0, help="attention-sink tokens always visible to SWA units")
     p.add_argument("--reopen-native", action="store_true",
@@ -93,6 +104,7 @@ def run(args) -> int:
         refine_evals=args.refine_evals, reopen_native=args.reopen_native,
         gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init=args.init, init_steps=args.init_steps,
         decide_weight=args.decide_weight, decide_frac=args.decide_frac,
+        kv_budget=args.kv_budget, budget_context=args.budget_context, spans=args.spans,
     )
     cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
     under_torchrun, world = D.world_from_args(args.nproc, args.batch_size)
@@ -133,7 +145,12 @@ def run(args) -> int:
             print(f"kept the model's native sliding window {native} on layers "
                   f"{[i for i, w in enumerate(st['native_windows']) if w is not None]} ({st['fixed_units']} units, not "
                   f"searched); the sparsity counts the {st['units']} other units (--reopen-native searches all)")
-        print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
-              f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
+        if len(st["spans"]) > 1 or cfg.kv_budget is not None:
+            ctx = cfg.budget_context or cfg.seq_len
+            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA, spans {st['spans']}; KV at "
+                  f"{ctx} tokens = {alloc.kv_share(ctx):.4f} of full attention (budget {cfg.kv_budget})")
+        else:
+            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
+                  f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
         print(f"wrote {args.out}/allocation.json")
     return 0

@@ -45,6 +45,9 @@ class EvalConfig:
     digits: int = 5  # digits of passkeys / values: fewer make retrieval easier for small base models
     haystack: str | None = None  # the user's text (file or directory) for passkey/multikey; None: stdlib text
     window: int | None = None  # default: the allocation's window (required without an allocation)
+    # keep the allocation's spans and use ``window`` only for the short/long split and all-SWA (budget
+    # comparisons: rows of other spans on one split); allocations with several spans always keep theirs
+    keep_spans: bool = False
     sinks: int | None = None  # default: the allocation's sinks, else 0
     corpus: str | None = None  # token-shard corpus for perplexity (None: no perplexity)
     split: str = "validation"
@@ -135,11 +138,12 @@ def evaluate(
     shape = model_shape(model)
     if allocation is not None:
         allocation.check_matches(shape)
-        if cfg.window is not None and cfg.window != allocation.window:
+        keep = cfg.keep_spans or allocation.multi_span
+        if cfg.window is not None and cfg.window != allocation.window and not keep:
             allocation = allocation.with_window(cfg.window)
         if cfg.sinks is not None and cfg.sinks != allocation.sinks:
             allocation = allocation.with_window(allocation.window, cfg.sinks)
-        window, sinks = allocation.window, allocation.sinks
+        window, sinks = (cfg.window if keep and cfg.window is not None else allocation.window), allocation.sinks
     else:
         if cfg.window is None:
             raise ConsaError("a window is needed (short/long-range split and the all-SWA check): pass --window W")

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConsaError
 
-_COMPAT_KEYS = ("sparsity", "window", "seq_len", "granularity", "sinks", "steps", "train_weights", "controller", "seed")
+_COMPAT_KEYS = ("sparsity", "window", "seq_len", "granularity", "sinks", "steps", "train_weights", "controller", "seed",
+                "kv_budget", "budget_context", "spans")
 _CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "tie_word_embeddings")
 

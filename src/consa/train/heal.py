@@ -20,7 +20,8 @@ Output: ``out`` becomes a head-wise consa export (``export.export``, mode ``head
 config.json, heads reordered FA-first) that ``consa.load``, ``consa eval`` (which scores the stored
 allocation) and ``consa export`` take, plus ``allocation.json`` (in the export's head order), ``heal.json`` and
 ``metrics.jsonl``. A LoRA run with ``merge=False`` writes the PEFT adapter (``out/adapter``) instead of
-a model, for the original model and head order.
+a model, for the original model and head order; ``heal.json`` names the base model directory, so
+``consa.load(out)`` (:func:`load_unmerged`) rebuilds the healed model from the two.
 """
 
 from __future__ import annotations
@@ -288,8 +289,9 @@ class Heal:
         summary = {"config": asdict(self.cfg), "seconds": round(seconds, 2), "steps_done": self.step,
                    "first": self.history[0] if self.history else None, "final": self.history[-1] if self.history else None,
                    "allocation": {k: st[k] for k in ("granularity", "units", "swa_units", "window", "sinks")},
-                   "source_model": str(self.source_dir) if self.source_dir else None, "model_fingerprint": self.fingerprint,
-                   "world_size": self.dist.world_size}
+                   # absolute: load_unmerged finds the base from any working directory
+                   "source_model": str(Path(self.source_dir).resolve()) if self.source_dir else None,
+                   "model_fingerprint": self.fingerprint, "world_size": self.dist.world_size}
         if self.cfg.lora_rank and not self.cfg.merge:
             adapter = out / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
@@ -377,6 +379,46 @@ class Heal:
             self.history = [json.loads(ln) for ln in keep]
             if self.dist.is_main:
                 atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+
+
+def load_unmerged(path, *, dtype=None, device=None, backend: str = "auto"):
+    """The healed model of a ``merge=False`` LoRA heal (its output folder, or the adapter folder in it): the
+    base model ``heal.json`` names, the stored allocation applied, then the adapter (a ``PeftModel``;
+    ``merge_and_unload()`` gives a plain model). Same order as :class:`Heal` (allocation, then PEFT), so
+    the logits are the merged output's."""
+    from ..export import ExportError
+    from ..export import load as load_export
+    from ..files import read_json
+
+    p = Path(path)
+    out, adapter = (p, p / "adapter") if (p / "adapter" / "adapter_config.json").is_file() else (p.parent, p)
+    record = out / "heal.json"
+    if not record.is_file():
+        raise ExportError(f"{p} holds a PEFT adapter but no consa heal record ({record}): load its base model and "
+                          "apply the adapter with peft")
+    base = (read_json(record, "heal record", ExportError) or {}).get("source_model")
+    if not base:
+        raise ExportError(f"{record} names no base model directory (the heal was given a model in memory): load the "
+                          f"base model and apply {adapter} with peft")
+    if not Path(base).is_dir():
+        raise ExportError(f"the base model directory {base} named in {record} no longer exists (the adapter in "
+                          f"{adapter} needs it)")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ExportError(f"loading the LoRA adapter {adapter} needs PEFT: pip install 'consa[peft]'") from None
+    alloc = Allocation.load(out / "allocation.json")
+    model = load_export(base, dtype=dtype, backend=backend)
+    alloc.check_matches(model_shape(model))
+    apply_allocation(model, alloc, backend=backend)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load the adapter {adapter} onto {base}: {first}") from None
+    if device:
+        model.to(device)
+    return model.eval()
 
 
 def heal(model, allocation, batches, out, *, steps: int | None = None, tokens: int | None = None, seq_len: int | None = None,

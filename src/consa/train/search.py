@@ -29,11 +29,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..allocation import Allocation, check_granularity, check_sparsity, swa_count
+from ..allocation import Allocation, AllocationError, check_granularity, check_sparsity, swa_count
+from .. import budget as B
 from ..files import atomic_path, atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
-from ..gates import HardConcreteGates, cut_agreement, topk_swa
+from ..gates import HardConcreteGates, SpanGates, cut_agreement, topk_swa
 from ..models import attach_gates, model_shape, native_plans, native_windows, searchable_native
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
@@ -45,8 +46,8 @@ BatchFn = Callable[[int], dict]
 
 @dataclass
 class SearchConfig:
-    sparsity: float
-    window: int
+    sparsity: float | None  # share of SWA units; or None with a kv_budget
+    window: int | None  # the SWA window; None with a span menu (each unit picks from ``spans``)
     seq_len: int
     granularity: str = "kv_head"
     sinks: int = 0
@@ -82,10 +83,54 @@ class SearchConfig:
     init_spread: float = 2.0
     decide_weight: float = 0.0  # weight of mean P(1−P) in the last decide_frac of `steps`
     decide_frac: float = 0.25
+    # issue 16, a budget in KV bytes instead of a share of units (``budget.py``): KV held at
+    # budget_context (default: seq_len) <= kv_budget of full attention's. Each unit picks one option of
+    # ``spans`` (e.g. "128,512,2048,full"); without spans, the one window W and full.
+    kv_budget: float | None = None
+    budget_context: int | None = None
+    spans: str | None = None
+
+    def menu(self) -> tuple | None:
+        """The span menu of a multi-option search, None for a single window (spans left out or (W, full))."""
+        if self.spans is None:
+            return None
+        menu = B.parse_menu(self.spans)
+        return None if len(menu) == 2 and menu[1] is None else menu
 
     def validate(self) -> None:
-        check_sparsity(self.sparsity)
+        if (self.sparsity is None) == (self.kv_budget is None):
+            raise ConsaError("a sparsity (--sparsity, share of SWA units) or a KV budget (--kv-budget) is required: give exactly one")
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+        if self.kv_budget is not None and not 0.0 < self.kv_budget < 1.0:
+            raise ConsaError(f"the KV budget must be strictly between 0 and 1 of full attention, got {self.kv_budget}")
+        if self.budget_context is not None and (not isinstance(self.budget_context, int) or self.budget_context < 1):
+            raise ConsaError(f"the budget context must be an integer >= 1, got {self.budget_context!r}")
+        if self.spans is not None:
+            try:
+                menu = B.parse_menu(self.spans)
+            except AllocationError as e:
+                raise ConsaError(str(e)) from None
+            if self.kv_budget is None:
+                raise ConsaError("a span menu needs a KV budget (--kv-budget): the sparsity counts units, not spans")
+            if self.menu() is None:  # (W, full): the single-window search under a budget
+                if self.window is not None and self.window != menu[0]:
+                    raise ConsaError(f"--window {self.window} and the span menu {self.spans} disagree")
+                self.window = menu[0]
+            if self.menu() is not None:
+                too_long = [s for s in menu if s is not None and s >= self.seq_len]
+                if too_long:
+                    raise ConsaError(f"spans {too_long} are not shorter than the training sequence length {self.seq_len}: "
+                                     "the search cannot tell them from full attention")
+                if self.window is not None and self.window not in menu:
+                    raise ConsaError(f"--window {self.window} is not in the span menu {self.spans}")
+                self.window = max(s for s in menu if s is not None)
+                for name, bad in (("refine_evals", self.refine_evals), ("init", self.init != "constant")):
+                    if bad:
+                        raise ConsaError(f"{name} works with a single window only, not with a span menu")
         check_granularity(self.granularity)
+        if self.window is None:
+            raise ConsaError("a window is required (--window), unless a span menu (--spans) gives the options")
         if not isinstance(self.window, int) or self.window < 1:
             raise ConsaError(f"window must be an integer >= 1, got {self.window!r}")
         if self.window >= self.seq_len:
@@ -214,6 +259,18 @@ def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
     return loss, task
 
 
+def units_to_heads(z: torch.Tensor, granularity: str, shape, free_layers: list[int]) -> torch.Tensor:
+    """Gate values of the searched units ([U] or [U, options]) → [layers, kv_heads(, options)] (layers
+    not in ``free_layers``, the fixed ones, read none: 0 there)."""
+    h = shape.num_kv_heads
+    tail = tuple(z.shape[1:])
+    rows = z.view(-1, 1, *tail).expand(-1, h, *tail) if granularity == "layer" else z.view(-1, h, *tail)
+    if len(free_layers) == shape.num_layers:
+        return rows
+    idx = torch.tensor(free_layers, device=rows.device)
+    return rows.new_zeros(shape.num_layers, h, *tail).index_copy(0, idx, rows)
+
+
 class Search:
     """One ConSA search; ``run`` returns the Allocation and writes it under ``out_dir``.
 
@@ -236,7 +293,8 @@ class Search:
         self.reopened = trained if cfg.reopen_native and any(w is not None for w in trained) else None
         self.free_layers = [i for i, w in enumerate(self.native) if w is None]
         self.n_units = len(Allocation.free_units(self.native, cfg.granularity, self.shape.num_kv_heads))
-        self.num_swa = swa_count(cfg.sparsity, self.n_units)
+        self.budget, target = self._budget()
+        self.num_swa = swa_count(target, self.n_units) if self.budget is None else None
         self.init_scores, self.init_tokens = None, 0
         if cfg.init != "constant":  # on the bare model, before anything is attached
             if self.dist.enabled:
@@ -247,7 +305,8 @@ class Search:
         if cfg.train_weights != "none":
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = self._prepare_student(model)
-        self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend, reopen_native=cfg.reopen_native)
+        self.mix = attach_gates(self.model, cfg.window, cfg.sinks, backend=cfg.backend, reopen_native=cfg.reopen_native,
+                                menu=self.budget.menu if self.budget is not None else None)
         if self.dist.enabled:
             from .distributed import shard_pair
 
@@ -257,7 +316,10 @@ class Search:
             self.device = self.dist.device
         else:
             self.device = next(model.parameters()).device
-        self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
+        if self.budget is None:
+            self.gates = HardConcreteGates(self.n_units, cfg.init_log_alpha).to(self.device)
+        else:
+            self.gates = SpanGates(torch.tensor(self.budget.unit_cost_shares()), cfg.init_log_alpha).to(self.device)
         if self.init_scores is not None:
             with torch.no_grad():
                 self.gates.log_alpha.copy_(schedules.rank_init(self.init_scores, cfg.init_log_alpha, cfg.init_spread))
@@ -266,7 +328,7 @@ class Search:
         weights = [p for p in self.model.parameters() if p.requires_grad]
         self.wopt = torch.optim.Adam([{"params": weights, "lr": cfg.weight_lr}]) if weights else None
         warmup = int(round(cfg.warmup_frac * cfg.steps))
-        self.controller = SparsityController(ControllerConfig(cfg.sparsity, warmup, cfg.controller))
+        self.controller = SparsityController(ControllerConfig(target, warmup, cfg.controller))
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -274,16 +336,29 @@ class Search:
     def _prepare_student(self, model):
         return prepare_student(model, self.cfg.train_weights, self.cfg.lora_rank)
 
+    def _budget(self):
+        """(the span problem of a multi-option search or None, the controller's target): a share of SWA
+        units, or under a KV budget the saving 1 − budget (spans) or the unit share that meets it."""
+        cfg = self.cfg
+        if cfg.kv_budget is None:
+            return None, cfg.sparsity
+        menu = cfg.menu() or (cfg.window, None)
+        try:
+            prob = B.problem(self.shape, cfg.granularity, menu, cfg.kv_budget, cfg.budget_context or cfg.seq_len,
+                             cfg.sinks, self.native)
+        except AllocationError as e:
+            raise ConsaError(str(e)) from None
+        if cfg.menu() is not None:
+            return prob, prob.saving_target()
+        k = B.swa_units_for_budget(prob)
+        if k >= self.n_units:
+            raise ConsaError(f"a KV budget of {cfg.kv_budget:g} leaves no unit on full attention at window {cfg.window}: "
+                             "use a smaller window, a span menu (--spans), or a larger budget")
+        return None, k / self.n_units
+
     # ---- one step -----------------------------------------------------------------------------
     def _unit_to_heads(self, z: torch.Tensor) -> torch.Tensor:
-        """Gate values of the searched units → [layers, kv_heads] (fixed layers read none: 0 there)."""
-        h = self.shape.num_kv_heads
-        rows = z.view(-1, 1).expand(-1, h) if self.cfg.granularity == "layer" else z.view(-1, h)
-        if len(self.free_layers) == self.shape.num_layers:
-            return rows
-        if getattr(self, "_free_idx", None) is None or self._free_idx.device != rows.device:  # once, not every step
-            self._free_idx = torch.tensor(self.free_layers, device=rows.device)
-        return rows.new_zeros(self.shape.num_layers, h).index_copy(0, self._free_idx, rows)
+        return units_to_heads(z, self.cfg.granularity, self.shape, self.free_layers)
 
     def _teacher_logits(self, batch):
         if self.reopened is None:
@@ -295,7 +370,7 @@ class Search:
         with torch.no_grad():
             if self.teacher is not None:
                 return forward_logits(self.teacher, batch)
-            self.mix.z = torch.ones(self.shape.num_layers, self.shape.num_kv_heads, device=self.device)
+            self.mix.z = None  # full attention, without computing the SWA outputs
             if not (self.dist.enabled and hasattr(self.model, "set_reshard_after_forward")):
                 return forward_logits(self.model, batch)
             # Sharded: keep each layer gathered after the teacher pass, so the student pass that
@@ -317,7 +392,7 @@ class Search:
         teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
         opts = self._apply_schedules(step)
         z = self.gates.sample(self.gen)
-        self.mix.z = self._unit_to_heads(z)
+        self.mix.z = self._unit_to_heads(z if self.budget is None else SpanGates.weights(z))
         logits = forward_logits(self.model, batch)
         loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)  # one process: world size 1
         if not math.isfinite(task):
@@ -343,7 +418,11 @@ class Search:
             self._sync_replicated()
         with torch.no_grad():
             s_after = float(self.gates.expected_sparsity())
-            hard = float((self.gates.prob_nonzero() < 0.5).float().mean())
+            if self.budget is None:
+                hard = float((self.gates.prob_nonzero() < 0.5).float().mean())
+            else:  # the saving of every unit's most likely option
+                probs = self.gates.level_probs()
+                hard = 1.0 - float(self.gates.costs.gather(1, probs.argmax(1, keepdim=True)).sum())
         rec = {
             "step": step, "loss": task, "expected_sparsity": s_after, "hard_sparsity": hard,
             "target": self.controller.target_at(step), "lambda1": self.controller.lambda1,
@@ -375,9 +454,10 @@ class Search:
     def _sync_replicated(self) -> None:
         """Broadcast rank 0's gates and multiplier (N + 2 floats): replicas cannot drift by rounding."""
         la = self.gates.log_alpha
-        buf = torch.cat([la.detach().double(), la.new_tensor([self.controller.lambda1, self.controller.last_shift], dtype=torch.float64)])
+        buf = torch.cat([la.detach().double().flatten(),
+                         la.new_tensor([self.controller.lambda1, self.controller.last_shift], dtype=torch.float64)])
         self.dist.broadcast_(buf)
-        la.copy_(buf[:-2].to(la.dtype))
+        la.copy_(buf[:-2].view_as(la).to(la.dtype))
         self.controller.lambda1, self.controller.last_shift = float(buf[-2]), float(buf[-1])
 
     # ---- whole run ----------------------------------------------------------------------------
@@ -436,6 +516,8 @@ class Search:
                    "refine": self.refined.summary() if self.refined is not None else None}
         if self.cfg.init != "constant":
             summary["init_tokens"] = self.init_tokens
+        if self.budget is not None or self.cfg.kv_budget is not None:
+            summary["kv_share"] = alloc.kv_share(self.cfg.budget_context or self.cfg.seq_len)
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc
@@ -458,8 +540,12 @@ class Search:
         return True
 
     def cut_agreement(self) -> float:
-        """How far the top-k cut of the current gates only confirms their own decisions (``gates.cut_agreement``)."""
+        """How far the top-k cut of the current gates only confirms their own decisions (``gates.cut_agreement``);
+        with a span menu, the share of units whose most likely option is the one the budgeted assignment gives."""
         with torch.no_grad():
+            if self.budget is not None:
+                picks = B.assign(self.gates.option_scores().double().cpu().tolist(), self.budget.costs, self.budget.budget)
+                return float((self.gates.most_likely().cpu() == torch.tensor(picks)).float().mean())
             return cut_agreement(self.gates.prob_nonzero(), topk_swa(self.gates.log_alpha, self.num_swa))
 
     # held-out batches for refinement: steps the search never reaches (batch_fn is pure in the step)
@@ -499,8 +585,14 @@ class Search:
         return self.refined
 
     def allocation(self) -> Allocation:
+        if self.budget is not None:
+            meta = {"method": f"consa-{self.cfg.granularity}", "kv_budget_target": self.cfg.kv_budget,
+                    "log_alpha": [[round(float(x), 4) for x in row] for row in self.gates.log_alpha.detach().cpu()],
+                    "steps": self.step, "seed": self.cfg.seed}
+            return B.budget_allocation(self.budget, self.gates.option_scores().double().cpu().tolist(), self.cfg.granularity,
+                                       self.shape, self.cfg.sinks, meta, native=self.native)
         fa = self.refined.fa if self.refined is not None else topk_swa(self.gates.log_alpha, self.num_swa)
-        meta = {"method": f"consa-{self.cfg.granularity}", "sparsity_target": self.cfg.sparsity,
+        meta = {"method": f"consa-{self.cfg.granularity}", "sparsity_target": self.cfg.sparsity if self.cfg.sparsity is not None else self.num_swa / self.n_units,
                 "log_alpha": [round(float(x), 4) for x in self.gates.log_alpha.detach().cpu()], "steps": self.step,
                 "seed": self.cfg.seed}
         if self.refined is not None:
