@@ -336,3 +336,22 @@ def test_cli_bad_budget_input_is_one_line_and_writes_nothing(model_dir, tmp_path
     rc = main(["search", "--model", str(model_dir), "--seq-len", "48", "--steps", "2", "--no-progress", "--out", str(out), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and match in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("kv, sinks", [(2, 0), (2, 3), (1, 1)])
+def test_measured_kv_bytes_equal_the_cost_model(kv, sinks):
+    """What the budget stage reports is read from the cache after a prefill, and equals kv_slots."""
+    from consa.eval.kv_cost import measure
+
+    model = tiny_model("qwen3", num_layers=4, num_kv_heads=kv)
+    shape = model_shape(model)
+    spans = [3, None, 6, 12, 12, 3, None, 6][: shape.num_layers * kv]
+    alloc = Allocation.from_spans(spans, "kv_head", shape, sinks=sinks)
+    head_dim = model.config.head_dim
+    full = measure(model, None, 37, decode_tokens=2, warmup=0)
+    got = measure(model, alloc, 37, decode_tokens=2)
+    per_slot = 2 * head_dim * 4  # keys and values, fp32
+    assert full["kv_bytes"] == 37 * shape.num_layers * kv * per_slot
+    assert got["kv_bytes"] == alloc.kv_slots(37) * per_slot
+    assert got["kv_bytes"] / full["kv_bytes"] == pytest.approx(alloc.kv_share(37))
+    assert got["prefill_s"] > 0 and got["decode_s_per_token"] > 0 and got["warmup"] == 1
