@@ -11,6 +11,9 @@ copy bandwidth measured in the same run. For B > 1 the cache is filled with rand
 does not depend on their values) instead of B real prefills.
 
     PYTHONPATH=src python benchmarks/serving.py --out $OUT/serving.json
+    # equal KV bytes: one window vs per-head spans vs full (issue 16), 0.6B shape at 32K
+    PYTHONPATH=src python benchmarks/serving.py --shapes 0.6b --contexts 32768 --batches 1,8,max \
+        --allocs budget:0.25:512/full,budget:0.25:512/2048/8192/full,full --out $OUT/budget-serving.json
 
 ``--profile`` adds a torch.profiler table of a few eager steps at the first point (what a step's time
 is made of). JSON goes to ``--out``; a table is printed last.
@@ -48,9 +51,23 @@ def build(shape: str):
     return model.eval()
 
 
-def allocation(model, spec: str) -> Allocation:
+def allocation(model, spec: str, context: int | None = None) -> Allocation:
+    """``full``, ``SHARE:W`` (SHARE% of every layer's KV heads FA, W for the rest) or ``budget:B:MENU``
+    (KV at ``context`` <= B of full attention's, each head on an option of MENU, '/'-separated, e.g.
+    ``budget:0.25:512/2048/8192/full``; the knapsack of ``consa.budget`` with seeded random increasing
+    values stands in for a learned allocation: same bytes, a spread of spans)."""
     shape = consa.model_shape(model)
     h = shape.num_kv_heads
+    if spec.startswith("budget:"):
+        import random
+
+        from consa import budget as B
+
+        _, share, menu = spec.split(":")
+        prob = B.problem(shape, "kv_head", B.parse_menu(menu.replace("/", ",")), float(share), int(context))
+        rng = random.Random(0)
+        values = [[sum(rng.random() for _ in range(k)) for k in range(len(prob.menu))] for _ in prob.costs]
+        return B.budget_allocation(prob, values, "kv_head", shape)
     if spec == "full":
         n_fa, window = h, 512
     else:
@@ -74,10 +91,8 @@ def kv_per_seq(model, alloc: Allocation, length: int) -> int:
     at that length reads (FA heads every slot, SWA heads their W + S ring: held = read)."""
     d = model.config.head_dim
     total = 0
-    for i in range(alloc.shape.num_layers):
-        n_fa = len(alloc.fa_heads(i))
-        n_sw = alloc.shape.num_kv_heads - n_fa
-        total += n_fa * length + n_sw * min(length, alloc.window + alloc.sinks)
+    for i in range(alloc.shape.num_layers):  # per head: FA every slot, SWA its own W + S ring
+        total += sum(length if hw is None else min(length, hw[0] + hw[1]) for hw in alloc.head_windows(i))
     return 2 * 2 * d * total  # keys and values, bf16
 
 
@@ -98,9 +113,15 @@ def copy_bandwidth(nbytes=1 << 32) -> float:
     return 2 * nbytes / (sorted(times)[len(times) // 2] * 1e-3)
 
 
+def static_layers(cache):
+    """Every single-window static layer (a multi-span layer's span groups included)."""
+    for layer in cache.layers:
+        yield from ([g[2] for g in layer.groups] if hasattr(layer, "groups") else [layer])
+
+
 def fill_random(engine, context: int) -> None:
     """Random keys in every buffer, the cache at ``context`` slots, random next tokens."""
-    for layer in engine.cache.layers:
+    for layer in static_layers(engine.cache):
         for buf in (layer.fa_keys, layer.fa_values, layer.swa_keys, layer.swa_values):
             if buf.numel():
                 buf.normal_()
@@ -131,7 +152,7 @@ def profile_steps(engine, steps=3) -> str:
 
 
 def run_point(model, shape, context, spec, batch, args, bw, prefill_s, report):
-    alloc = allocation(model, spec)
+    alloc = allocation(model, spec, context)
     consa.apply_allocation(model, alloc)
     wb = weight_bytes(model)
     max_len = context + args.steps + 8
@@ -144,7 +165,7 @@ def run_point(model, shape, context, spec, batch, args, bw, prefill_s, report):
     tok_s = batch * args.steps / sec
     read = wb + batch * kv_per_seq(model, alloc, context)
     limit = batch * bw / read
-    point = dict(shape=shape, context=context, alloc=spec, batch=batch, decode_tok_s=tok_s, step_ms=sec / args.steps * 1e3,
+    point = dict(shape=shape, context=context, alloc=spec, batch=batch, kv_share=alloc.kv_share(context), spans=alloc.spans(), decode_tok_s=tok_s, step_ms=sec / args.steps * 1e3,
                  prefill_s_b1=prefill_s, kv_bytes=engine.cache.stored_bytes(), weight_bytes=wb, bytes_read_per_step=read,
                  limit_tok_s=limit, pct_of_limit=100 * tok_s / limit, peak_mem_gib=torch.cuda.max_memory_allocated() / GIB)
     if args.profile and not report.get("profile"):
@@ -159,7 +180,7 @@ def run_point(model, shape, context, spec, batch, args, bw, prefill_s, report):
 
 
 def prefill_time(model, spec, context) -> float:
-    consa.apply_allocation(model, allocation(model, spec))
+    consa.apply_allocation(model, allocation(model, spec, context))
     engine = DecodeEngine(model, 1, context + 2, cuda_graphs=False)
     ids = torch.randint(3, 1000, (1, context), device="cuda")
     engine.prefill(ids[:, :512])  # warm-up (kernels compile)
@@ -174,7 +195,7 @@ def prefill_time(model, spec, context) -> float:
 
 
 def largest_batch(model, spec, context, mem_gib, steps) -> int:
-    alloc = allocation(model, spec)
+    alloc = allocation(model, spec, context)
     free = mem_gib * GIB - sum(p.numel() * p.element_size() for p in model.parameters()) - 4 * GIB  # workspace
     return max(1, int(free // kv_per_seq(model, alloc, context + steps + 8)))
 
@@ -192,7 +213,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="serving.json")
     args = ap.parse_args(argv)
-    bad = [a for a in args.allocs.split(",") if a != "full" and not (a.count(":") == 1 and all(x.isdigit() for x in a.split(":")))]
+    bad = [a for a in args.allocs.split(",") if a != "full" and not a.startswith("budget:")
+           and not (a.count(":") == 1 and all(x.isdigit() for x in a.split(":")))]
     bad += [s for s in args.shapes.split(",") if s not in SHAPES]
     bad += [b for b in args.batches.split(",") if b != "max" and not b.isdigit()]
     bad += [c for c in args.contexts.split(",") if not c.isdigit()]

@@ -166,7 +166,7 @@ def test_logits_and_cached_generation_equal_the_per_head_reference(family, kv, g
     torch.testing.assert_close(torch.cat(out, 1)[valid], ref[valid], atol=ATOL, rtol=0)
 
 
-def test_greedy_generate_matches_uncached_and_static_falls_back():
+def test_greedy_generate_matches_uncached_on_the_eager_and_the_static_path():
     model, alloc = _spans_model("qwen2", 4, 2, 1, SPANS_KV4)
     consa.apply_allocation(model, alloc)
     ids, mask, _ = _inputs(model.config.vocab_size, 2, 7, pad=2)
@@ -177,20 +177,56 @@ def test_greedy_generate_matches_uncached_and_static_falls_back():
     logits = _logits(model, out, fmask, (fmask.cumsum(-1) - 1).clamp(min=0))
     assert torch.equal(logits[:, 6:-1].argmax(-1), out[:, 7:])
     assert cache.stored_elements() == 2 * 2 * model.config.head_dim * alloc.kv_slots(7 + 8 - 1)
-    # the static cache serves one window per layer: a clear reason, and consa.generate takes the eager path
-    from consa.attention.static_cache import StaticHybridCache
+    # the static cache serves several spans per layer too (one ring per span group): same tokens
     from consa.serving import generate as serving
 
-    why = serving.static_supported(model, {})
-    assert why and "several spans [3, 5, 8]" in why
-    with pytest.raises(ValueError, match="one window per layer"):
-        StaticHybridCache(model, 32)
-    with pytest.raises(ValueError, match="several spans"):
-        serving.generate_static(model, ids[1:], max_new_tokens=3)
-    assert torch.equal(consa.generate(model, ids, **kw), out)
+    assert serving.static_supported(model, {}) is None
+    assert torch.equal(serving.generate_static(model, ids, cuda_graphs=False, **kw)[:, 7:], out[:, 7:])
+    assert torch.equal(consa.generate(model, ids, static=True, cuda_graphs=False, **kw)[:, 7:], out[:, 7:])
     many = consa.generate(model, [ids[1].tolist(), ids[1, :4].tolist()], max_new_tokens=3, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
+                          pad_token_id=0, eos_token_id=None, cuda_graphs=False)
     assert many[0] == out[1, 7:10].tolist() and len(many[1]) == 3
+
+
+@pytest.mark.parametrize("chunks", [[6], [5, 3], [1]])
+@pytest.mark.parametrize("family, kv, g, sinks, spans", [("qwen2", 4, 2, 1, SPANS_KV4), ("qwen3", 3, 3, 0, SPANS_KV3)])
+def test_static_cache_with_several_spans_equals_the_reference(chunks, family, kv, g, sinks, spans, one_thread):
+    """One ring per span group: prefill (one chunk, two, or token by token), then decode past every ring's
+    wrap; the logits of every real position equal the float64 per-head reference, and each group holds
+    exactly S + W (+ rollback) slots per SWA head."""
+    from consa.attention.static_cache import StaticHybridCache
+    from consa.attention.static_spans import StaticSpanGroupsLayer
+
+    model, alloc = _spans_model(family, kv, g, sinks, spans)
+    ids, mask, pos = _inputs(model.config.vocab_size, 2, 19, pad=3)
+    _ALLOC["alloc"] = alloc
+    model.set_attn_implementation("consa_spans_ref")
+    want = _logits(model, ids, mask, pos)
+    consa.apply_allocation(model, alloc)
+    cache = StaticHybridCache(model, 24, rollback=1)
+    got, start = [], 0
+    for n in chunks + [1] * (ids.shape[1] - sum(chunks)):
+        end = start + n
+        got.append(_logits(model, ids[:, start:end], mask[:, :end], pos[:, start:end], use_cache=True,
+                           **cache_kwargs(cache, model)))
+        start = end
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(got, 1)[valid], want[valid], atol=ATOL, rtol=0)
+    d = model.config.head_dim
+    for i, layer in enumerate(cache.layers):
+        heads = alloc.head_windows(i)
+        if len({hw[0] for hw in heads if hw is not None}) > 1:
+            assert isinstance(layer, StaticSpanGroupsLayer)
+        n_fa = sum(hw is None for hw in heads)
+        want_elems = 2 * 2 * d * (n_fa * 24 + sum(min(24, hw[1] + hw[0] + 1) for hw in heads if hw is not None))
+        assert layer.stored_elements() == want_elems
+    # crop rolls every group back alike; beyond the ring's rollback it is refused and nothing changes
+    cache.crop(-2)
+    assert cache.get_seq_length() == 17 and all(int(x.length) == 17 for layer in cache.layers
+                                                 for x in ([layer] if not hasattr(layer, "groups") else [g_[2] for g_ in layer.groups]))
+    with pytest.raises(RuntimeError, match="roll back"):
+        cache.crop(-5)
+    assert cache.get_seq_length() == 17
 
 
 def test_grouped_cache_rolls_back_drafts():
@@ -323,3 +359,21 @@ def test_heatmap_draws_a_colour_per_span_and_a_legend(tmp_path, monkeypatch):
     assert not figs[0].legends
     yellow = (np.abs(plt.imread(tmp_path / "o.png")[..., :3] - np.array(to_rgb("#f2c14e"))) < 0.02).all(-1).sum()
     assert yellow > 200
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_spans_decode_captures_one_graph_with_the_eager_tokens():
+    """On CUDA the multi-span static step (a write and a decode launch per span group) is captured as one
+    graph (a host sync inside would fail the capture) and gives the eager cache's greedy tokens."""
+    from consa.serving import generate as serving
+
+    model, alloc = _spans_model("qwen2", 4, 2, 1, SPANS_KV4)
+    model = model.cuda().to(torch.bfloat16)
+    consa.apply_allocation(model, alloc)
+    ids, mask, _ = _inputs(model.config.vocab_size, 2, 21, pad=2)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None, do_sample=False)
+    eager = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+    graphed = serving.generate_static(model, ids, cuda_graphs=True, **kw)
+    assert torch.equal(graphed[:, 21:], eager[:, 21:])

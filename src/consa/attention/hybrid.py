@@ -17,7 +17,8 @@ submodule, so state dicts stay the model's own). The function reads it and eithe
 Per-unit spans (issue 16): a plan whose SWA heads differ in window carries ``windows`` (one entry per KV
 head, None = FA). Its SWA heads run in span groups, one kernel call per distinct window (the same
 split/merge as the two-group case); the "triton" prefill runs the whole layer in one launch with each
-head's own window; the hybrid cache returns :class:`GroupedKV`. A plan with one window keeps
+head's own window; the hybrid cache returns :class:`GroupedKV`, the static cache
+:class:`~consa.attention.static_spans.HeadParts` (one ring per span group). A plan with one window keeps
 ``windows=None`` and takes exactly the single-window path.
 
 A module without a plan attends fully, so ``attn_implementation="consa"`` alone changes nothing.
@@ -167,7 +168,15 @@ def consa_attention(
 
     if plan is not None and plan.multi_span and plan.mode != "fixed":
         raise RuntimeError(f"layer {plan.layer}: per-head spans are served in fixed mode only (mode {plan.mode!r})")
-    if isinstance(key, GroupedKV):
+    from .static_spans import HeadParts  # imports this module: imported here, not at the top
+
+    if isinstance(key, HeadParts):
+        if plan is None or plan.mode != "fixed":
+            raise RuntimeError("a hybrid cache needs a fixed allocation on every layer")
+        from .static_spans import head_parts_attention
+
+        out = head_parts_attention(plan, query, key, value, attention_mask, scale)
+    elif isinstance(key, GroupedKV):
         if plan is None or not plan.multi_span:
             raise RuntimeError("grouped keys from the hybrid cache need a plan with per-head spans")
         out = _spans_split(plan, query, key, value, attention_mask, scale)

@@ -20,6 +20,8 @@ static buffer has no room to concatenate into: the new key is written in place *
 reads, and the query at slot t sees t − W + 1 … t, i.e. W non-sink keys including its own. So the
 honest static size is W + S (``rollback`` more for assisted decoding, see :meth:`StaticHybridLayer.crop`).
 
+A layer whose SWA heads differ in span gets one such layer per span group (``static_spans.py``).
+
 A prompt (several tokens at once) runs eagerly: from an empty cache the layer returns the prompt's own
 keys (the hybrid prefill kernels run on them) and fills the buffers; a chunk after earlier tokens
 (chunked prefill, verifying drafts) gathers the held window in slot order and returns
@@ -65,9 +67,10 @@ class StaticHybridLayer(CacheLayerMixin):
     def from_plan(cls, plan: LayerPlan, max_len: int, rollback: int = 0) -> "StaticHybridLayer":
         if plan.mode != "fixed":
             raise ValueError(f"layer {plan.layer}: a hybrid cache needs a fixed allocation (plan mode is {plan.mode!r})")
-        if plan.multi_span:  # the ring and the one-launch write/decode kernels take one window per layer
-            raise ValueError(f"layer {plan.layer}: the static cache serves one window per layer, its SWA heads have "
-                             f"several spans; use the eager HybridCache (consa.generate falls back to it)")
+        if plan.multi_span:  # one ring per span group, each with the single-window kernels (static_spans.py)
+            from .static_spans import StaticSpanGroupsLayer
+
+            return StaticSpanGroupsLayer(plan, max_len, rollback)
         return cls(plan.num_kv_heads, plan.fa_kv, plan.window, max_len, plan.sinks, rollback)
 
     # ---- allocation -----------------------------------------------------------------------------

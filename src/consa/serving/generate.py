@@ -41,16 +41,6 @@ def static_supported(model, kwargs: dict) -> str | None:
             return f"generation_config.{name} needs the eager path"
     if _plans(model) is None:
         return "the model has no fixed consa allocation on every layer"
-    return spans_blocker(model)
-
-
-def spans_blocker(model) -> str | None:
-    """Why the static cache cannot serve this model's plans (its ring holds one window per layer), or
-    None: a layer whose SWA heads differ in span (per-unit spans) is served by the eager cache only."""
-    for plan in _plans(model) or []:
-        if plan.multi_span:
-            spans = sorted({w for w in plan.windows if w is not None})
-            return f"layer {plan.layer} has SWA heads of several spans {spans} (the static cache serves one window per layer)"
     return None
 
 
@@ -150,8 +140,6 @@ def generate_many(model, prompts, *, batch_size: int = 8, cuda_graphs: bool | No
     seqs = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     if any(not s for s in seqs):
         raise ValueError("every prompt needs at least one token")
-    if spans_blocker(model):
-        return _generate_eager_each(model, seqs, **kwargs)
     longest = max(map(len, seqs))
     new = _new_tokens(model, kwargs, longest)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -174,22 +162,4 @@ def generate_many(model, prompts, *, batch_size: int = 8, cuda_graphs: bool | No
             toks = out[row, t:].tolist()
             cut = next((j + 1 for j, x in enumerate(toks) if x in eos), len(toks))
             results[i] = toks[:cut]
-    return results
-
-
-def _generate_eager_each(model, seqs: list[list[int]], **kwargs) -> list[list[int]]:
-    """What :func:`generate_many` returns, one prompt at a time through ``model.generate`` with a fresh
-    eager :class:`~consa.attention.cache.HybridCache` (the path for plans the static cache cannot serve)."""
-    from .. import compat
-    from ..attention.cache import HybridCache
-
-    eos = _eos(model, kwargs)
-    dev = next(model.parameters()).device
-    results = []
-    for seq in seqs:
-        ids = torch.tensor([seq], device=dev)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs, **compat.cache_kwargs(HybridCache(model), model))
-        toks = out[0, len(seq):].tolist()
-        cut = next((j + 1 for j, x in enumerate(toks) if x in eos), len(toks))
-        results.append(toks[:cut])
     return results
