@@ -13,6 +13,9 @@ warm start's tokens included). JSON is rewritten after every run, a table is pri
         --sparsity 0.75 --steps 75,150,300 --out conv.json --budget-s 560
     # any model and built corpus:
     python benchmarks/search_convergence.py --model DIR --corpus DIR --window 256 --seq-len 4096 --out conv.json
+    # search short, deploy long (issue 17, item 3): T/4 and T/2 with the same tokens per step, scored at T
+    python benchmarks/search_convergence.py --config experiments/gpu-run5.json --workdir W --sparsity 0.875 \
+        --steps 150 --variants default --search-lengths 1024,2048 --out len.json
     # CPU, a tiny random model, seconds (tests/test_search_options.py runs this):
     python benchmarks/search_convergence.py --smoke --out smoke.json
 """
@@ -56,6 +59,9 @@ def parse(argv=None):
     p.add_argument("--variants", default="default,anneal,lr,init_mass,init_duo,decide,all")
     p.add_argument("--steps", default="75,150,300", help="step budgets, comma-separated")
     p.add_argument("--seeds", default="0", help="search seeds, comma-separated")
+    p.add_argument("--search-lengths", default="",
+                   help="search at these sequence lengths too (e.g. 1024,2048), each with the same tokens per step; "
+                        "every allocation is still scored at --seq-len (issue 17: search short, deploy long)")
     p.add_argument("--sparsity", type=float, default=0.75)
     p.add_argument("--granularity", default="kv_head")
     p.add_argument("--window", type=int, help="default: the experiment's W")
@@ -92,7 +98,11 @@ def setup(a):
             g = torch.Generator().manual_seed(step)
             return {"input_ids": torch.randint(3, 101, (b, t), generator=g)}
 
-        return model, fn, a.window or 5, t, b * t, {"source": "smoke"}
+        def fn_for(length):
+            bb = max(1, b * t // length)
+            return lambda step: {"input_ids": torch.randint(3, 101, (bb, length), generator=torch.Generator().manual_seed(step))}
+
+        return model, fn, a.window or 5, t, b * t, {"source": "smoke"}, fn_for
     from consa.data.shards import TokenShards
     from consa.experiment import BankSource, ExperimentConfig, Workdir, search_batch_fn
     from consa.models import load_model
@@ -111,21 +121,27 @@ def setup(a):
         bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
         fn = search_batch_fn(shards, bank, b, t, s.retrieval_share, cfg.seed)  # the experiment's own batches
         desc = {"source": "workdir", "workdir": str(a.workdir), "config": str(a.config), "model": str(base)}
+
+        def fn_for(length):  # the same tokens per step at another length
+            return search_batch_fn(shards, bank, max(1, b * t // length), length, s.retrieval_share, cfg.seed)
     else:
         if not (a.window and a.seq_len):
             raise SystemExit("--model needs --window and --seq-len")
         base, b, t, w = a.model, a.batch_size or 4, a.seq_len, a.window
         if a.corpus:
             shards = TokenShards.open(a.corpus, "train")
-            fn = search_batch_fn(shards, None, b, t, 0.0, 0)
+
+            def fn_for(length):
+                return search_batch_fn(shards, None, max(1, b * t // length), length, 0.0, 0)
         else:
             vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size", 1000)
 
-            def fn(step):
-                g = torch.Generator().manual_seed(step)
-                return {"input_ids": torch.randint(0, vocab, (b, t), generator=g)}
+            def fn_for(length):
+                bb = max(1, b * t // length)
+                return lambda step: {"input_ids": torch.randint(0, vocab, (bb, length), generator=torch.Generator().manual_seed(step))}
+        fn = fn_for(t)
         desc = {"source": "model", "model": str(base), "corpus": a.corpus}
-    return load_model(base, dtype=dtype, device=str(device)), fn, w, t, b * t, desc
+    return load_model(base, dtype=dtype, device=str(device)), fn, w, t, b * t, desc, fn_for
 
 
 def main(argv=None) -> int:
@@ -138,8 +154,11 @@ def main(argv=None) -> int:
     from consa.train.baselines import attention_mass_allocation, duo_allocation
     from consa.train.search import Search, SearchConfig
 
-    model, batch_fn, window, seq_len, step_tokens, desc = setup(a)
+    model, batch_fn, window, seq_len, step_tokens, desc, fn_for = setup(a)
     variants, budgets, seeds = a.variants.split(","), _ints(a.steps), _ints(a.seeds)
+    lengths = sorted(set(_ints(a.search_lengths)) | {seq_len})
+    if any(n <= window for n in lengths):
+        raise SystemExit(f"every search length must exceed the window {window}: {lengths}")
     base = dict(sparsity=a.sparsity, window=window, seq_len=seq_len, granularity=a.granularity,
                 checkpoint_every=0, refine_batches=a.eval_batches)
     if a.workdir:
@@ -154,7 +173,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {"setup": {**desc, "window": window, "seq_len": seq_len, "tokens_per_step": step_tokens, "sparsity": a.sparsity,
                      "granularity": a.granularity, "num_swa": num_swa, "eval_batches": a.eval_batches,
-                     "variants": {v: VARIANTS[v] for v in variants}, "device": str(next(model.parameters()).device)},
+                     "variants": {v: VARIANTS[v] for v in variants}, "device": str(next(model.parameters()).device),
+                     "search_lengths": lengths},
            "runs": [], "skipped": []}
     t_start = time.time()
     rate = None  # seconds per search step, measured on the last run
@@ -185,16 +205,17 @@ def main(argv=None) -> int:
             res["runs"].append({"method": "attention_mass", "seed": seed, "steps": 0, "held_out_kl": held_kl(seed, alloc.units),
                                 "seconds": time.time() - t0, "tokens": 2 * step_tokens})
             save()
-        for steps in budgets:
+        for length, steps in [(n, st) for n in sorted(lengths, reverse=True) for st in budgets]:
+            run_fn = batch_fn if length == seq_len else fn_for(length)
             jobs = [(v, VARIANTS[v]) for v in variants] + ([] if a.no_baselines else [("duo", None)])
             for name, opts in jobs:
                 if not fits(steps):
-                    res["skipped"].append({"method": name, "seed": seed, "steps": steps})
+                    res["skipped"].append({"method": name, "seed": seed, "steps": steps, "search_len": length})
                     save()
                     continue
                 t0 = time.time()
                 if opts is None:
-                    alloc = duo_allocation(model, a.granularity, num_swa, window, batch_fn, steps=steps, seed=seed,
+                    alloc = duo_allocation(model, a.granularity, num_swa, window, run_fn, steps=steps, seed=seed,
                                            backend=base.get("backend", "auto"))
                     detach(model)
                     alpha = alloc.meta["alpha"]
@@ -202,9 +223,9 @@ def main(argv=None) -> int:
                            "mean_alpha": sum(alpha) / len(alpha), "fa": alloc.units, "tokens": steps * step_tokens}
                 else:
                     kw = {k: (max(1, steps // 5) if v == "steps/5" else v) for k, v in opts.items()}
-                    cfg = SearchConfig(**base, steps=steps, seed=seed, **kw)
-                    run_dir = out.parent / f"{out.stem}-runs" / f"{name}-s{steps}-seed{seed}"
-                    search = Search(model, cfg, batch_fn, run_dir, progress=False)
+                    cfg = SearchConfig(**{**base, "seq_len": length}, steps=steps, seed=seed, **kw)
+                    run_dir = out.parent / f"{out.stem}-runs" / (f"{name}-s{steps}-seed{seed}" + ("" if length == seq_len else f"-T{length}"))
+                    search = Search(model, cfg, run_fn, run_dir, progress=False)
                     fa = search.run().units
                     detach(model)
                     last = search.history[-1]
@@ -214,17 +235,25 @@ def main(argv=None) -> int:
                            "tokens": search.step * step_tokens + search.init_tokens}
                 seconds = time.time() - t0
                 rate = seconds / steps  # the last run's pace (the first includes warm-up: an overestimate, skips early)
-                rec.update(seed=seed, steps=steps, seconds=seconds, held_out_kl=held_kl(seed, rec["fa"]))
+                rec.update(seed=seed, steps=steps, search_len=length, seconds=seconds, held_out_kl=held_kl(seed, rec["fa"]))
                 res["runs"].append(rec)
                 save()
+    for r in res["runs"]:  # how far a shorter search's cut agrees with the same run at --seq-len
+        ref = next((x for x in res["runs"] if x.get("fa") is not None and x["method"] == r["method"] and x["seed"] == r["seed"]
+                    and x["steps"] == r["steps"] and x.get("search_len") == seq_len), None)
+        if ref is not None and r.get("fa") is not None:
+            both = sum(x and y for x, y in zip(r["fa"], ref["fa"]))
+            either = sum(x or y for x, y in zip(r["fa"], ref["fa"]))
+            r["fa_overlap_with_full_length"] = both / either if either else 1.0
     res["seconds"] = time.time() - t_start
     save()
-    print(f"{'method':22s} {'seed':>4s} {'steps':>5s} {'agree':>6s} {'KL':>9s} {'s_exp':>6s} {'sec':>7s} {'tokens':>10s}")
+    print(f"{'method':22s} {'seed':>4s} {'T':>6s} {'steps':>5s} {'agree':>6s} {'KL@T':>9s} {'overlap':>7s} {'s_exp':>6s} {'sec':>7s} {'tokens':>10s}")
     for r in res["runs"]:
         agree = f"{r['cut_agreement']:.3f}" if "cut_agreement" in r else "-"
         s_exp = f"{r['expected_sparsity']:.3f}" if "expected_sparsity" in r else "-"
-        print(f"{r['method']:22s} {r['seed']:4d} {r['steps']:5d} {agree:>6s} {r['held_out_kl']:9.5f} {s_exp:>6s} "
-              f"{r['seconds']:7.1f} {r['tokens']:10d}")
+        ov = f"{r['fa_overlap_with_full_length']:.2f}" if "fa_overlap_with_full_length" in r else "-"
+        print(f"{r['method']:22s} {r['seed']:4d} {r.get('search_len', seq_len):6d} {r['steps']:5d} {agree:>6s} "
+              f"{r['held_out_kl']:9.5f} {ov:>7s} {s_exp:>6s} {r['seconds']:7.1f} {r['tokens']:10d}")
     if res["skipped"]:
         print(f"skipped {len(res['skipped'])} runs (--budget-s {a.budget_s:g}); see {out}")
     print(f"wrote {out}")

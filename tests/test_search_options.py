@@ -203,3 +203,23 @@ def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
     assert bench.main(["--smoke", "--steps", "3", "--variants", "default", "--budget-s", "1e-9", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["runs"] == [] and {r["method"] for r in res["skipped"]} == {"default", "duo"}
+
+
+def test_benchmark_searches_short_and_scores_at_the_full_length(tmp_path):
+    """--search-lengths (issue 17, item 3): a search at T/2 uses the same tokens per step, its cut is scored
+    at T like the full-length one, and its FA overlap with the full-length cut is reported."""
+    bench = _bench()
+    out = tmp_path / "len.json"
+    assert bench.main(["--smoke", "--steps", "8", "--variants", "default", "--no-baselines", "--search-lengths", "20",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["setup"]["search_lengths"] == [20, 40]
+    by_len = {r["search_len"]: r for r in res["runs"]}
+    assert set(by_len) == {20, 40} and by_len[20]["tokens"] == by_len[40]["tokens"]
+    assert by_len[40]["fa_overlap_with_full_length"] == 1.0
+    assert 0.0 <= by_len[20]["fa_overlap_with_full_length"] <= 1.0
+    # the short search really ran at 20 tokens: its run dir says so, and its config too
+    cfg = json.loads((tmp_path / "len-runs" / "default-s8-seed0-T20" / "search.json").read_text())["config"]
+    assert cfg["seq_len"] == 20
+    with pytest.raises(SystemExit, match="exceed the window"):
+        bench.main(["--smoke", "--steps", "2", "--search-lengths", "4", "--out", str(out)])

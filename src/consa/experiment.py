@@ -702,13 +702,7 @@ def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
     tok = load_tokenizer(base)
     ecfg = eval_config(cfg, wd.corpus)
     items = retrieval_items(tok, ecfg)  # once for all runs: the items are the same for every allocation
-    full_dir = wd.evals / "full"
-    if (full_dir / "eval.json").is_file():
-        full = json.loads((full_dir / "eval.json").read_text())
-    else:
-        full = evaluate(model, tok, None, ecfg, label="full", items=items)
-        write_run(full, full_dir)
-        _say(f"eval: full + baselines in {full['seconds']} s")
+    full = full_eval(wd, model, tok, ecfg, items)
     n_done, n_skipped = 0, 0
     for t in cfg.search.sparsities:
         for stem, *_ in _method_list(cfg):
@@ -730,6 +724,20 @@ def stage_eval(wd: Workdir, deadline: float | None = None) -> dict:
     if n_skipped:
         raise _Partial(f"eval: {n_skipped} runs left for a later call (time budget reached)")
     return {"runs": n_done, "calibration": _calibration_summary(full)}
+
+
+def full_eval(wd: Workdir, model, tok, ecfg, items) -> dict:
+    """The full-attention run with the full / all-SWA baselines: read from ``WORKDIR/eval/full``, or made
+    there once (every later stage compares against it)."""
+    from .eval.runner import evaluate, write_run
+
+    full_dir = wd.evals / "full"
+    if (full_dir / "eval.json").is_file():
+        return json.loads((full_dir / "eval.json").read_text())
+    full = evaluate(model, tok, None, ecfg, label="full", items=items)
+    write_run(full, full_dir)
+    _say(f"eval: full + baselines in {full['seconds']} s")
+    return full
 
 
 class _Partial(ConsaError):
@@ -934,23 +942,20 @@ def stage_report(wd: Workdir) -> dict:
     res = collect(wd)
     wd.report.mkdir(parents=True, exist_ok=True)
     figs = [plot_fa_shares(res, wd.report / "fa_share_per_layer.png").name]
-    for t in cfg.search.sparsities:
-        for stem in ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head"):
-            p = wd.alloc / method_key(t) / f"{stem}.json"
-            if p.is_file():
-                name = f"heatmap-{method_key(t)}-{stem}.png"
-                plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, t={t}")
-                figs.append(name)
+    groups = [(method_key(t), ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head"), f"t={t}")
+              for t in cfg.search.sparsities]
     if cfg.budget is not None:
         from .experiment_budget import budget_key
 
-        for kb in cfg.budget.kv_budgets:
-            for stem in ("consa_spans-kv_head", "consa_spans-layer", "moa-kv_head", "moa-layer"):
-                p = wd.alloc / budget_key(kb) / f"{stem}.json"
-                if p.is_file():
-                    name = f"heatmap-{budget_key(kb)}-{stem}.png"
-                    plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, KV budget {kb:g}")
-                    figs.append(name)
+        groups += [(budget_key(kb), ("consa_spans-kv_head", "consa_spans-layer", "moa-kv_head", "moa-layer"),
+                    f"KV budget {kb:g}") for kb in cfg.budget.kv_budgets]
+    for key, stems, what in groups:
+        for stem in stems:
+            p = wd.alloc / key / f"{stem}.json"
+            if p.is_file():
+                name = f"heatmap-{key}-{stem}.png"
+                plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, {what}")
+                figs.append(name)
     stages = wd.stages()
     pre = stages.get("pretrain", {})
     md = [f"# Experiment `{cfg.name}`", "",

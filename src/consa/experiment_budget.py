@@ -117,7 +117,7 @@ def run_budget_stage(wd, deadline: float | None = None) -> dict:
     from .data.tokenizer import load_tokenizer
     from .eval import kv_cost
     from .eval.runner import evaluate, retrieval_items, write_run
-    from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, search_batch_fn
+    from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, full_eval, search_batch_fn
     from .files import atomic_write_text
     from .models import detach, load_model
 
@@ -166,12 +166,7 @@ def run_budget_stage(wd, deadline: float | None = None) -> dict:
     tok = load_tokenizer(base)
     ecfg = replace(eval_config(cfg, wd.corpus), keep_spans=True)
     items = retrieval_items(tok, ecfg)
-    full_dir = wd.evals / "full"
-    if (full_dir / "eval.json").is_file():
-        full = json.loads((full_dir / "eval.json").read_text())
-    else:
-        full = evaluate(model, tok, None, ecfg, label="full", items=items)
-        write_run(full, full_dir)
+    full = full_eval(wd, model, tok, ecfg, items)
     ctx, dec = _context(cfg), cfg.budget.decode_tokens
     full_kv_path = wd.evals / budget_key(0) / "full-kv.json"
     if not full_kv_path.is_file():
