@@ -506,7 +506,8 @@ class Search:
             save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(tmp))
         agree = self.cut_agreement()
         if agree < AGREEMENT_WARN and self.step > 0:
-            print(f"consa search: only {agree:.0%} of the gates agree with the top-k cut: they have not separated "
+            cut = "top-k cut" if self.budget is None else "budgeted assignment (units whose most likely span is the one assigned)"
+            print(f"consa search: only {agree:.0%} of the gates agree with the {cut}: they have not separated "
                   f"yet, and more steps would likely change the allocation (--steps, or --until-agreement 1)",
                   file=sys.stderr, flush=True)
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
