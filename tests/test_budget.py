@@ -378,3 +378,16 @@ def test_serving_benchmark_budget_allocations_and_bytes_read():
         assert cache.stored_bytes() == bench.kv_per_seq(model, alloc, 40)
         detach(model)
     assert len(bench.allocation(model, "budget:0.3:3/6/12/full", 40).spans()) > 1
+
+
+def test_rules_under_a_kv_budget_keep_it_with_the_count_the_search_uses(model_dir, tmp_path, capsys):
+    out = tmp_path / "rules"
+    assert main(["rules", "--model", str(model_dir), "--kv-budget", "0.3", "--budget-context", "48", "--window", "8",
+                 "--rule", "fa_top", "--rule", "interleaved", "--out", str(out)]) == 0
+    k = B.swa_units_for_budget(B.problem(ModelShape(4, 2, 4), "kv_head", (8, None), 0.3, 48))
+    for f in out.glob("*.json"):
+        a = Allocation.load(f)
+        assert a.num_swa == k and a.kv_share(48) <= 0.3
+    capsys.readouterr()
+    assert main(["rules", "--model", str(model_dir), "--kv-budget", "0.3", "--window", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --budget-context" in capsys.readouterr().err and not (tmp_path / "x").exists()

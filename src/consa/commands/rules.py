@@ -1,4 +1,5 @@
-"""``consa rules``: rule-based allocations with the same SWA count as a given sparsity."""
+"""``consa rules``: rule-based allocations with the same SWA count as a given sparsity, or as many FA units
+as a KV budget allows at the window (``--kv-budget``, the count single-window ``consa search`` uses)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from .argtypes import nonneg_int, open_fraction, positive_int
 def register(sub) -> None:
     p = sub.add_parser("rules", help="write rule-based allocations (interleaved, fa_top, fa_bottom, fa_middle, random)")
     p.add_argument("--model", required=True, help="local HF model directory (only its config is read)")
-    p.add_argument("--sparsity", type=open_fraction, required=True)
+    p.add_argument("--sparsity", type=open_fraction, default=None, help="share of units on SWA (or give --kv-budget)")
+    p.add_argument("--kv-budget", type=open_fraction, default=None, metavar="B",
+                   help="instead of --sparsity: KV at --budget-context tokens <= B of full attention's (sinks included)")
+    p.add_argument("--budget-context", type=positive_int, default=None,
+                   help="context for --kv-budget (required with it: rules read no training length)")
     p.add_argument("--window", type=positive_int, required=True)
     p.add_argument("--granularity", default="kv_head")
     p.add_argument("--sinks", type=nonneg_int, default=0)
@@ -41,8 +46,21 @@ def run(args) -> int:
     check_granularity(args.granularity)
     if args.window < 1:
         raise ConsaError(f"window must be >= 1, got {args.window}")
+    if (args.sparsity is None) == (args.kv_budget is None):
+        raise ConsaError("--sparsity or --kv-budget is required: give exactly one")
+    if args.kv_budget is not None and args.budget_context is None:
+        raise ConsaError("--kv-budget needs --budget-context (the context at which the KV is counted)")
     native = _native(model_dir, args.reopen_native)
-    k = swa_count(args.sparsity, len(Allocation.free_units(native, args.granularity, shape.num_kv_heads)))
+    n_units = len(Allocation.free_units(native, args.granularity, shape.num_kv_heads))
+    if args.kv_budget is None:
+        k = swa_count(args.sparsity, n_units)
+    else:
+        from ..budget import problem, swa_units_for_budget
+
+        k = swa_units_for_budget(problem(shape, args.granularity, (args.window, None), args.kv_budget,
+                                         args.budget_context, args.sinks, native))
+        if k >= n_units:
+            raise ConsaError(f"a KV budget of {args.kv_budget:g} leaves no unit on full attention at window {args.window}")
     names = args.rule or list(RULES)
     allocs = []
     for name in names:
