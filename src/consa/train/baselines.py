@@ -33,7 +33,6 @@ def duo_allocation(
     mix = attach_gates(model, window, sinks, backend=backend, reopen_native=reopen_native)
     alpha = torch.nn.Parameter(torch.ones(n, device=device))
     opt = torch.optim.Adam([alpha], lr=lr)
-    ones = torch.ones(shape.num_layers, shape.num_kv_heads, device=device)
     it = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -43,7 +42,7 @@ def duo_allocation(
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch_fn(step).items()}
         mask = batch.get("loss_mask", batch.get("attention_mask"))
         with torch.no_grad():
-            mix.z = ones
+            mix.z = None  # full attention (no SWA outputs computed for a teacher)
             teacher = forward_logits(model, batch)
         z = alpha.clamp(0, 1)
         mix.z = z.view(-1, 1).expand(-1, shape.num_kv_heads) if granularity == "layer" else z.view(shape.num_layers, -1)
