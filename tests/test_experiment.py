@@ -8,6 +8,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from consa.cli import main
 from consa.errors import ConsaError
@@ -282,6 +283,23 @@ def test_base_from_runs_a_variant_on_the_same_base_model(finished, tmp_path, cap
     # an adopted workdir never pretrains into itself
     with pytest.raises(ConsaError, match="uses the base model of"):
         run_stage("pretrain", ExperimentConfig.load(cfg_path), w2, force=True)
+
+
+def test_search_batches_mark_the_answers_of_retrieval_rows(finished):
+    """search_batch_fn's answer_mask (for search.answer_weight): the bank rows' answers, nothing in corpus rows."""
+    from consa.data.shards import TokenShards
+    from consa.experiment import BankSource, search_batch_fn
+
+    cfg_path, work, _ = finished
+    shards = TokenShards.open(work / "corpus", "train")
+    bank = BankSource(work / "bank.npz", shards)
+    batch = search_batch_fn(shards, bank, 4, 128, 0.5, 0)(3)
+    answers = batch["answer_mask"]
+    assert answers.shape == batch["input_ids"].shape and answers.dtype == torch.bool
+    assert not answers[:2].any()  # corpus windows first
+    for row in answers[2:]:  # each retrieval row: its answer, the row's last tokens
+        n = int(row.sum())
+        assert n >= 1 and row[-n:].all()
 
 
 def test_budget_stage_compares_methods_at_equal_measured_kv_bytes(finished, tmp_path):

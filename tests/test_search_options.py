@@ -223,3 +223,29 @@ def test_benchmark_searches_short_and_scores_at_the_full_length(tmp_path):
     assert cfg["seq_len"] == 20
     with pytest.raises(SystemExit, match="exceed the window"):
         bench.main(["--smoke", "--steps", "2", "--search-lengths", "4", "--out", str(out)])
+
+
+def test_answer_weight_adds_the_kl_over_positions_predicting_answers():
+    """answer_weight w: loss = mean KL over all positions + w × mean KL over the positions whose next token
+    is an answer token (computed here by hand), and the value reported is the same sum."""
+    from types import SimpleNamespace
+
+    from consa.train.distributed import Dist
+    from consa.train.search import _kl_positions, global_task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 9, 13, generator=g), torch.randn(2, 9, 13, generator=g)
+    answers = torch.zeros(2, 9, dtype=torch.bool)
+    answers[1, 6:8] = True  # tokens 6 and 7 answer: positions 5 and 6 predict them
+    cfg = SimpleNamespace(kl_weight=1.0, lm_weight=0.0, temperature=1.0, answer_weight=3.0)
+    loss, task = global_task_loss(logits, teacher, {"input_ids": torch.zeros(2, 9, dtype=torch.long), "answer_mask": answers},
+                                  None, cfg, Dist(device=torch.device("cpu")))
+    kl = _kl_positions(logits, teacher, 1.0)
+    want = kl.mean() + 3.0 * kl[1, 5:7].mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6) and task == pytest.approx(float(want), rel=1e-6)
+    cfg.answer_weight = 0.0
+    loss0, _ = global_task_loss(logits, teacher, {"input_ids": torch.zeros(2, 9, dtype=torch.long), "answer_mask": answers},
+                                None, cfg, Dist(device=torch.device("cpu")))
+    assert float(loss0) == pytest.approx(float(kl.mean()), rel=1e-6)
+    with pytest.raises(ConsaError, match="answer_weight"):
+        SearchConfig(sparsity=0.5, window=4, seq_len=16, answer_weight=-1.0).validate()

@@ -107,6 +107,7 @@ class SearchStage:
     init_spread: float = 2.0
     decide_weight: float = 0.0
     decide_frac: float = 0.25
+    answer_weight: float = 0.0  # ConSA and span searches: extra KL on the positions predicting retrieval answers
     batch_size: int = 8
     seq_len: int | None = None  # default: the pretraining sequence length
     retrieval_share: float = 0.5  # share of each search batch that is retrieval items
@@ -555,19 +556,23 @@ def pretrain_source(wd: Workdir, steps: int):
 
 # ----------------------------------------------------------------------------------------- search
 def search_batch_fn(shards, bank: BankSource | None, batch: int, seq_len: int, share: float, seed: int):
-    """step -> {"input_ids"}: ``share`` of the rows retrieval items, the rest corpus windows."""
+    """step -> {"input_ids", "answer_mask"}: ``share`` of the rows retrieval items (their answer tokens
+    marked), the rest corpus windows."""
     import torch
 
     n_ret = int(round(share * batch)) if bank is not None else 0
 
     def fn(step: int) -> dict:
         rng = np.random.default_rng([seed, 7, step])
-        rows = []
+        rows, masks = [], []
         if batch - n_ret:
             rows.append(torch.as_tensor(shards.sample_batch(batch - n_ret, seq_len, rng), dtype=torch.long))
+            masks.append(torch.zeros(batch - n_ret, seq_len, dtype=torch.bool))
         if n_ret:
-            rows.append(bank(n_ret, seq_len, rng)["input_ids"])
-        return {"input_ids": torch.cat(rows)}
+            items = bank(n_ret, seq_len, rng)
+            rows.append(items["input_ids"])
+            masks.append(items["answer_mask"].bool())
+        return {"input_ids": torch.cat(rows), "answer_mask": torch.cat(masks)}
 
     return fn
 
@@ -633,7 +638,8 @@ def stage_search(wd: Workdir) -> dict:
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
                                     seed=cfg.seed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
                                     beta_final=s.beta_final, gate_lr_final=s.gate_lr_final, init=s.init,
-                                    init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac)
+                                    init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
+                                    answer_weight=s.answer_weight)
                 out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
                 resume = (out_dir / "checkpoint" / "state.json").is_file()
                 alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)

@@ -90,7 +90,8 @@ def search_batches(args, model, vocab_size: int):
             source = MixedSource(source, extra, mix)
 
         def from_corpus(step: int) -> dict:
-            return {"input_ids": split_batch(source(b, t, np.random.default_rng([seed, step])))[0]}
+            ids, answers = split_batch(source(b, t, np.random.default_rng([seed, step])))
+            return {"input_ids": ids, "answer_mask": answers}  # answers marked in retrieval rows (--answer-weight)
 
         return from_corpus
 

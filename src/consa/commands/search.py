@@ -68,6 +68,9 @@ def register(sub) -> None:
     p.add_argument("--train-weights", default="none", help="none, full or lora")
     p.add_argument("--weight-lr", type=positive_float, default=1e-5)
     p.add_argument("--lm-weight", type=nonneg_float, default=0.0, help="weight of an added LM loss")
+    p.add_argument("--answer-weight", type=nonneg_float, default=0.0,
+                   help="weight of an added KL over the positions that predict the answers of --retrieval-mix rows "
+                        "(a few answer tokens otherwise count like any text position)")
     p.add_argument("--checkpoint-every", type=nonneg_int, default=50)
     p.add_argument("--resume", action="store_true", help="continue the killed search in --out")
     p.add_argument("--seed", type=nonneg_int, default=0)
@@ -100,7 +103,7 @@ def run(args) -> int:
         sinks=args.sinks, steps=args.steps, until_agreement=args.until_agreement, max_steps=args.max_steps,
         gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
-        lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        lm_weight=args.lm_weight, answer_weight=args.answer_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
         refine_evals=args.refine_evals, reopen_native=args.reopen_native,
         gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init=args.init, init_steps=args.init_steps,
         decide_weight=args.decide_weight, decide_frac=args.decide_frac,

@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConsaError
 
 _COMPAT_KEYS = ("sparsity", "window", "seq_len", "granularity", "sinks", "steps", "train_weights", "controller", "seed",
-                "kv_budget", "budget_context", "spans")
+                "kv_budget", "budget_context", "spans", "answer_weight")
+_COMPAT_DEFAULTS = {"answer_weight": 0.0}  # what a checkpoint written before the setting existed meant
 _CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "tie_word_embeddings")
 
@@ -205,7 +206,7 @@ def load_checkpoint(ckpt_dir: Path, search) -> None:
         raise ConsaError(f"checkpoint {ckpt_dir} was made from another model (same shape, other config or weights); "
                          "resume with the same --model")
     cfg = asdict(search.cfg)
-    diff = [k for k in _COMPAT_KEYS if meta["config"].get(k) != cfg.get(k)]
+    diff = [k for k in _COMPAT_KEYS if meta["config"].get(k, _COMPAT_DEFAULTS.get(k)) != cfg.get(k)]
     if diff:
         raise ConsaError(f"checkpoint {ckpt_dir} was made with other settings ({', '.join(diff)}); rerun with the same ones")
     with torch.no_grad():

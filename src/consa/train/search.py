@@ -65,6 +65,7 @@ class SearchConfig:
     lora_rank: int = 8
     kl_weight: float = 1.0
     lm_weight: float = 0.0
+    answer_weight: float = 0.0  # weight of an added KL over the positions predicting retrieval answers (0: off)
     temperature: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
@@ -148,6 +149,8 @@ class SearchConfig:
             raise ConsaError(f"train_weights must be none, full or lora, got {self.train_weights!r}")
         if self.controller not in ("lagrangian", "project"):
             raise ConsaError(f"controller must be lagrangian or project, got {self.controller!r}")
+        if self.answer_weight < 0:
+            raise ConsaError(f"answer_weight must be >= 0, got {self.answer_weight}")
         if self.refine_evals < 0 or self.refine_candidates < 1 or self.refine_batches < 1:
             raise ConsaError("refine_evals must be >= 0, and refine_candidates and refine_batches >= 1")
         schedules.validate(self)
@@ -235,7 +238,10 @@ def prepare_student(model, mode: str, lora_rank: int = 8):
 def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
     """This rank's share of the global-mean task loss, scaled so that *averaged* gradients are exact.
 
-    ``cfg`` gives ``kl_weight``, ``lm_weight`` and ``temperature``. Each term is Σ_local / count_global;
+    ``cfg`` gives ``kl_weight``, ``lm_weight``, ``temperature`` and optionally ``answer_weight``: a KL term
+    over only the positions that predict retrieval answers (a batch's ``answer_mask``, answer tokens
+    marked as in pretraining), so that a few answer tokens are not drowned by thousands of positions
+    of plain text. Each term is Σ_local / count_global;
     the count is all-reduced first. Multiplying by the world size makes the mean over ranks of the
     gradients (what FSDP computes) the gradient of the global mean, the very loss a single process
     would use on the whole batch. Returns (loss to backpropagate, the global task loss as a float).
@@ -246,6 +252,9 @@ def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
         terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
     if cfg.lm_weight > 0 and "input_ids" in batch:
         terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
+    aw = getattr(cfg, "answer_weight", 0.0)
+    if aw > 0 and teacher is not None and batch.get("answer_mask") is not None:
+        terms.append((aw, *kl_sum(logits, teacher, answer_positions(batch["answer_mask"], loss_mask), cfg.temperature)))
     loss = logits.new_zeros((), dtype=torch.float32)
     if not terms:
         return loss, 0.0
@@ -257,6 +266,14 @@ def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
         loss = loss + w * d.world_size * s / n
         task += w * float(stats[2 * i] / n)
     return loss, task
+
+
+def answer_positions(answer_mask: torch.Tensor, loss_mask=None) -> torch.Tensor:
+    """The positions whose next token is an answer token (logits at p predict token p + 1), within
+    ``loss_mask`` when one is given."""
+    pos = torch.zeros_like(answer_mask, dtype=torch.bool)
+    pos[:, :-1] = answer_mask[:, 1:].bool()
+    return pos if loss_mask is None else pos & loss_mask.bool()
 
 
 def units_to_heads(z: torch.Tensor, granularity: str, shape, free_layers: list[int]) -> torch.Tensor:
