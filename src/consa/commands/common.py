@@ -55,6 +55,30 @@ def load_for(args, dist=None):
     return load(args.model, torch.device("cpu"), pick_dtype(args.dtype, dist.device))
 
 
+def run_on_ranks(args, under_torchrun: bool, body):
+    """``body(dist)`` as this process's part of the job (``dist`` None on one process), inside the staged,
+    resumable ``--out`` on rank 0 (a Ctrl-C keeps a checkpoint for ``--resume``; another failure removes a
+    fresh ``--out``). Returns ``(result, dist)``; a rank other than 0 that meets a ConsaError returns
+    ``(None, dist)`` (every rank meets it, rank 0 alone reports it). The process group is shut down after."""
+    from contextlib import nullcontext
+
+    from ..files import has_checkpoint, output_dir
+    from ..train import distributed as D
+
+    dist = D.init_from_env(args.device, activation_checkpointing=not args.no_activation_checkpointing) if under_torchrun else None
+    try:
+        torch.manual_seed(args.seed)
+        main = dist is None or dist.is_main
+        with output_dir(args.out, resumable=True, keep=has_checkpoint) if main else nullcontext():
+            return body(dist), dist
+    except ConsaError:
+        if dist is not None and not dist.is_main:
+            return None, dist
+        raise
+    finally:
+        D.shutdown(dist)
+
+
 def check_corpus_vocab(corpus, split: str, vocab_size: int) -> None:
     """A corpus tokenized with a larger vocabulary than the model's would index past its embedding
     (an IndexError deep in the forward); refuse it as one line before any work."""

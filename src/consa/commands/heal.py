@@ -93,17 +93,11 @@ def _check_inputs(args):
 
 
 def run(args) -> int:
-    from contextlib import nullcontext
     from pathlib import Path
 
-    import torch
-
-    from ..files import has_checkpoint, output_dir
-
-    from ..errors import ConsaError
     from ..train import distributed as D
     from ..train.heal import Heal, check_out
-    from .common import load_for, search_batches
+    from .common import load_for, run_on_ranks, search_batches
 
     cfg, alloc = _check_inputs(args)
     under_torchrun, world = D.world_from_args(args.nproc, args.batch_size)
@@ -111,23 +105,16 @@ def run(args) -> int:
     if not under_torchrun and world > 1:
         return D.launch(D.worker_argv(_PARSER, args, "heal"), world)
 
-    dist = None
-    if under_torchrun:
-        dist = D.init_from_env(args.device, activation_checkpointing=not args.no_activation_checkpointing)
-    try:
-        torch.manual_seed(args.seed)
-        # resumable: a Ctrl-C keeps the checkpoint for --resume; any other failure removes a fresh --out
-        with output_dir(args.out, resumable=True, keep=has_checkpoint) if dist is None or dist.is_main else nullcontext():
-            model = load_for(args, dist)
-            batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
-            heal = Heal(model, alloc, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist, source_dir=args.model)
-            heal.run(resume=args.resume)
-    except ConsaError:
-        if dist is not None and not dist.is_main:
-            return 2  # every rank meets the same error; rank 0 alone reports it
-        raise
-    finally:
-        D.shutdown(dist)
+    def body(dist):
+        model = load_for(args, dist)
+        batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
+        heal = Heal(model, alloc, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist, source_dir=args.model)
+        heal.run(resume=args.resume)
+        return heal
+
+    heal, dist = run_on_ranks(args, under_torchrun, body)
+    if heal is None:
+        return 2
     if dist is None or dist.is_main:
         h = heal.history
         first, last = (h[0]["loss"], h[-1]["loss"]) if h else (float("nan"), float("nan"))

@@ -88,15 +88,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
 
-    import torch
-
     from ..errors import ConsaError
     from ..train import distributed as D
     from ..train.search import Search, SearchConfig
-    from contextlib import nullcontext
-
-    from ..files import has_checkpoint, output_dir
-    from .common import check_model_dir, load_for, search_batches
+    from .common import check_model_dir, load_for, run_on_ranks, search_batches
 
     cfg = SearchConfig(
         sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
@@ -122,25 +117,15 @@ def run(args) -> int:
         check_resumable(Path(args.out), args.resume, world)  # fail here, once, before any process starts
         return D.launch(D.worker_argv(_PARSER, args, "search"), world)
 
-    dist = None
-    if under_torchrun:
-        dist = D.init_from_env(args.device, activation_checkpointing=not args.no_activation_checkpointing)
-    try:
-        torch.manual_seed(args.seed)
+    def body(dist):
         check_model_dir(args.model)
-        # resumable: a failure keeps a fresh --out only when it holds a checkpoint for --resume (or on Ctrl-C)
-        main_rank = dist is None or dist.is_main
-        with output_dir(args.out, resumable=True, keep=has_checkpoint) if main_rank else nullcontext():
-            model = load_for(args, dist)
-            batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
-            search = Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist)
-            alloc = search.run(resume=args.resume)
-    except ConsaError:
-        if dist is not None and not dist.is_main:
-            return 2  # every rank meets the same error; rank 0 alone reports it
-        raise
-    finally:
-        D.shutdown(dist)
+        model = load_for(args, dist)
+        batch_fn = search_batches(args, model, model.config.get_text_config().vocab_size)
+        return Search(model, cfg, batch_fn, args.out, progress=not args.no_progress, dist=dist).run(resume=args.resume)
+
+    alloc, dist = run_on_ranks(args, under_torchrun, body)
+    if alloc is None:
+        return 2
     if dist is None or dist.is_main:
         st = alloc.stats()
         native = sorted({w for w in st["native_windows"] if w is not None})

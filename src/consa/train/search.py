@@ -276,15 +276,16 @@ def answer_positions(answer_mask: torch.Tensor, loss_mask=None) -> torch.Tensor:
     return pos if loss_mask is None else pos & loss_mask.bool()
 
 
-def units_to_heads(z: torch.Tensor, granularity: str, shape, free_layers: list[int]) -> torch.Tensor:
+def units_to_heads(z: torch.Tensor, granularity: str, shape, free_layers) -> torch.Tensor:
     """Gate values of the searched units ([U] or [U, options]) → [layers, kv_heads(, options)] (layers
-    not in ``free_layers``, the fixed ones, read none: 0 there)."""
+    not in ``free_layers``, the fixed ones, read none: 0 there). ``free_layers``: a list, or an index
+    tensor already on z's device (a search step then copies nothing from the host)."""
     h = shape.num_kv_heads
     tail = tuple(z.shape[1:])
     rows = z.view(-1, 1, *tail).expand(-1, h, *tail) if granularity == "layer" else z.view(-1, h, *tail)
     if len(free_layers) == shape.num_layers:
         return rows
-    idx = torch.tensor(free_layers, device=rows.device)
+    idx = free_layers if torch.is_tensor(free_layers) else torch.tensor(free_layers, device=rows.device)
     return rows.new_zeros(shape.num_layers, h, *tail).index_copy(0, idx, rows)
 
 
@@ -375,7 +376,9 @@ class Search:
 
     # ---- one step -----------------------------------------------------------------------------
     def _unit_to_heads(self, z: torch.Tensor) -> torch.Tensor:
-        return units_to_heads(z, self.cfg.granularity, self.shape, self.free_layers)
+        if getattr(self, "_free_idx", None) is None or self._free_idx.device != z.device:  # once, not every step
+            self._free_idx = torch.tensor(self.free_layers, device=z.device)
+        return units_to_heads(z, self.cfg.granularity, self.shape, self._free_idx)
 
     def _teacher_logits(self, batch):
         if self.reopened is None:
