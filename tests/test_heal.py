@@ -282,6 +282,34 @@ def test_gap_closed_by_healing_is_the_share_of_the_remaining_long_range_gap(tmp_
     assert "| 0.75 | fa_top-layer | 1,000 | 1.200 → 1.100 | 1.000 | 0.50 → 0.50 | 0.50 |" in format_heal(wd)
 
 
+def test_best_rules_adds_the_rules_with_the_lowest_long_range_ppl_per_sparsity(tmp_path):
+    """heal.best_rules 2: the two rules (random excluded) with the lowest long-range PPL at each sparsity
+    join heal.methods, ties broken by retrieval; a learned method is not a rule; without the eval runs
+    only heal.methods are healed."""
+    from consa.experiment import ExperimentConfig, Workdir
+    from consa.experiment_heal import heal_targets
+
+    methods = ["consa-kv_head", "fa_top-layer", "fa_middle-layer", "interleaved-layer", "interleaved-kv_head", "random-kv_head"]
+    cfg = ExperimentConfig.from_dict({"search": {"sparsities": [0.5, 0.75], "methods": methods, "random_seeds": [0]},
+                                      "heal": {"methods": ["consa-kv_head"], "best_rules": 2}})
+    wd = Workdir(tmp_path, cfg)
+
+    def put(d, long_ppl, retrieval=0.5):
+        (wd.evals / d).mkdir(parents=True)
+        res = {"quality": {"long": {"ppl": long_ppl}}, "summary": {"retrieval": {"passkey": retrieval}, "retrieval_raw": {}}}
+        (wd.evals / d / "eval.json").write_text(json.dumps(res))
+
+    for stem, p5, p75 in (("consa-kv_head", 1.0, 1.0), ("fa_top-layer", 12, 20), ("fa_middle-layer", 11, 30),
+                          ("interleaved-layer", 13, 25), ("interleaved-kv_head", 14, 20), ("random-kv_head-seed0", 5, 5)):
+        put(f"s0.5/{stem}", p5)
+        put(f"s0.75/{stem}", p75, retrieval=0.9 if stem == "interleaved-kv_head" else 0.5)
+    assert heal_targets(cfg, wd.evals) == [(0.5, "consa-kv_head"), (0.5, "fa_middle-layer"), (0.5, "fa_top-layer"),
+                                           (0.75, "consa-kv_head"), (0.75, "interleaved-kv_head"), (0.75, "fa_top-layer")]
+    assert heal_targets(cfg) == [(0.5, "consa-kv_head"), (0.75, "consa-kv_head")]
+    with pytest.raises(ConsaError, match="heal.best_rules"):
+        ExperimentConfig.from_dict({"search": {"sparsities": [0.5], "methods": methods}, "heal": {"best_rules": -1}})
+
+
 def _stdlib_sources(tmp_path):
     import shutil
     import sysconfig

@@ -154,6 +154,7 @@ class HealStage:
     retrieval_share: float = 0.5
     backend: str = "auto"
     keep_models: bool = False  # keep each healed model (a consa export) in WORKDIR/heal/s<t>/<method>
+    best_rules: int = 0  # also heal the N rule allocations with the lowest long-range PPL at each sparsity
 
 
 @dataclass

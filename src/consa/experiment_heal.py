@@ -53,21 +53,45 @@ def validate_heal(cfg) -> None:
     bad_m = [m for m in (h.methods or []) if m not in cfg.search.methods]
     if bad_t or bad_m:
         raise ConsaError(f"heal.sparsities / heal.methods must be among the search's (not: {bad_t + bad_m})")
+    if not isinstance(h.best_rules, int) or isinstance(h.best_rules, bool) or h.best_rules < 0:
+        raise ConsaError(f"heal.best_rules must be an integer >= 0, got {h.best_rules!r}")
     if h.batch_size < 1 or not h.lr > 0 or h.lora_rank < 0 or h.lm_weight < 0:
         raise ConsaError("heal.batch_size must be >= 1, heal.lr > 0, heal.lora_rank and heal.lm_weight >= 0")
     if not 0 <= h.retrieval_share <= 1 or not 0 <= h.warmup_frac <= 1:
         raise ConsaError("heal.retrieval_share and heal.warmup_frac must lie in [0, 1]")
 
 
-def heal_targets(cfg) -> list[tuple[float, str]]:
-    """(sparsity, allocation file stem) of every allocation the stage heals."""
+def heal_targets(cfg, evals=None) -> list[tuple[float, str]]:
+    """(sparsity, allocation file stem) of every allocation the stage heals: ``heal.methods`` (default:
+    every search method), plus, with ``heal.best_rules`` = N and the eval stage's runs in ``evals``, the N
+    rule allocations (``rules.RULES`` but random) with the lowest long-range PPL at each sparsity."""
     from .experiment import _method_list
 
     h = cfg.heal
     sparsities = h.sparsities or cfg.search.sparsities
     methods = set(h.methods or cfg.search.methods)
     stems = [stem for stem, name, gran, _ in _method_list(cfg) if f"{name}-{gran}" in methods]
-    return [(t, stem) for t in sparsities for stem in stems]
+    out = []
+    for t in sparsities:
+        best = best_rules(cfg, evals, t, h.best_rules) if (h.best_rules and evals is not None) else []
+        out += [(t, stem) for stem in stems + [b for b in best if b not in stems]]
+    return out
+
+
+def best_rules(cfg, evals, t: float, n: int) -> list[str]:
+    """The ``n`` rule allocations of sparsity ``t`` with the lowest long-range PPL in the eval stage's
+    runs (ties: higher retrieval first); fewer where fewer rules were evaluated."""
+    from .experiment import _method_list, method_key
+    from .rules import RULES
+
+    scored = []
+    for stem, name, _gran, _seed in _method_list(cfg):
+        p = evals / method_key(t) / stem / "eval.json"
+        if name in RULES and name != "random" and p.is_file():
+            res = json.loads(p.read_text())
+            if _long_ppl(res) is not None:
+                scored.append((_long_ppl(res), -(_retrieval(res) or 0.0), stem))
+    return [stem for *_k, stem in sorted(scored)[:n]]
 
 
 def run_heal_stage(wd, deadline: float | None = None) -> dict:
@@ -79,6 +103,7 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
     from .eval.runner import evaluate, retrieval_items, write_run
     from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, method_key, search_batch_fn
     from .models import load_model
+    from .rules import RULES
     from .train.heal import Heal, HealConfig, steps_for_tokens
 
     cfg, h = wd.cfg, wd.cfg.heal
@@ -101,7 +126,11 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
     eval_dtype = _dtype(cfg.eval.dtype, device)  # evaluate healed weights as the unhealed ones were
     n_done, n_skipped = 0, 0
     # smaller budgets first: under a time budget every allocation gets the small heal before any large one
-    pieces = [(b, t, stem) for b in sorted(heal_budgets(h)) for t, stem in heal_targets(cfg)]
+    targets = heal_targets(cfg, wd.evals)
+    if h.best_rules:
+        _say(f"heal: the {h.best_rules} best rules by long-range PPL: " + "; ".join(
+            f"t={t} {stem}" for t, stem in targets if stem.rsplit('-', 1)[0] in RULES))
+    pieces = [(b, t, stem) for b in sorted(heal_budgets(h)) for t, stem in targets]
     for budget, t, stem in pieces:
         sfx = budget_suffix(h, budget)
         out = wd.evals / method_key(t) / f"{stem}{SUFFIX}{sfx}"
@@ -167,7 +196,7 @@ def heal_rows(wd) -> list[dict]:
     f_long, f_short = _long_ppl(full), ((full.get("quality") or {}).get("short") or {}).get("ppl")
     rows = []
     h = wd.cfg.heal
-    for (t, stem), budget in ((ts, b) for ts in heal_targets(wd.cfg) for b in heal_budgets(h)):
+    for (t, stem), budget in ((ts, b) for ts in heal_targets(wd.cfg, wd.evals) for b in heal_budgets(h)):
         pb = wd.evals / method_key(t) / stem / "eval.json"
         pa = wd.evals / method_key(t) / f"{stem}{SUFFIX}{budget_suffix(h, budget)}" / "eval.json"
         if not (pb.is_file() and pa.is_file()):
