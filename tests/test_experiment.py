@@ -346,3 +346,73 @@ def test_budget_stage_compares_methods_at_equal_measured_kv_bytes(finished, tmp_
     var.write_text(json.dumps(bad))
     with pytest.raises(ConsaError, match="unknown budget methods"):
         ExperimentConfig.load(var)
+
+
+def test_search_seeds_repeat_the_learned_searches_and_compare_pools_workdirs(finished, tmp_path, capsys):
+    """search.search_seeds [0, 1]: ConSA and Duo-style search once per seed (stems <method>-seed<s>; seed 0
+    is the unseeded search, the same allocation), rules once; the report gives mean ± sd over the seeds;
+    a time budget leaves the searches (not the rules) for the next call; ``consa compare`` pools workdirs
+    into mean ± sd over every run and judges claims against the spread."""
+    import time
+
+    import numpy as np
+
+    from consa.allocation import Allocation
+    from consa.experiment_compare import write_compare
+
+    cfg_path, work, _ = finished
+    d = json.loads(cfg_path.read_text())
+    d.update(name="ci-seeds", data={"corpus": str(work / "corpus")})
+    d["search"].update(sparsities=[0.5], methods=["consa-kv_head", "duo-kv_head", "fa_top-layer"], search_seeds=[0, 1])
+    var = tmp_path / "seeds.json"
+    var.write_text(json.dumps(d))
+    cfg = ExperimentConfig.load(var)
+    w2 = tmp_path / "w2"
+    assert main(["experiment", "pretrain", "--config", str(var), "--workdir", str(w2), "--base-from", str(work)]) == 0
+    late = run_stage("search", cfg, w2, deadline=time.time() - 1)
+    assert not late["done"] and "4 searches left" in late["note"]
+    assert sorted(p.name for p in (w2 / "alloc" / "s0.5").glob("*.json") if not p.name.endswith(".meta.json")) == \
+        ["fa_top-layer.json"]
+    assert main(["experiment", "all", "--config", str(var), "--workdir", str(w2)]) == 0
+    stems = sorted(p.name[:-5] for p in (w2 / "alloc" / "s0.5").glob("*.json") if not p.name.endswith(".meta.json"))
+    assert stems == ["consa-kv_head-seed0", "consa-kv_head-seed1", "duo-kv_head-seed0", "duo-kv_head-seed1", "fa_top-layer"]
+    # seed 0 is the unseeded search of the same base and settings; seed 1 has its own seed and run directory
+    assert Allocation.load(w2 / "alloc" / "s0.5" / "consa-kv_head-seed0.json").fa == \
+        Allocation.load(work / "alloc" / "s0.5" / "consa-kv_head.json").fa
+    assert json.loads((w2 / "search" / "s0.5-kv_head-seed1" / "search.json").read_text())["config"]["seed"] == 1000
+    res = json.loads((w2 / "report" / "results.json").read_text())
+    rows = res["tables"]["s0.5"]["rows"]
+    agg = rows["consa-kv_head (mean of 2 seeds)"]
+    per = [json.loads((w2 / "eval" / "s0.5" / f"consa-kv_head-seed{s}" / "eval.json").read_text()) for s in (0, 1)]
+    full = json.loads((w2 / "eval" / "full" / "eval.json").read_text())["quality"]["long"]["ppl"]
+    ratios = [p["quality"]["long"]["ppl"] / full for p in per]
+    assert agg["long_ppl_ratio"] == pytest.approx(np.mean(ratios)) and agg["long_ppl_ratio_sd"] == pytest.approx(np.std(ratios, ddof=1))
+    assert "consa-kv_head (mean of 2 seeds)" in (w2 / "report" / "results.md").read_text()
+    assert json.loads((w2 / "experiment.json").read_text())["search"]["search_seeds"] == [0, 1]
+
+    # compare: the unseeded workdir and the seeded one, pooled (consa-kv_head: 1 + 2 runs at t = 0.5)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(work), str(w2), "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    rec = data["pooled"]["0.5"]["consa-kv_head"]
+    base0 = json.loads((work / "eval" / "full" / "eval.json").read_text())["quality"]["long"]["ppl"]
+    r0 = json.loads((work / "eval" / "s0.5" / "consa-kv_head" / "eval.json").read_text())["quality"]["long"]["ppl"] / base0
+    allv = [r0, *ratios]
+    assert rec["n"] == 3 and rec["long"] == pytest.approx(np.mean(allv)) and rec["long_sd"] == pytest.approx(np.std(allv, ddof=1))
+    assert rec["long_per_base"] == pytest.approx([r0, np.mean(ratios)])
+    assert data["pooled"]["0.5"]["interleaved-kv_head"]["n"] == 1  # only in the first workdir
+    for c in data["claims"]:
+        if c["spread"] is not None:
+            assert c["holds"] == (abs(c["b_long"] - c["a_long"]) > c["spread"])
+    duo = [c for c in data["claims"] if (c["a"], c["b"]) == ("consa-kv_head", "duo-kv_head")]
+    assert duo and duo[0]["spread"] == pytest.approx(rec["long_sd"] + data["pooled"]["0.5"]["duo-kv_head"]["long_sd"])
+    assert (out / "structure.png").stat().st_size > 0 and "## Claims" in (out / "compare.md").read_text()
+    capsys.readouterr()
+    # bad input: one line, nothing written
+    bad = tmp_path / "cmp-bad"
+    assert main(["compare", str(tmp_path / "nowhere"), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experiment.json not found" in err[0] and not bad.exists()
+    with pytest.raises(ConsaError, match="search_seeds"):
+        ExperimentConfig.from_dict({**d, "search": {**d["search"], "search_seeds": [1, 1]}})
+    assert write_compare  # the Python API the command wraps

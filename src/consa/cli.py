@@ -9,7 +9,7 @@ import sys
 
 from .errors import ConsaError
 
-COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment", "heal")
+COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment", "heal", "compare")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -119,6 +119,9 @@ class SearchStage:
     duo_l1: float = 0.05
     mass_batches: int = 4
     random_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    # search seeds of the learned methods (ConSA, Duo-style): each seed searches once, with its own gate
+    # initialisation, sampling and batches (stems <method>-seed<s>); empty: one search at the experiment's seed
+    search_seeds: list = field(default_factory=list)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     backend: str = "auto"  # consa attention kernels: auto | sdpa | flex (sdpa avoids FlexAttention compiles)
 
@@ -226,6 +229,10 @@ class ExperimentConfig:
         from .train.schedules import validate as validate_search_options
 
         validate_search_options(self.search)
+        ss = self.search.search_seeds
+        if not isinstance(ss, list) or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in ss) \
+                or len(set(ss)) != len(ss):
+            raise ConsaError(f"search.search_seeds must be a list of distinct integers >= 0, got {ss!r}")
         if "random-kv_head" in self.search.methods and len(self.search.random_seeds) < 1:
             raise ConsaError("random needs at least one seed")
         if not 0 <= self.pretrain.retrieval_mix <= 1 or not 0 <= self.search.retrieval_share <= 1:
@@ -248,7 +255,8 @@ class ExperimentConfig:
             validate_budget(self)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        """The config as JSON (unset optional sections left out, so ``from_dict`` reads it back)."""
+        return {k: v for k, v in json.loads(json.dumps(asdict(self))).items() if v is not None}
 
     # derived
     @property
@@ -479,6 +487,9 @@ def search_batch_fn(shards, bank: BankSource | None, batch: int, seq_len: int, s
     return fn
 
 
+LEARNED = ("consa", "duo")  # the methods a search seed changes (attention mass and the rules are deterministic)
+
+
 def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]]:
     """(file stem, method, granularity, seed) for every allocation of one sparsity."""
     out = []
@@ -486,19 +497,26 @@ def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]
         name, gran = m.rsplit("-", 1)
         if name == "random":
             out += [(f"{m}-seed{s}", name, gran, int(s)) for s in cfg.search.random_seeds]
+        elif name in LEARNED and cfg.search.search_seeds:
+            out += [(f"{m}-seed{s}", name, gran, int(s)) for s in cfg.search.search_seeds]
         else:
             out.append((m, name, gran, None))
     return out
 
 
-def _duo(model, gran, k, W, batch_fn, s: SearchStage, cfg: ExperimentConfig):
+def _duo(model, gran, k, W, batch_fn, s: SearchStage, cfg: ExperimentConfig, seed: int):
     from .train.baselines import duo_allocation
 
     return duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
-                          seed=cfg.seed, progress=cfg.progress, backend=s.backend)
+                          seed=seed, progress=cfg.progress, backend=s.backend)
 
 
-def stage_search(wd: Workdir) -> dict:
+def search_seed(cfg: ExperimentConfig, seed: int | None) -> int:
+    """The seed of one learned search: the experiment's, shifted by the search seed (seed 0 = no seed)."""
+    return cfg.seed + 1000 * int(seed or 0)
+
+
+def stage_search(wd: Workdir, deadline: float | None = None) -> dict:
     import torch
 
     from .allocation import Allocation, swa_count
@@ -520,7 +538,7 @@ def stage_search(wd: Workdir) -> dict:
     W = cfg.W
     batch_fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, cfg.seed)
     train_tokens = s.steps * s.batch_size * seq_len
-    records = {}
+    records, n_skipped = {}, 0
     for t in s.sparsities:
         d = wd.alloc / method_key(t)
         d.mkdir(parents=True, exist_ok=True)
@@ -530,6 +548,12 @@ def stage_search(wd: Workdir) -> dict:
             if path.is_file() and rec_path.is_file():
                 records[f"{method_key(t)}/{stem}"] = json.loads(rec_path.read_text())
                 continue
+            if deadline is not None and time.time() > deadline and name in LEARNED:
+                n_skipped += 1  # a search left for the next call (rules take no time: they still run)
+                continue
+            seeded = name in LEARNED and bool(s.search_seeds)
+            sseed = search_seed(cfg, seed if seeded else None)
+            fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, sseed) if seeded else batch_fn
             n_units = shape.num_units(gran)
             k = swa_count(t, n_units)
             t0 = time.time()
@@ -538,13 +562,13 @@ def stage_search(wd: Workdir) -> dict:
                 scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
                                     until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=cfg.seed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
+                                    seed=sseed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
                                     beta_final=s.beta_final, gate_lr_final=s.gate_lr_final, init=s.init,
                                     init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
                                     answer_weight=s.answer_weight)
-                out_dir = wd.search_runs / f"{method_key(t)}-{gran}"
+                out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))
                 resume = (out_dir / "checkpoint" / "state.json").is_file()
-                alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)
+                alloc = Search(model, scfg, fn, out_dir, progress=cfg.progress).run(resume=resume)
                 detach(model)
                 summ = json.loads((out_dir / "search.json").read_text())
                 extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
@@ -553,7 +577,7 @@ def stage_search(wd: Workdir) -> dict:
                          "refine": summ.get("refine")}
                 tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len + int(summ.get("init_tokens", 0))
             elif name == "duo":
-                alloc = _duo(model, gran, k, W, batch_fn, s, cfg)
+                alloc = _duo(model, gran, k, W, fn, s, cfg, sseed)
                 extra, tokens = {}, train_tokens
             elif name == "attn_mass":
                 batches = [batch_fn(10_000 + i) for i in range(s.mass_batches)]
@@ -580,6 +604,8 @@ def stage_search(wd: Workdir) -> dict:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if n_skipped:
+        raise _Partial(f"search: {n_skipped} searches left for a later call (time budget reached)")
     return {"allocations": len(records), "window": W, "seq_len": seq_len, "train_tokens_per_learned_method": train_tokens}
 
 
@@ -703,10 +729,14 @@ def run_stage(stage: str, cfg: ExperimentConfig, workdir: str | Path, *, force: 
     prev = wd.stages().get(stage, {})
     before = float(prev.get("wall_s", 0.0)) if not prev.get("done") else 0.0
     wd.root.mkdir(parents=True, exist_ok=True)  # every stage writes there (e.g. the bank), whichever runs first
+    from .files import atomic_write_text
+
+    # the config this workdir last ran with: `consa compare` reads it back
+    atomic_write_text(wd.root / "experiment.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     t0 = time.time()
     _say(f"{stage}: start")
     try:
-        info = STAGE_FNS[stage](wd, deadline) if stage in ("eval", "heal", "budget") else STAGE_FNS[stage](wd)
+        info = STAGE_FNS[stage](wd, deadline) if stage in ("search", "eval", "heal", "budget") else STAGE_FNS[stage](wd)
         done = True
     except _Partial as e:
         info, done = {"note": str(e)}, False

@@ -20,6 +20,12 @@ def _ratio(a, b):
     return None if (a is None or b is None or b == 0) else a / b
 
 
+def _pm(r: dict, k: str, d: int = 3) -> str:
+    """``mean ± sd`` for a row averaged over seeds, the value alone otherwise."""
+    sd = r.get(f"{k}_sd")
+    return _fmt(r.get(k), d) + (f" ± {sd:.{d}f}" if sd is not None else "")
+
+
 def collect(wd: Workdir) -> dict:
     """Every eval result of the experiment, summarised per sparsity and method (random: mean of seeds)."""
     cfg = wd.cfg
@@ -84,9 +90,13 @@ def collect(wd: Workdir) -> dict:
                 continue
             agg = dict(rs[0])
             for k in ("long_ppl_ratio", "short_ppl_ratio", "overall_ppl_ratio", "long_nll", "gap_closed", "contiguity",
-                      "fa_bottom", "fa_middle", "fa_top", *tasks):
+                      "fa_bottom", "fa_middle", "fa_top", "search_seconds", "cut_agreement", *tasks):
                 vals = [r[k] for r in rs if r.get(k) is not None]
                 agg[k] = float(np.mean(vals)) if vals else None
+                agg[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+            agg["tokens_after_base"] = int(np.mean([r["tokens_after_base"] or 0 for r in rs]))
+            agg["fa_share_per_layer"] = np.mean([r["fa_share_per_layer"] for r in rs], axis=0).tolist()
+            agg["per_seed"] = rs
             agg["raw"] = {tn: (float(np.mean([r["raw"][tn] for r in rs if r["raw"].get(tn) is not None]))
                                if any(r["raw"].get(tn) is not None for r in rs) else None) for tn in tasks}
             agg["seeds"] = [r["seed"] for r in rs]
@@ -130,7 +140,7 @@ def format_tables(res: dict) -> str:
         for name, r in order:
             lines.append(f"| {name} | {r['granularity']} | {r['swa_units']}/{r['units']} | {r.get('swa_heads', '–')} | "
                          f"{r['tokens_after_base']:,} | " + cells(r)
-                         + f"{_fmt(r['long_ppl_ratio'])} | {_fmt(r['short_ppl_ratio'])} | {_fmt(r['gap_closed'], 2)} | "
+                         + f"{_pm(r, 'long_ppl_ratio')} | {_fmt(r['short_ppl_ratio'])} | {_fmt(r['gap_closed'], 2)} | "
                          f"{_fmt(r['contiguity'], 2)} |")
         lines.append("| all-SWA (ref) | – | all | all | 0 | " + cells(s)
                      + f"{_fmt(s['long_ppl_ratio'])} | {_fmt(s['short_ppl_ratio'])} | 0.00 | – |")
@@ -150,16 +160,23 @@ def format_structure(res: dict) -> str:
         for name, r in tab["rows"].items():
             if not any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
                 continue
-            pattern = (r["fa_bottom"] < r["fa_middle"] and r["contiguity"] == 1.0)
-            blocks = ", ".join(f"{a}–{b - 1}" for a, b in r["fa_blocks"])
+            runs = r.get("per_seed") or [r]  # seeds: blocks per seed, the pattern as a count of seeds
+            hits = sum(paper_pattern(x) for x in runs)
+            pattern = ("yes" if hits else "no") if len(runs) == 1 else f"{hits}/{len(runs)} seeds"
+            blocks = " · ".join(", ".join(f"{a}–{b - 1}" for a, b in x["fa_blocks"]) for x in runs)
+            refine = _refine_cell(r.get("refine")) if len(runs) == 1 else "–"
             lines.append(f"| {tab['sparsity']} | {name} | {r['fa_bottom']:.2f} / {r['fa_middle']:.2f} / {r['fa_top']:.2f} | "
-                         f"{blocks} | {r['contiguity']:.2f} | {'yes' if pattern else 'no'} | {_fmt(r.get('cut_agreement'), 2)} | "
-                         f"{_refine_cell(r.get('refine'))} |")
+                         f"{blocks} | {r['contiguity']:.2f} | {pattern} | {_fmt(r.get('cut_agreement'), 2)} | {refine} |")
     return "\n".join(lines) + "\n" + (
         "\nGates agreeing with the cut: share of a ConSA search's units whose own gate (P(z ≠ 0) ≥ 0.5 = FA) matches the "
         "final top-k; well below 1 the search had not finished and more steps would likely change the allocation. "
         "Cut refinement (search.refine_evals): the binary allocation's KL to the full model on held-out batches before → "
         "after swaps across the cut, the swaps kept and the evaluations spent (train/refine.py).\n")
+
+
+def paper_pattern(r: dict) -> bool:
+    """The paper's layout: less FA in the bottom third than in the middle, and the FA layers one block."""
+    return bool(r["fa_bottom"] < r["fa_middle"] and r["contiguity"] == 1.0)
 
 
 def _refine_cell(ref: dict | None) -> str:
@@ -214,6 +231,9 @@ def stage_report(wd: Workdir) -> dict:
     for key, stems, what in groups:
         for stem in stems:
             p = wd.alloc / key / f"{stem}.json"
+            if not p.is_file() and cfg.search.search_seeds:  # several search seeds: the first one's
+                stem = f"{stem}-seed{cfg.search.search_seeds[0]}"
+                p = wd.alloc / key / f"{stem}.json"
             if p.is_file():
                 name = f"heatmap-{key}-{stem}.png"
                 plot_allocation(Allocation.load(p), wd.report / name, title=f"{stem}, {what}")

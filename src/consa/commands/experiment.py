@@ -20,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="experiment config JSON (see experiments/)")
     p.add_argument("--workdir", help="where the stages write (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="rerun the stage even when stages.json says it is done")
-    p.add_argument("--time-budget", type=positive_float, help="seconds after which the eval stage stops starting new runs "
-                   "(what it finished stays; the next call continues)")
+    p.add_argument("--time-budget", type=positive_float, help="seconds after which the search, eval, heal and budget "
+                   "stages stop starting new pieces (what they finished stays; the next call continues, exit code 3)")
     p.add_argument("--base-from", metavar="WORKDIR", help="use the finished base model and bank of another "
                    "experiment workdir instead of pretraining (search/eval variants on the same base)")
     p.set_defaults(func=run)
