@@ -5,7 +5,9 @@ search; beside them the Duo-style baseline at the same budgets and the training-
 cut once. Per run: cut agreement (``gates.cut_agreement``; for Duo-style the share of α on the cut's
 side of 0.5), the binary allocation's KL to the full model on held-out batches (``Search.held_out_kl``,
 the same batches for every run), expected sparsity at the end, wall seconds and search tokens (a
-warm start's tokens included). JSON is rewritten after every run, a table is printed last, and
+warm start's tokens included). The ``refine`` variants (item 2) swap units across the cut on the search's
+own held-out batches; every cut is scored on batches after those (``SCORE_OFFSET``), and a refined run
+also reports its cut before the swaps, scored alike, and how many units the swaps changed. JSON is rewritten after every run, a table is printed last, and
 ``--budget-s`` skips the runs that would not finish in time (they are listed as skipped).
 
     # on the run-4 recipe's base model (experiment workdir + its config), on one GPU:
@@ -42,7 +44,11 @@ VARIANTS = {
     "init_duo": {"init": "duo", "init_steps": "steps/5"},
     "decide": {"decide_weight": 1.0, "decide_frac": 0.25},
     "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25},
+    # cut refinement (item 2): swaps across the cut on the search's held-out batches; scored on other batches
+    "refine": {"refine_evals": 16},
+    "anneal_refine": {"beta_final": 0.2, "refine_evals": 16},
 }
+SCORE_OFFSET = 1000  # the scoring batches sit this many steps after the refinement's: a refined cut is not scored on its own data
 
 
 def _ints(text: str) -> list[int]:
@@ -56,7 +62,7 @@ def parse(argv=None):
     p.add_argument("--model", help="HF model directory (instead of --workdir)")
     p.add_argument("--corpus", help="corpus directory from `consa data build` (with --model)")
     p.add_argument("--smoke", action="store_true", help="tiny random model and random tokens on the CPU")
-    p.add_argument("--variants", default="default,anneal,lr,init_mass,init_duo,decide,all")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--steps", default="75,150,300", help="step budgets, comma-separated")
     p.add_argument("--seeds", default="0", help="search seeds, comma-separated")
     p.add_argument("--search-lengths", default="",
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
     from consa.models import detach, model_shape, searchable_native
     from consa.train.baselines import attention_mass_allocation, duo_allocation
     from consa.train.search import Search, SearchConfig
+    from consa.gates import topk_swa
 
     model, batch_fn, window, seq_len, step_tokens, desc, fn_for = setup(a)
     variants, budgets, seeds = a.variants.split(","), _ints(a.steps), _ints(a.seeds)
@@ -188,9 +195,13 @@ def main(argv=None) -> int:
         left = a.budget_s - (time.time() - t_start)
         return left > 0 and (rate is None or rate * steps * 1.2 < left)
 
+    def score_fn(step):
+        return batch_fn(step + SCORE_OFFSET)
+
     def held_kl(seed: int, fa: list[bool]) -> float:
-        """The binary allocation ``fa``'s held-out KL, through a never-run Search (same batches for all)."""
-        probe = Search(model, SearchConfig(**base, steps=1, seed=seed), batch_fn, out.parent / "_probe", progress=False)
+        """The binary allocation ``fa``'s held-out KL, through a never-run Search (the same batches for every
+        run, apart from the ones a refinement chose its swaps on)."""
+        probe = Search(model, SearchConfig(**base, steps=1, seed=seed), score_fn, out.parent / "_probe", progress=False)
         try:
             return probe.held_out_kl(fa)
         finally:
@@ -233,6 +244,11 @@ def main(argv=None) -> int:
                            "expected_sparsity": last["expected_sparsity"], "hard_sparsity": last["hard_sparsity"],
                            "final_loss": last["loss"], "steps_done": search.step, "fa": fa,
                            "tokens": search.step * step_tokens + search.init_tokens}
+                    if search.refined is not None:  # the cut before the swaps, scored like every other cut
+                        top = topk_swa(search.gates.log_alpha, search.num_swa)
+                        rec.update(refine=search.refined.summary(), fa_unrefined=top,
+                                   units_changed_by_refine=sum(x != y for x, y in zip(top, fa)),
+                                   held_out_kl_unrefined=held_kl(seed, top))
                 seconds = time.time() - t0
                 rate = seconds / steps  # the last run's pace (the first includes warm-up: an overestimate, skips early)
                 rec.update(seed=seed, steps=steps, search_len=length, seconds=seconds, held_out_kl=held_kl(seed, rec["fa"]))
@@ -252,8 +268,10 @@ def main(argv=None) -> int:
         agree = f"{r['cut_agreement']:.3f}" if "cut_agreement" in r else "-"
         s_exp = f"{r['expected_sparsity']:.3f}" if "expected_sparsity" in r else "-"
         ov = f"{r['fa_overlap_with_full_length']:.2f}" if "fa_overlap_with_full_length" in r else "-"
+        ref = (f"  refine: {r['units_changed_by_refine']} units changed, KL@T {r['held_out_kl_unrefined']:.5f} unrefined"
+               if "held_out_kl_unrefined" in r else "")
         print(f"{r['method']:22s} {r['seed']:4d} {r.get('search_len', seq_len):6d} {r['steps']:5d} {agree:>6s} "
-              f"{r['held_out_kl']:9.5f} {ov:>7s} {s_exp:>6s} {r['seconds']:7.1f} {r['tokens']:10d}")
+              f"{r['held_out_kl']:9.5f} {ov:>7s} {s_exp:>6s} {r['seconds']:7.1f} {r['tokens']:10d}{ref}")
     if res["skipped"]:
         print(f"skipped {len(res['skipped'])} runs (--budget-s {a.budget_s:g}); see {out}")
     print(f"wrote {out}")

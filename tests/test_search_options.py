@@ -197,6 +197,15 @@ def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
         assert r["held_out_kl"] >= 0 and r["seconds"] > 0 and r["tokens"] > 0
         if r["method"] != "attention_mass":
             assert 0 <= r["cut_agreement"] <= 1 and sum(not f for f in r["fa"]) == res["setup"]["num_swa"]
+    for r in res["runs"]:
+        if r["method"] in ("consa:refine", "consa:anneal_refine"):  # the cut before the swaps, scored alike
+            ref = r["refine"]
+            assert r["units_changed_by_refine"] == 2 * len(ref["swaps"]) and ref["evals"] <= 16
+            assert sum(not f for f in r["fa_unrefined"]) == res["setup"]["num_swa"]
+            assert (r["fa_unrefined"] == r["fa"]) == (not ref["swaps"])
+            assert ref["kl_after"] <= ref["kl_before"] and r["held_out_kl_unrefined"] >= 0
+        else:
+            assert "refine" not in r
     table = capsys.readouterr().out
     assert "consa:all" in table and "duo" in table and table.rstrip().endswith(f"wrote {out}")
     # a budget already spent skips every run and still writes the file
