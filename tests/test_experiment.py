@@ -119,7 +119,7 @@ def test_bank_length_curriculum(finished):
 
     from consa.data.shards import TokenShards
     from consa.experiment import BankSource
-    from consa.train.pretrain import MixedSource, corpus_source
+    from consa.train.batches import MixedSource, corpus_source
 
     _, work, _ = finished
     corpus = next(p.parent for p in work.rglob("tokenizer.json"))

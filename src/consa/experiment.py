@@ -78,7 +78,7 @@ class PretrainStage:
     bank_digits: int = 5  # digits of passkeys / values in the bank (match the eval's `digits`)
     answer_weight: float = 0.0  # extra loss on the bank items' answer tokens (consa.train.pretrain)
     bank_curriculum: float = 0.0  # share of the steps over which the longest item drawn grows to the longest
-    # dense recall rows (consa.train.pretrain.RetrievalSource): dense_pairs "key -> value" statements and
+    # dense recall rows (consa.train.batches.RetrievalSource): dense_pairs "key -> value" statements and
     # dense_queries of them asked back per row, in the multikey / varrecall phrasings with keys of their
     # own; dense_mix of all rows (the bank then gets retrieval_mix of the rest)
     dense_mix: float = 0.0
@@ -448,7 +448,7 @@ def pretrain_source(wd: Workdir, steps: int):
     bank items (with the length curriculum), then ``dense_mix`` of all rows by dense recall rows."""
     from .data.shards import TokenShards
     from .data.tokenizer import load_tokenizer
-    from .train.pretrain import MixedSource, RetrievalSource, corpus_source
+    from .train.batches import MixedSource, RetrievalSource, corpus_source
 
     p = wd.cfg.pretrain
     shards = TokenShards.open(wd.corpus, "train")

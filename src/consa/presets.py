@@ -10,7 +10,7 @@ name          layers  hidden  q/kv heads  head_dim  context  window  parameters 
 tiny               4     128      4 / 2        32      256      16  ~2.8M (CPU, seconds)
 small-gpu         16     384      8 / 4        64     4096     256  ~35M
 base-gpu          24     512      8 / 4        64     4096     256  ~84M
-paper-layout      28     384     16 / 8        32     4096     256  ~55M (Qwen3-0.6B's 28 × 8 KV heads)
+paper-layout      28     256     16 / 8        32     2048     128  ~32M (Qwen3-0.6B's 28 × 8 KV heads)
 ============  ======  ======  =========  ========  =======  ======  =====================
 """
 
@@ -61,9 +61,10 @@ PRESETS: dict[str, Preset] = {
         Preset("base-gpu", num_layers=24, hidden_size=512, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
                context=4096, batch_size=16, lr=1e-3, tokens=100_000_000,
                description="the reference experiment's base model (GUIDE §6)"),
-        Preset("paper-layout", num_layers=28, hidden_size=384, num_heads=16, num_kv_heads=8, head_dim=32,
-               intermediate_size=1024, context=4096, batch_size=16, lr=1.5e-3, tokens=60_000_000,
-               description="the paper's unit layout (Qwen3-0.6B: 28 layers x 8 KV heads = 224 units), narrower (issue 17)"),
+        Preset("paper-layout", num_layers=28, hidden_size=256, num_heads=16, num_kv_heads=8, head_dim=32,
+               intermediate_size=768, context=2048, batch_size=16, lr=1.5e-3, tokens=60_000_000,
+               description="the paper's unit layout (Qwen3-0.6B: 28 layers x 8 KV heads = 224 units), narrower and "
+                           "at 2048 tokens so that a base trains in one 10-minute H200 call like small-gpu (issue 17)"),
     )
 }
 

@@ -99,7 +99,7 @@ def search_batches(args, model, vocab_size: int):
     if args.corpus:
         from ..data.shards import TokenShards
         from ..data.tokenizer import load_tokenizer
-        from ..train.pretrain import MixedSource, corpus_source, retrieval_source, split_batch
+        from ..train.batches import MixedSource, corpus_source, retrieval_source, split_batch
 
         check_corpus_vocab(args.corpus, "train", vocab_size)
         shards = TokenShards.open(args.corpus, "train")

@@ -100,13 +100,13 @@ class BankSource:
         return max(1, int(np.searchsorted(self.sorted_lengths, cap, side="right")))
 
     def row(self, seq_len: int, rng: np.random.Generator):
-        from ..train.pretrain import pad_front
+        from ..train.batches import pad_front
 
         i = int(self.by_length[int(rng.integers(self.available()))])
         return pad_front(self.tokens[self.offsets[i]: self.offsets[i + 1]], int(self.answer_lens[i]), seq_len,
                          self.shards, rng)
 
     def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
-        from ..train.pretrain import stack_rows
+        from ..train.batches import stack_rows
 
         return stack_rows([self.row(seq_len, rng) for _ in range(batch_size)])
