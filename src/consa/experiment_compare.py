@@ -81,7 +81,7 @@ def pool(runs: list[dict]) -> dict:
                 rec[k], rec[f"{k}_sd"] = _stats([r[k] for r in rs])
             rec["long_per_base"] = [_stats([r["long"] for r in rs if r["base"] == b])[0] for b in rec["bases"]]
             rec["fa_share_per_layer"] = np.mean([r["fa_share_per_layer"] for r in rs], axis=0).tolist()
-            rec["fa_share_per_layer_sd"] = np.std([r["fa_share_per_layer"] for r in rs], axis=0).tolist()
+            rec["fa_share_per_layer_sd"] = np.std([r["fa_share_per_layer"] for r in rs], axis=0, ddof=1 if len(rs) > 1 else 0).tolist()
             from .experiment_report import paper_pattern
 
             rec["paper_pattern_runs"] = sum(paper_pattern(r) for r in rs)
