@@ -9,15 +9,19 @@ One JSON config drives seven stages, each resuming from the previous stage's out
 ``search``    for every sparsity, one allocation per method in ``WORKDIR/alloc/s<t>/<method>.json``:
               ConSA per KV head and per layer, DuoAttention-style gates, the attention-mass score and
               every rule of ``consa.rules`` (random: several seeds) — all with exactly round(t·N) SWA
-              units of their granularity
+              units of their granularity (``experiment_search.py``; ``search.search_seeds``: several
+              searches per learned method)
 ``eval``      ``consa.eval.evaluate`` of the full model (with the full / all-SWA calibration baselines)
               and of every allocation, in ``WORKDIR/eval/...`` (one run dir each, as ``consa eval``)
 ``heal``      (only with a ``heal`` section) every allocation of ``heal.sparsities`` fine-tuned under its
               allocation (``consa.train.heal``) and evaluated into ``WORKDIR/eval/s<t>/<method>-healed``
+              (``experiment_heal.py``)
 ``budget``    (only with a ``budget`` section) methods at equal KV bytes, per-unit spans included
               (``experiment_budget.py``), into ``WORKDIR/alloc/b<b>`` and ``WORKDIR/eval/b<b>``
 ``report``    ``WORKDIR/report/results.md`` + ``results.json`` + heatmaps: one table per sparsity
               (``experiment_report.py``; the retrieval bank lives in ``data/bank.py``)
+
+Several workdirs of one config (base-model seeds) are pooled by ``consa compare`` (``experiment_compare.py``).
 
 A finished stage (recorded in ``WORKDIR/stages.json`` with its wall time) is skipped; inside a stage
 every finished piece (an allocation, an eval run) is skipped too, so a stage killed by a time limit
@@ -504,109 +508,11 @@ def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]
     return out
 
 
-def _duo(model, gran, k, W, batch_fn, s: SearchStage, cfg: ExperimentConfig, seed: int):
-    from .train.baselines import duo_allocation
-
-    return duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
-                          seed=seed, progress=cfg.progress, backend=s.backend)
-
-
-def search_seed(cfg: ExperimentConfig, seed: int | None) -> int:
-    """The seed of one learned search: the experiment's, shifted by the search seed (seed 0 = no seed)."""
-    return cfg.seed + 1000 * int(seed or 0)
-
-
 def stage_search(wd: Workdir, deadline: float | None = None) -> dict:
-    import torch
+    """Every allocation of every sparsity on the base model (experiment_search.py)."""
+    from .experiment_search import run_search_stage
 
-    from .allocation import Allocation, swa_count
-    from .data.shards import TokenShards
-    from .models import detach, load_model, model_shape
-    from .rules import rule_allocation
-    from .train.baselines import attention_mass_allocation
-    from .train.search import Search, SearchConfig
-
-    cfg, s = wd.cfg, wd.cfg.search
-    base = wd.base_model_dir()
-    _require(base is not None and wd.done("pretrain"), "search", f"the base model in {wd.base}", "pretrain", wd)
-    device = _device(cfg.device)
-    model = load_model(base, dtype=_dtype(s.dtype, device), device=str(device))
-    shape = model_shape(model)
-    shards = TokenShards.open(wd.corpus, "train")
-    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
-    seq_len = int(s.seq_len or cfg.context)
-    W = cfg.W
-    batch_fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, cfg.seed)
-    train_tokens = s.steps * s.batch_size * seq_len
-    records, n_skipped = {}, 0
-    for t in s.sparsities:
-        d = wd.alloc / method_key(t)
-        d.mkdir(parents=True, exist_ok=True)
-        for stem, name, gran, seed in _method_list(cfg):
-            path = d / f"{stem}.json"
-            rec_path = d / f"{stem}.meta.json"
-            if path.is_file() and rec_path.is_file():
-                records[f"{method_key(t)}/{stem}"] = json.loads(rec_path.read_text())
-                continue
-            if deadline is not None and time.time() > deadline and name in LEARNED:
-                n_skipped += 1  # a search left for the next call (rules take no time: they still run)
-                continue
-            seeded = name in LEARNED and bool(s.search_seeds)
-            sseed = search_seed(cfg, seed if seeded else None)
-            fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, sseed) if seeded else batch_fn
-            n_units = shape.num_units(gran)
-            k = swa_count(t, n_units)
-            t0 = time.time()
-            tokens = 0
-            if name == "consa":
-                scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
-                                    until_agreement=s.until_agreement, max_steps=s.max_steps,
-                                    gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=sseed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
-                                    beta_final=s.beta_final, gate_lr_final=s.gate_lr_final, init=s.init,
-                                    init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
-                                    answer_weight=s.answer_weight)
-                out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))
-                resume = (out_dir / "checkpoint" / "state.json").is_file()
-                alloc = Search(model, scfg, fn, out_dir, progress=cfg.progress).run(resume=resume)
-                detach(model)
-                summ = json.loads((out_dir / "search.json").read_text())
-                extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
-                         "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
-                         "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done"),
-                         "refine": summ.get("refine")}
-                tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len + int(summ.get("init_tokens", 0))
-            elif name == "duo":
-                alloc = _duo(model, gran, k, W, fn, s, cfg, sseed)
-                extra, tokens = {}, train_tokens
-            elif name == "attn_mass":
-                batches = [batch_fn(10_000 + i) for i in range(s.mass_batches)]
-                alloc = attention_mass_allocation(model, gran, k, W, batches)
-                extra, tokens = {}, s.mass_batches * s.batch_size * seq_len
-            else:
-                alloc = rule_allocation(name, shape, gran, k, W, seed=seed or 0)
-                extra = {}
-            detach(model)
-            if alloc.num_swa != k:
-                raise ConsaError(f"{stem} at t={t}: {alloc.num_swa} SWA units, expected {k}")
-            meta = dict(alloc.meta or {})
-            meta.update(label=stem, method=name, sparsity_target=t)
-            alloc = Allocation.from_dict({**alloc.to_dict(), "meta": meta})
-            alloc.save(path)
-            rec = {"stem": stem, "method": name, "granularity": gran, "seed": seed, "sparsity": t, "units": n_units,
-                   "swa_units": k, "swa_heads": sum(1 for row in alloc.fa for b in row if not b),
-                   "seconds": round(time.time() - t0, 2), "tokens_after_base": tokens, **extra}
-            from .files import atomic_write_text
-
-            atomic_write_text(rec_path, json.dumps(rec, indent=1) + "\n")
-            records[f"{method_key(t)}/{stem}"] = rec
-            _say(f"search: t={t} {stem}: {k}/{n_units} SWA in {rec['seconds']} s")
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if n_skipped:
-        raise _Partial(f"search: {n_skipped} searches left for a later call (time budget reached)")
-    return {"allocations": len(records), "window": W, "seq_len": seq_len, "train_tokens_per_learned_method": train_tokens}
+    return run_search_stage(wd, deadline)
 
 
 # ------------------------------------------------------------------------------------------- eval
