@@ -44,6 +44,9 @@ VARIANTS = {
     "init_duo": {"init": "duo", "init_steps": "steps/5"},
     "decide": {"decide_weight": 1.0, "decide_frac": 0.25},
     "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25},
+    # log α = 3 starts ~80% of the gate samples clamped at z = 1, where the KL gives no gradient to log α:
+    # a lower start puts every gate in the differentiable range from step 1
+    "low_init": {"init_log_alpha": 0.5},
     # cut refinement (item 2): swaps across the cut on the search's held-out batches; scored on other batches
     "refine": {"refine_evals": 16},
     "anneal_refine": {"beta_final": 0.2, "refine_evals": 16},
