@@ -54,6 +54,7 @@ def _stats(vals: list) -> tuple[float | None, float | None]:
 
 def pool(runs: list[dict]) -> dict:
     """{sparsity: {method: pooled record}} over every run of every workdir."""
+    from .experiment_report import paper_pattern
     from .rules import RULES
 
     out: dict[float, dict] = {}
@@ -82,8 +83,6 @@ def pool(runs: list[dict]) -> dict:
             rec["long_per_base"] = [_stats([r["long"] for r in rs if r["base"] == b])[0] for b in rec["bases"]]
             rec["fa_share_per_layer"] = np.mean([r["fa_share_per_layer"] for r in rs], axis=0).tolist()
             rec["fa_share_per_layer_sd"] = np.std([r["fa_share_per_layer"] for r in rs], axis=0, ddof=1 if len(rs) > 1 else 0).tolist()
-            from .experiment_report import paper_pattern
-
             rec["paper_pattern_runs"] = sum(paper_pattern(r) for r in rs)
     return out
 
