@@ -4,8 +4,8 @@ Randomly initialised Qwen3-0.6B / Qwen3-8B-shaped models (built on the GPU in bf
 batches 1, 8, 32 and the largest that fits in ``--mem-gib``, allocations ``25:512`` (25% of the KV heads
 of every layer FA, W = 512), ``50:4096`` and ``full`` (every head FA, through the same cache and graph).
 Per point: decode tok/s (CUDA-event time of ``--steps`` graph replays after warm-up), prefill s (a real
-B = 1 prefill of the context, once per shape/context/allocation, the second of two: the first compiles; ``--no-prefill`` skips it), KV bytes
-held, peak memory, and the bytes limit: a step must read the weights and the KV the attention sees
+B = 1 prefill of the context, once per shape/context/allocation, the second of two: the first compiles;
+``--no-prefill`` skips it), KV bytes held, peak memory, and the bytes limit: a step must read the weights and the KV the attention sees
 (FA: every slot; SWA: W + S ring slots), so tok/s ≤ B · copy bandwidth / (weight bytes + KV read), the
 copy bandwidth measured in the same run. For B > 1 the cache is filled with random keys (decode speed
 does not depend on their values) instead of B real prefills.
