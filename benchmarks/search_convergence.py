@@ -35,21 +35,26 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-# variant -> SearchConfig options; "{steps}" budgets the warm start as a share of the search's steps
+# variant -> SearchConfig options over today's defaults (log α 0.5 at step 0, β annealed to 0.2); "v0" is
+# the default before issue 17 (log α 3, β constant 2/3) and the single options were measured on top of it.
+# "{steps}" budgets the warm start as a share of the search's steps
+V0 = {"init_log_alpha": 3.0, "beta_final": None}
 VARIANTS = {
     "default": {},
-    "anneal": {"beta_final": 0.2},
-    "lr": {"gate_lr_final": 0.005},
-    "init_mass": {"init": "attention_mass"},
-    "init_duo": {"init": "duo", "init_steps": "steps/5"},
-    "decide": {"decide_weight": 1.0, "decide_frac": 0.25},
-    "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25},
+    "v0": V0,
+    "anneal": {**V0, "beta_final": 0.2},
     # log α = 3 starts ~80% of the gate samples clamped at z = 1, where the KL gives no gradient to log α:
     # a lower start puts every gate in the differentiable range from step 1
-    "low_init": {"init_log_alpha": 0.5},
+    "low_init": {**V0, "init_log_alpha": 0.5},
+    "lr": {**V0, "gate_lr_final": 0.005},
+    "init_mass": {**V0, "init": "attention_mass"},
+    "init_duo": {**V0, "init": "duo", "init_steps": "steps/5"},
+    "decide": {**V0, "decide_weight": 1.0, "decide_frac": 0.25},
+    "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25,
+            "init_log_alpha": 3.0},
     # cut refinement (item 2): swaps across the cut on the search's held-out batches; scored on other batches
     "refine": {"refine_evals": 16},
-    "anneal_refine": {"beta_final": 0.2, "refine_evals": 16},
+    "anneal_refine": {**V0, "beta_final": 0.2, "refine_evals": 16},
 }
 SCORE_OFFSET = 1000  # the scoring batches sit this many steps after the refinement's: a refined cut is not scored on its own data
 
@@ -184,7 +189,9 @@ def main(argv=None) -> int:
     res = {"setup": {**desc, "window": window, "seq_len": seq_len, "tokens_per_step": step_tokens, "sparsity": a.sparsity,
                      "granularity": a.granularity, "num_swa": num_swa, "eval_batches": a.eval_batches,
                      "variants": {v: VARIANTS[v] for v in variants}, "device": str(next(model.parameters()).device),
-                     "search_lengths": lengths},
+                     "search_lengths": lengths,
+                     # the defaults the variants are relative to ("default" = {} meant log α 3, no anneal before issue 17)
+                     "search_defaults": {k: SearchConfig.__dataclass_fields__[k].default for k in ("init_log_alpha", "beta_final")}},
            "runs": [], "skipped": []}
     t_start = time.time()
     rate = None  # seconds per search step, measured on the last run

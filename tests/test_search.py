@@ -56,7 +56,7 @@ def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
 def test_an_unfinished_search_warns_that_the_gates_have_not_separated(tmp_path, capsys):
     """Two steps leave every gate open (init log α = 3), so a 6-of-8 SWA cut disagrees with 6 gates."""
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=2, checkpoint_every=0)
+    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=2, checkpoint_every=0, init_log_alpha=3.0)
     Search(model, cfg, _batches, tmp_path, progress=False).run()
     assert json.loads((tmp_path / "search.json").read_text())["cut_agreement"] == 0.25
     assert "only 25% of the gates agree with the top-k cut" in capsys.readouterr().err
@@ -137,6 +137,21 @@ def test_cli_search_end_to_end_writes_exact_allocation(model_dir, tmp_path, caps
     files = sorted(p.name for p in (tmp_path / "rules").iterdir())
     assert "fa_top.json" in files and "random-2.json" in files
     assert all(Allocation.load(tmp_path / "rules" / f).num_swa == 6 for f in files)
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], (0.2, 0.5)),  # the defaults since issue 17: β annealed to 0.2, log α 0.5 at step 0
+    (["--beta-final", "off", "--init-log-alpha", "3"], (None, 3.0)),  # the search of runs 1-6
+])
+def test_cli_search_records_the_gate_schedule_it_ran(model_dir, tmp_path, extra, want):
+    out = tmp_path / "run"
+    rc = main(["search", "--model", str(model_dir), "--sparsity", "0.75", "--window", "5", "--seq-len", "32",
+               "--batch-size", "2", "--steps", "3", "--no-progress", "--out", str(out), *extra])
+    assert rc == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert (summary["config"]["beta_final"], summary["config"]["init_log_alpha"]) == want
+    betas = [json.loads(line).get("beta") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert betas[-1] == (pytest.approx(0.2) if want[0] else None)
 
 
 def _env():

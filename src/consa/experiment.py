@@ -104,8 +104,10 @@ class SearchStage:
     until_agreement: float = 0.0  # ConSA only: extend past `steps` until this share of gates agrees with the cut
     max_steps: int = 0  # cap of that extension (0: 4 × steps)
     refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off
-    # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does); defaults = off
-    beta_final: float | None = None
+    # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does and why the
+    # defaults); beta_final null + init_log_alpha 3.0 give the searches of runs 1-6
+    beta_final: float | None = 0.2
+    init_log_alpha: float = 0.5
     gate_lr_final: float | None = None
     init: str = "constant"
     init_steps: int = 0

@@ -85,6 +85,7 @@ def make_allocation(model, name: str, gran: str, kv_budget: float, cfg, batch_fn
                             granularity=gran, steps=steps, gate_lr=s.gate_lr, controller=s.controller,
                             warmup_frac=s.warmup_frac, seed=cfg.seed, checkpoint_every=0, backend=s.backend,
                             kv_budget=kv_budget, budget_context=ctx, answer_weight=s.answer_weight,
+                            beta_final=s.beta_final, init_log_alpha=s.init_log_alpha,
                             spans=b.spans if name == "consa_spans" else f"{cfg.W},full")
         resume = (out_dir / "checkpoint" / "state.json").is_file()
         alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)

@@ -77,7 +77,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
                                     until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
                                     seed=sseed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
-                                    beta_final=s.beta_final, gate_lr_final=s.gate_lr_final, init=s.init,
+                                    beta_final=s.beta_final, init_log_alpha=s.init_log_alpha, gate_lr_final=s.gate_lr_final, init=s.init,
                                     init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
                                     answer_weight=s.answer_weight)
                 out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))

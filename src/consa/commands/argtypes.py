@@ -34,3 +34,8 @@ positive_float = _check(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _check(float, lambda v: v >= 0, "a number >= 0")
 fraction = _check(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 open_fraction = _check(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+
+
+def positive_float_or_off(text: str):
+    """A number > 0, or ``off`` (None): for options whose default is on."""
+    return None if text.strip().lower() == "off" else positive_float(text)

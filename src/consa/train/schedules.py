@@ -57,8 +57,8 @@ def rank_init(scores, center: float, spread: float) -> torch.Tensor:
     """log α spaced evenly by rank of ``scores`` over [center − spread/2, center + spread/2], the
     highest score highest; tied scores share their mean rank (a Duo-style α clamped at 1 says nothing
     about order, so the init must not invent one). Ranks, not raw values, so the scale of any score
-    gives the same start; with the defaults (3 ± 1) every P(z≠0) ≥ 0.95 at β = 2/3: training still
-    begins near full attention, only the order is the score's."""
+    gives the same start; centred at 3 (± 1) every P(z≠0) ≥ 0.95 at β = 2/3: training still begins
+    near full attention, only the order is the score's. At today's default centre 0.5 it is ≥ 0.75."""
     s = torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()
     n = len(s)
     order = sorted(range(n), key=lambda i: s[i])
