@@ -360,15 +360,11 @@ def test_measured_kv_bytes_equal_the_cost_model(kv, sinks):
 def test_serving_benchmark_budget_allocations_and_bytes_read():
     """benchmarks/serving.py's ``budget:B:MENU`` allocations keep the budget, and its bytes-read model (per
     head: FA every slot, SWA its W + S ring) is what the static cache allocates for them."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_module import load
 
     from consa.attention.static_cache import StaticHybridCache
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("serving")
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2).to(torch.bfloat16)
     for menu in ("3/6/12/full", "5/full"):
         alloc = bench.allocation(model, f"budget:0.3:{menu}", 40)

@@ -110,6 +110,21 @@ def test_two_processes_match_one_process(runs):
     assert json.loads((two / "checkpoint" / "state.json").read_text())["world_size"] == 2
 
 
+def test_two_processes_in_micro_batches_match_one_process(runs):
+    """--micro-batch 1 on each of 2 ranks (2 rows each): the loss of the whole global batch at every
+    step (summation order apart) and the same allocation as one process on the whole batch."""
+    model_dir, root = runs
+    out = root / "two_micro"
+    r = subprocess.run(_cmd(model_dir, out, "--nproc", "2", "--micro-batch", "1"), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Allocation.load(out / "allocation.json") == Allocation.load(root / "one" / "allocation.json")
+    m1 = [json.loads(x) for x in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(m2) == 16 and m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
+    assert json.loads((out / "search.json").read_text())["config"]["micro_batch"] == 1
+
+
 def test_sigkilled_two_process_search_resumes_to_the_unbroken_allocation(runs, capsys):
     model_dir, root = runs
     out = root / "killed"

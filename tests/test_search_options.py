@@ -1,13 +1,12 @@
 """Issue 17's search options (train/schedules.py): each does what it says, all off is today's search,
 bad values are one line, and the convergence benchmark's smoke run covers every variant."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load
 
 from consa.cli import main
 from consa.errors import ConsaError
@@ -179,11 +178,7 @@ def test_experiment_search_stage_passes_and_checks_the_options():
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search_convergence.py"
-    spec = importlib.util.spec_from_file_location("search_convergence", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("search_convergence")
 
 
 def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
@@ -238,10 +233,7 @@ def test_benchmark_searches_short_and_scores_at_the_full_length(tmp_path):
 
 
 def test_convergence_table_pools_seeds_once_each_and_compares_cuts(tmp_path, capsys):
-    bench = _bench()
-    spec = importlib.util.spec_from_file_location("convergence_table", Path(bench.__file__).with_name("convergence_table.py"))
-    tab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tab)
+    bench, tab = _bench(), load("convergence_table")
     out = tmp_path / "c.json"
     assert bench.main(["--smoke", "--steps", "4", "--seeds", "0,1", "--variants", "default,v0", "--out", str(out)]) == 0
     runs = tab.load_runs([out, out])  # the same runs twice count once

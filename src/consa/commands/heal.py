@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=positive_int, help="training tokens; steps = ceil(tokens / (batch size × seq len))")
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over --nproc processes)")
+    p.add_argument("--micro-batch", type=nonneg_int, default=0, metavar="N",
+                   help="sequences per forward pass on each process, the gradients summed over the step (the same "
+                        "step as the whole batch at once, in less memory); 0: every local sequence at once")
     p.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate (warm-up, then cosine to lr/10)")
     p.add_argument("--lora", type=nonneg_int, default=0, metavar="R",
                    help="train LoRA adapters of rank R (needs PEFT); 0: every weight")
@@ -66,7 +69,8 @@ def _check_inputs(args):
     if args.no_merge and not args.lora:
         raise ConsaError("--no-merge applies to LoRA runs only (--lora R)")
     cfg = HealConfig(steps=steps, seq_len=args.seq_len, lr=args.lr, lora_rank=args.lora, merge=not args.no_merge,
-                     lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed, backend=args.backend)
+                     lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed, backend=args.backend,
+                     micro_batch=args.micro_batch)
     cfg.validate()
     if cfg.lora_rank:
         try:

@@ -45,6 +45,9 @@ def register(sub) -> None:
                         "of it, the cut scored 4%% worse there, at a quarter 8%% (within the seed spread; docs/RESULTS.md, "
                         "run 7), for 20-28%% less search time on a small model")
     p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over --nproc processes)")
+    p.add_argument("--micro-batch", type=nonneg_int, default=0, metavar="N",
+                   help="sequences per forward pass on each process, the gradients summed over the step (the same "
+                        "step as the whole batch at once, in less memory); 0: every local sequence at once")
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--until-agreement", type=fraction, default=0.0, metavar="A",
                    help="after --steps, keep training at the target until this share of the gates agrees with the "
@@ -106,7 +109,7 @@ def run(args) -> int:
         gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
         lm_weight=args.lm_weight, answer_weight=args.answer_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        refine_evals=args.refine_evals, reopen_native=args.reopen_native,
+        refine_evals=args.refine_evals, reopen_native=args.reopen_native, micro_batch=args.micro_batch,
         gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init_log_alpha=args.init_log_alpha, init=args.init, init_steps=args.init_steps,
         decide_weight=args.decide_weight, decide_frac=args.decide_frac,
         kv_budget=args.kv_budget, budget_context=args.budget_context, spans=args.spans,

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConsaError
 
 _COMPAT_KEYS = ("sparsity", "window", "seq_len", "granularity", "sinks", "steps", "train_weights", "controller", "seed",
-                "kv_budget", "budget_context", "spans", "answer_weight")
-_COMPAT_DEFAULTS = {"answer_weight": 0.0}  # what a checkpoint written before the setting existed meant
+                "kv_budget", "budget_context", "spans", "answer_weight", "beta_final", "gate_lr_final", "decide_weight")
+# what a checkpoint written before the setting existed meant (the schedules: off)
+_COMPAT_DEFAULTS = {"answer_weight": 0.0, "beta_final": None, "gate_lr_final": None, "decide_weight": 0.0}
 _CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "tie_word_embeddings")
 

@@ -46,6 +46,7 @@ from ..attention.hybrid import LayerPlan
 from ..models import apply_allocation, attention_modules, detach, model_shape, native_windows
 from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint, staged_checkpoint
 from .distributed import Dist
+from .accumulate import backward_micro_batches, batch_rows
 from .search import forward_logits, global_task_loss, prepare_student
 
 BatchFn = Callable[[int], dict]
@@ -69,6 +70,7 @@ class HealConfig:
     seed: int = 0
     backend: str = "auto"  # consa attention kernels (as in eval)
     autocast: str = "auto"  # auto: bf16 autocast over fp32 weights on CUDA; bf16; none
+    micro_batch: int = 0  # sequences per forward pass on each process (exact accumulation, accumulate.py); 0: all
 
     @property
     def train_weights(self) -> str:
@@ -91,6 +93,8 @@ class HealConfig:
             raise ConsaError("clip and checkpoint_every must be >= 0 and temperature > 0")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ConsaError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+        if not isinstance(self.micro_batch, int) or self.micro_batch < 0:
+            raise ConsaError(f"micro_batch must be an integer >= 0 (0: the whole local batch at once), got {self.micro_batch!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine to lr / 10: a pure function of the step (nothing to checkpoint)."""
@@ -208,14 +212,24 @@ class Heal:
         lr = cfg.lr_at(step)
         for g in self.wopt.param_groups:
             g["lr"] = lr
-        with self.autocast():
-            teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
-            logits = forward_logits(self.model, batch)
-        loss, task = global_task_loss(logits, teacher, batch, loss_mask, cfg, self.dist)
+        if 0 < cfg.micro_batch < batch_rows(batch):
+            def forward(chunk):
+                with self.autocast():
+                    teacher = self._teacher_logits(chunk) if cfg.kl_weight > 0 else None
+                    return forward_logits(self.model, chunk), teacher
+
+            self.wopt.zero_grad(set_to_none=True)
+            task = backward_micro_batches(batch, cfg.micro_batch, forward, cfg, self.dist)
+        else:
+            with self.autocast():
+                teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
+                logits = forward_logits(self.model, batch)
+            loss, task = global_task_loss(logits, teacher, batch, loss_mask, cfg, self.dist)
+            self.wopt.zero_grad(set_to_none=True)
+            if math.isfinite(task):
+                loss.backward()
         if not math.isfinite(task):
             raise ConsaError(f"heal loss became {task} at step {step}; no model was written (lower --lr or check the data)")
-        self.wopt.zero_grad(set_to_none=True)
-        loss.backward()
         rec = {"step": step, "loss": task, "lr": lr}
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip else None
         self.wopt.step()

@@ -36,6 +36,7 @@ from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
 from ..gates import HardConcreteGates, SpanGates, cut_agreement, topk_swa
 from ..models import attach_gates, model_shape, native_plans, native_windows, searchable_native
+from .accumulate import backward_micro_batches, batch_rows
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
 from . import schedules
@@ -74,6 +75,9 @@ class SearchConfig:
     backend: str = "auto"
     # search the model's native sliding layers too (default: they keep their window, unsearched)
     reopen_native: bool = False
+    # sequences per forward pass on each process; the step's gradient is still the whole batch's
+    # (``accumulate.py``); 0: every local row at once
+    micro_batch: int = 0
     # after the cut: try swaps across it on held-out batches (``refine.refine_cut``); 0 = off
     refine_evals: int = 0
     refine_candidates: int = 4
@@ -156,6 +160,8 @@ class SearchConfig:
             raise ConsaError(f"answer_weight must be >= 0, got {self.answer_weight}")
         if self.refine_evals < 0 or self.refine_candidates < 1 or self.refine_batches < 1:
             raise ConsaError("refine_evals must be >= 0, and refine_candidates and refine_batches >= 1")
+        if not isinstance(self.micro_batch, int) or self.micro_batch < 0:
+            raise ConsaError(f"micro_batch must be an integer >= 0 (0: the whole local batch at once), got {self.micro_batch!r}")
         schedules.validate(self)
 
 
@@ -250,14 +256,7 @@ def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
     would use on the whole batch. Returns (loss to backpropagate, the global task loss as a float).
     """
     d = dist
-    terms = []
-    if teacher is not None:
-        terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
-    if cfg.lm_weight > 0 and "input_ids" in batch:
-        terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
-    aw = getattr(cfg, "answer_weight", 0.0)
-    if aw > 0 and teacher is not None and batch.get("answer_mask") is not None:
-        terms.append((aw, *kl_sum(logits, teacher, answer_positions(batch["answer_mask"], loss_mask), cfg.temperature)))
+    terms = task_terms(logits, teacher, batch, loss_mask, cfg)
     loss = logits.new_zeros((), dtype=torch.float32)
     if not terms:
         return loss, 0.0
@@ -269,6 +268,20 @@ def global_task_loss(logits, teacher, batch, loss_mask, cfg, dist: Dist):
         loss = loss + w * d.world_size * s / n
         task += w * float(stats[2 * i] / n)
     return loss, task
+
+
+def task_terms(logits, teacher, batch, loss_mask, cfg) -> list[tuple]:
+    """[(weight, Σ over this rank's positions, their count)] of every active loss term (in the order
+    ``accumulate.term_counts`` counts them)."""
+    terms = []
+    if teacher is not None:
+        terms.append((cfg.kl_weight, *kl_sum(logits, teacher, loss_mask, cfg.temperature)))
+    if cfg.lm_weight > 0 and "input_ids" in batch:
+        terms.append((cfg.lm_weight, *lm_sum(logits, batch["input_ids"], loss_mask)))
+    aw = getattr(cfg, "answer_weight", 0.0)
+    if aw > 0 and teacher is not None and batch.get("answer_mask") is not None:
+        terms.append((aw, *kl_sum(logits, teacher, answer_positions(batch["answer_mask"], loss_mask), cfg.temperature)))
+    return terms
 
 
 def answer_positions(answer_mask: torch.Tensor, loss_mask=None) -> torch.Tensor:
@@ -405,19 +418,44 @@ class Search:
             finally:
                 self.model.set_reshard_after_forward(True)
 
+    def _micro_step(self, batch) -> tuple[torch.Tensor, float]:
+        """The task loss backpropagated ``cfg.micro_batch`` rows at a time (``accumulate.py``): one gate
+        sample for the whole step; its head mixing weights are a leaf that collects every micro-batch's
+        gradient, then pass it to log α once. Returns (the gate-side term still to backpropagate, task)."""
+        z = self.gates.sample(self.gen)
+        zh = self._unit_to_heads(z if self.budget is None else SpanGates.weights(z))
+        leaf = zh.detach().requires_grad_(True)
+
+        def forward(chunk):
+            teacher = self._teacher_logits(chunk) if self.cfg.kl_weight > 0 else None  # sets mix.z = None
+            self.mix.z = leaf
+            return forward_logits(self.model, chunk), teacher
+
+        self.opt.zero_grad(set_to_none=True)
+        if self.wopt is not None:
+            self.wopt.zero_grad(set_to_none=True)
+        task = backward_micro_batches(batch, self.cfg.micro_batch, forward, self.cfg, self.dist)
+        through = (zh * leaf.grad).sum() if leaf.grad is not None else zh.sum() * 0.0
+        return through, task
+
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
         batch = self.dist.local_batch(self.batch_fn(step))
         batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        loss_mask = batch.get("loss_mask")
-        if loss_mask is None and batch.get("attention_mask") is not None:
-            loss_mask = batch["attention_mask"]
-        teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
-        opts = self._apply_schedules(step)
-        z = self.gates.sample(self.gen)
-        self.mix.z = self._unit_to_heads(z if self.budget is None else SpanGates.weights(z))
-        logits = forward_logits(self.model, batch)
-        loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)  # one process: world size 1
+        micro = 0 < cfg.micro_batch < batch_rows(batch)
+        if micro:
+            opts = self._apply_schedules(step)
+            loss, task = self._micro_step(batch)
+        else:
+            loss_mask = batch.get("loss_mask")
+            if loss_mask is None and batch.get("attention_mask") is not None:
+                loss_mask = batch["attention_mask"]
+            teacher = self._teacher_logits(batch) if cfg.kl_weight > 0 else None
+            opts = self._apply_schedules(step)
+            z = self.gates.sample(self.gen)
+            self.mix.z = self._unit_to_heads(z if self.budget is None else SpanGates.weights(z))
+            logits = forward_logits(self.model, batch)
+            loss, task = self._global_task_loss(logits, teacher, batch, loss_mask)  # one process: world size 1
         if not math.isfinite(task):
             raise ConsaError(f"loss became {task} at step {step}; no allocation was written (lower --gate-lr or check the data)")
         s_hat = self.gates.expected_sparsity()
@@ -426,9 +464,10 @@ class Search:
             decide = schedules.decide_penalty(self.gates.prob_nonzero())
             total = total + cfg.decide_weight * decide
             opts["decide"] = float(decide.detach())
-        self.opt.zero_grad(set_to_none=True)
-        if self.wopt is not None:
-            self.wopt.zero_grad(set_to_none=True)
+        if not micro:  # (the micro-batches have zeroed them and left their gradients)
+            self.opt.zero_grad(set_to_none=True)
+            if self.wopt is not None:
+                self.wopt.zero_grad(set_to_none=True)
         total.backward()
         if self.dist.enabled and self.gates.log_alpha.grad is not None:
             # FSDP averages the weight gradients; average the replicated gate gradient the same way.

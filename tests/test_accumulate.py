@@ -1,0 +1,86 @@
+"""Micro-batches (``train/accumulate.py``): a step run a few sequences at a time has the gradient and
+loss of the whole batch at once, for the search (gates, and weights) and for heal; every loss term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from consa.allocation import Allocation, ModelShape
+from consa.errors import ConsaError
+from consa.tiny import tiny_model
+from consa.train.accumulate import split_rows, term_counts
+from consa.train.heal import Heal, HealConfig
+from consa.train.search import Search, SearchConfig, task_terms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+B, T = 5, 23  # odd rows (micro-batches of 2, 2, 1) and an odd length
+
+
+def _batches(step):
+    g = torch.Generator().manual_seed(50 + step)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0  # a row with masked positions, so the counts are not B × T
+    answer = torch.zeros(B, T, dtype=torch.long)
+    answer[torch.arange(B), torch.randint(5, T, (B,), generator=g)] = 1
+    return {"input_ids": torch.randint(3, 101, (B, T), generator=g), "loss_mask": mask, "answer_mask": answer}
+
+
+def _search(tmp_path, micro, **kw):
+    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=T, steps=4, checkpoint_every=0, gate_lr=0.1, lm_weight=0.5,
+                       answer_weight=2.0, micro_batch=micro, **kw)
+    return Search(tiny_model("qwen3", num_layers=3, num_kv_heads=2), cfg, _batches, tmp_path, progress=False)
+
+
+def test_term_counts_are_the_counts_task_terms_divide_by():
+    batch = _batches(0)
+    logits = torch.randn(B, T, 101)
+    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=T, lm_weight=0.5, answer_weight=2.0)
+    terms = task_terms(logits, logits + 0.1 * torch.randn_like(logits), batch, batch["loss_mask"], cfg)
+    counts = term_counts(batch, batch["loss_mask"], cfg, has_teacher=True)
+    assert len(terms) == len(counts) == 3
+    assert [float(c) for _, _, c in terms] == [float(c) for c in counts]
+    parts = split_rows(batch, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["answer_mask"] for p in parts]), batch["answer_mask"])
+
+
+@pytest.mark.parametrize("weights", ["none", "full"])
+def test_search_step_in_micro_batches_has_the_whole_batch_gradient(tmp_path, weights):
+    whole, micro = _search(tmp_path / "a", 0, train_weights=weights), _search(tmp_path / "b", 2, train_weights=weights)
+    for _ in range(3):  # the first step, and two more from (nearly) the same gates
+        ra, rb = whole.train_step(), micro.train_step()
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        ga, gb = whole.gates.log_alpha.grad, micro.gates.log_alpha.grad
+        assert ga.abs().max() > 0 and torch.allclose(gb, ga, rtol=1e-4, atol=1e-7), (ga, gb)
+    if weights == "full":
+        pa = dict(whole.model.named_parameters())
+        grads = [(n, p.grad) for n, p in micro.model.named_parameters() if p.grad is not None]
+        assert grads
+        for n, g in grads:
+            assert torch.allclose(g, pa[n].grad, rtol=1e-4, atol=1e-6), n
+    assert whole.allocation().units == micro.allocation().units
+
+
+def test_heal_step_in_micro_batches_has_the_whole_batch_gradient(tmp_path):
+    shape = ModelShape(num_layers=3, num_kv_heads=2, num_q_heads=4)
+    alloc = Allocation("kv_head", shape, 4, ((False, True), (True, False), (False, False)), 1)
+    runs = []
+    for micro in (0, 2):
+        cfg = HealConfig(steps=3, seq_len=T, lr=3e-4, checkpoint_every=0, lm_weight=0.5, micro_batch=micro)
+        h = Heal(tiny_model("qwen3", seed=3, num_layers=3, num_heads=4, num_kv_heads=2), alloc, cfg, _batches,
+                 tmp_path / str(micro), progress=False)
+        runs.append((h, [h.train_step() for _ in range(2)]))
+    (a, ra), (b, rb) = runs
+    for x, y in zip(ra, rb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    pa = dict(a.model.named_parameters())
+    for n, p in b.model.named_parameters():
+        assert torch.allclose(p, pa[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_bad_micro_batch_is_one_clear_error():
+    with pytest.raises(ConsaError, match="micro_batch must be an integer >= 0"):
+        SearchConfig(sparsity=0.5, window=5, seq_len=T, micro_batch=-1).validate()
+    with pytest.raises(ConsaError, match="micro_batch must be an integer >= 0"):
+        HealConfig(steps=1, seq_len=T, micro_batch=-2).validate()
