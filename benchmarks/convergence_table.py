@@ -2,7 +2,8 @@
 
 One row per (method, steps, search length), over its seeds (a run that appears in two files, same method,
 seed, steps and length, counts once: the searches are deterministic). Columns: seeds, held-out KL of the
-binary allocation at the scoring length (mean ± sd), cut agreement, share of FA units the seeds' cuts have
+binary allocation at the scoring length (mean ± sd), cut agreement, the last step that moved a unit across the
+top-k cut (per seed; runs since that was recorded), share of FA units the seeds' cuts have
 in common (mean over pairs), share of FA units in common with Duo-style's cut of the same seed and steps
 (or, for a search shorter than the longest, with that seed's search at the longest length), and for refined runs the KL before the swaps and the units they changed.
 
@@ -54,8 +55,8 @@ def table(runs: list[dict]) -> str:
     duo = {(r["seed"], r["steps"], r["search_len"]): _fa(r) for r in runs if r["method"] == "duo"}
     longest = max(r["search_len"] for r in runs)
     at_longest = {(r["method"], r["seed"], r["steps"]): _fa(r) for r in runs if r["search_len"] == longest and "fa" in r}
-    rows = ["| search | steps | T | seeds | held-out KL | agreement | FA shared across seeds | FA shared with Duo-style (T < longest: with T = longest) | seconds | refine: KL before, units changed |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| search | steps | T | seeds | held-out KL | agreement | cut last moved at step | FA shared across seeds | FA shared with Duo-style (T < longest: with T = longest) | seconds | refine: KL before, units changed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (method, steps, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][2], kv[0][0])):
         rs = sorted(rs, key=lambda r: r["seed"])
         has_fa = all("fa" in r for r in rs)
@@ -71,6 +72,7 @@ def table(runs: list[dict]) -> str:
             refine = f"{_ms([r['held_out_kl_unrefined'] for r in rs])}; " + ", ".join(str(r["units_changed_by_refine"]) for r in rs)
         rows.append(f"| {method} | {steps} | {length} | {','.join(str(r['seed']) for r in rs)} | "
                     f"{_ms([r['held_out_kl'] for r in rs])} | {_ms([r['cut_agreement'] for r in rs if 'cut_agreement' in r], '{:.3f}')} | "
+                    f"{', '.join(str(r['cut_last_changed_step']) for r in rs if r.get('cut_last_changed_step') is not None) or '–'} | "
                     f"{_ms(pairs, '{:.2f}')} | {_ms(vs_duo, '{:.2f}')} | {_ms([r['seconds'] for r in rs], '{:.1f}')} | {refine} |")
     return "\n".join(rows)
 

@@ -250,7 +250,9 @@ def main(argv=None) -> int:
                     fa = search.run().units
                     detach(model)
                     last = search.history[-1]
+                    last_change, late_flips = search.cut_stability()
                     rec = {"method": f"consa:{name}", "options": kw, "cut_agreement": search.cut_agreement(),
+                           "cut_last_changed_step": last_change, "cut_flips_last_fifth": late_flips,
                            "expected_sparsity": last["expected_sparsity"], "hard_sparsity": last["hard_sparsity"],
                            "final_loss": last["loss"], "steps_done": search.step, "fa": fa,
                            "tokens": search.step * step_tokens + search.init_tokens}

@@ -79,6 +79,10 @@ def test_end_to_end_table_has_every_method_with_equal_swa_counts(finished):
     ref = rows["consa-kv_head"]["refine"]
     assert 1 <= ref["evals"] <= 3 and ref["kl_after"] <= ref["kl_before"] and rows["duo-kv_head"].get("refine") is None
     assert f"{ref['kl_before']:.4f} → {ref['kl_after']:.4f}" in md
+    # and when their top-k cut last moved (search.json), in the structure table
+    moved = json.loads((work / "search" / "s0.5-kv_head" / "search.json").read_text())["cut_last_changed_step"]
+    assert rows["consa-kv_head"]["cut_last_changed_step"] == moved and 0 <= moved < 3
+    assert f"| {moved} of 3 |" in md
     assert (work / "report" / "fa_share_per_layer.png").is_file()
     assert (work / "report" / "heatmap-s0.75-consa-kv_head.png").is_file()
 

@@ -154,6 +154,36 @@ def test_cli_search_records_the_gate_schedule_it_ran(model_dir, tmp_path, extra,
     assert betas[-1] == (pytest.approx(0.2) if want[0] else None)
 
 
+def test_cut_flips_count_the_units_each_update_moves_across_the_top_k_cut(tmp_path):
+    from consa.gates import topk_swa
+
+    s = Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2),
+               SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=12, checkpoint_every=0, gate_lr=0.2), _batches,
+               tmp_path, progress=False)
+    seen = []
+    for _ in range(12):
+        before = topk_swa(s.gates.log_alpha, s.num_swa)
+        rec = s.train_step()
+        after = topk_swa(s.gates.log_alpha, s.num_swa)
+        assert rec["cut_flips"] == sum(a != b for a, b in zip(before, after))
+        seen.append(rec["cut_flips"])
+    assert any(seen)  # the cut did move (a constant start is cut by unit index)
+    last, late = s.cut_stability()
+    assert last == max(i for i, n in enumerate(seen) if n) and late == sum(seen[-2:])  # last fifth of 12 steps: 2
+
+
+def test_a_settled_cut_with_undecided_gates_says_so(tmp_path, capsys):
+    """Gates ranked at the start (attention mass) and barely moving: the cut never changes, yet the
+    gates sit on the FA side; the warning names the settled ranking instead of asking for more steps."""
+    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=6, checkpoint_every=0, gate_lr=1e-9,
+                       init="attention_mass", init_steps=1, beta_final=None)
+    Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2), cfg, _batches, tmp_path, progress=False).run()
+    summary = json.loads((tmp_path / "search.json").read_text())
+    assert summary["cut_flips_last_fifth"] == 0 and summary["cut_last_changed_step"] == 0
+    err = capsys.readouterr().err
+    assert "the cut has not changed since step 0 of 6" in err and "more steps would likely" not in err
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "src") + os.pathsep + env.get("PYTHONPATH", "")

@@ -17,7 +17,7 @@ from consa.train.search import Search, SearchConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OLD_KEYS = {"step", "loss", "expected_sparsity", "hard_sparsity", "target", "lambda1", "shift"}
+OLD_KEYS = {"step", "loss", "expected_sparsity", "hard_sparsity", "target", "lambda1", "shift", "cut_flips"}
 
 
 def _batches(step):
@@ -248,7 +248,9 @@ def test_convergence_table_pools_seeds_once_each_and_compares_cuts(tmp_path, cap
     fa = {r["seed"]: {i for i, f in enumerate(r["fa"]) if f} for r in runs if r["method"] == "consa:default"}
     duo = {r["seed"]: {i for i, f in enumerate(r["fa"]) if f} for r in runs if r["method"] == "duo"}
     shared = [len(fa[s] & duo[s]) / len(fa[s]) for s in (0, 1)]
-    assert rows["consa:default"][7].startswith(f"{sum(shared) / 2:.2f}")
+    assert rows["consa:default"][8].startswith(f"{sum(shared) / 2:.2f}")
+    moved = [r["cut_last_changed_step"] for r in sorted(runs, key=lambda r: r["seed"]) if r["method"] == "consa:default"]
+    assert rows["consa:default"][6] == ", ".join(map(str, moved)) and all(0 <= m < 4 for m in moved)
     assert tab.main([str(tmp_path / "missing.json")]) == 2
 
 

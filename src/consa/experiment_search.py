@@ -88,6 +88,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
                 extra = {"final_expected_sparsity": (summ.get("final") or {}).get("expected_sparsity"),
                          "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
                          "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done"),
+                         "cut_last_changed_step": summ.get("cut_last_changed_step"),
                          "refine": summ.get("refine")}
                 tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len + int(summ.get("init_tokens", 0))
             elif name == "duo":

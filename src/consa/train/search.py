@@ -366,6 +366,7 @@ class Search:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+        self._cut = None  # the top-k cut after the last step (single-window searches)
 
     def _prepare_student(self, model):
         return prepare_student(model, self.cfg.train_weights, self.cfg.lora_rank)
@@ -464,6 +465,8 @@ class Search:
             decide = schedules.decide_penalty(self.gates.prob_nonzero())
             total = total + cfg.decide_weight * decide
             opts["decide"] = float(decide.detach())
+        if self.budget is None and self._cut is None:  # the cut before this step's update (fresh or resumed)
+            self._cut = topk_swa(self.gates.log_alpha, self.num_swa)
         if not micro:  # (the micro-batches have zeroed them and left their gradients)
             self.opt.zero_grad(set_to_none=True)
             if self.wopt is not None:
@@ -490,6 +493,10 @@ class Search:
             "target": self.controller.target_at(step), "lambda1": self.controller.lambda1,
             "shift": self.controller.last_shift, **opts,
         }
+        if self.budget is None:  # units this update moved across the top-k cut: is the allocation settled?
+            cut = topk_swa(self.gates.log_alpha, self.num_swa)
+            rec["cut_flips"] = sum(a != b for a, b in zip(cut, self._cut))
+            self._cut = cut
         self.history.append(rec)
         self.step += 1
         return rec
@@ -567,13 +574,21 @@ class Search:
         with atomic_path(self.out_dir / "gates.safetensors") as tmp:
             save_file({"log_alpha": self.gates.log_alpha.detach().cpu().contiguous()}, str(tmp))
         agree = self.cut_agreement()
+        last_change, late_flips = self.cut_stability()
         if agree < AGREEMENT_WARN and self.step > 0:
             cut = "top-k cut" if self.budget is None else "budgeted assignment (units whose most likely span is the one assigned)"
-            print(f"consa search: only {agree:.0%} of the gates agree with the {cut}: they have not separated "
-                  f"yet, and more steps would likely change the allocation (--steps, or --until-agreement 1)",
-                  file=sys.stderr, flush=True)
+            if last_change is not None and not late_flips:
+                print(f"consa search: only {agree:.0%} of the gates agree with the {cut}, but the cut has not changed "
+                      f"since step {last_change} of {self.step}: the ranking has settled, the gates have not separated",
+                      file=sys.stderr, flush=True)
+            else:
+                moved = f" (the cut still moved {late_flips} units in the last fifth of the steps)" if late_flips else ""
+                print(f"consa search: only {agree:.0%} of the gates agree with the {cut}: they have not separated "
+                      f"yet, and more steps would likely change the allocation{moved} (--steps, or --until-agreement 1)",
+                      file=sys.stderr, flush=True)
         summary = {"config": asdict(self.cfg), "seconds": time.time() - t0, "final": self.history[-1] if self.history else None,
-                   "cut_agreement": agree, "steps_done": self.step, "extra_steps": max(0, self.step - self.cfg.steps),
+                   "cut_agreement": agree, "cut_last_changed_step": last_change, "cut_flips_last_fifth": late_flips,
+                   "steps_done": self.step, "extra_steps": max(0, self.step - self.cfg.steps),
                    "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size,
                    "native_windows": self.native,
                    "refine": self.refined.summary() if self.refined is not None else None}
@@ -584,6 +599,16 @@ class Search:
         atomic_write_text(self.out_dir / "search.json", json.dumps(summary, indent=1) + "\n")
         self.dist.barrier()
         return alloc
+
+    def cut_stability(self) -> tuple[int | None, int | None]:
+        """(the last step whose update moved a unit across the top-k cut, units moved in the last fifth of
+        the steps); (None, None) for a span search, which has no per-step cut."""
+        flips = [(r["step"], r.get("cut_flips", 0)) for r in self.history if "cut_flips" in r]
+        if not flips:
+            return None, None
+        changed = [st for st, n in flips if n]
+        tail = flips[len(flips) - max(1, len(flips) // 5):]
+        return (changed[-1] if changed else 0), sum(n for _, n in tail)
 
     @property
     def max_steps(self) -> int:
