@@ -1,8 +1,8 @@
 """Gradient accumulation over micro-batches, exact: the step's gradient is that of the whole batch.
 
-At the 8B shape one 32K sequence's forward and backward take most of an H200, so a global batch of 4
-only fits on one GPU, or splits evenly over 8, if each process runs its rows a few at a time. The
-global-mean loss of ``search.global_task_loss`` divides every term's sum by that term's count over the
+One 32K sequence of the 8B shape peaks at 62.5 GiB of an H200 in a search step, so a batch of 4 fits one
+or two GPUs only if each process runs its rows a few at a time, and a strong-scaling series from 1 to 8
+GPUs can keep its global batch only that way. The global-mean loss of ``search.global_task_loss`` divides every term's sum by that term's count over the
 *whole* global batch; here the counts come first (they depend on the masks only, ``term_counts``), so
 each micro-batch's backward can already use the final normaliser and the summed gradients equal the
 one-pass gradient (up to float summation order).

@@ -44,9 +44,9 @@ from ..errors import ConsaError
 from ..files import atomic_write_text
 from ..attention.hybrid import LayerPlan
 from ..models import apply_allocation, attention_modules, detach, model_shape, native_windows
+from .accumulate import backward_micro_batches, batch_rows
 from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint, staged_checkpoint
 from .distributed import Dist
-from .accumulate import backward_micro_batches, batch_rows
 from .search import forward_logits, global_task_loss, prepare_student
 
 BatchFn = Callable[[int], dict]

@@ -422,7 +422,7 @@ class Search:
     def _micro_step(self, batch) -> tuple[torch.Tensor, float]:
         """The task loss backpropagated ``cfg.micro_batch`` rows at a time (``accumulate.py``): one gate
         sample for the whole step; its head mixing weights are a leaf that collects every micro-batch's
-        gradient, then pass it to log α once. Returns (the gate-side term still to backpropagate, task)."""
+        gradient and pass it on to log α once. Returns (the gate-side term still to backpropagate, task)."""
         z = self.gates.sample(self.gen)
         zh = self._unit_to_heads(z if self.budget is None else SpanGates.weights(z))
         leaf = zh.detach().requires_grad_(True)
