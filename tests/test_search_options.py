@@ -260,7 +260,7 @@ def test_answer_weight_adds_the_kl_over_positions_predicting_answers():
     from types import SimpleNamespace
 
     from consa.train.distributed import Dist
-    from consa.train.search import _kl_positions, global_task_loss
+    from consa.train.losses import _kl_positions, global_task_loss
 
     g = torch.Generator().manual_seed(0)
     logits, teacher = torch.randn(2, 9, 13, generator=g), torch.randn(2, 9, 13, generator=g)

@@ -2,7 +2,7 @@
 
 One 32K sequence of the 8B shape peaks at 62.5 GiB of an H200 in a search step, so a batch of 4 fits one
 or two GPUs only if each process runs its rows a few at a time, and a strong-scaling series from 1 to 8
-GPUs can keep its global batch only that way. The global-mean loss of ``search.global_task_loss`` divides every term's sum by that term's count over the
+GPUs can keep its global batch only that way. The global-mean loss of ``losses.global_task_loss`` divides every term's sum by that term's count over the
 *whole* global batch; here the counts come first (they depend on the masks only, ``term_counts``), so
 each micro-batch's backward can already use the final normaliser and the summed gradients equal the
 one-pass gradient (up to float summation order).
@@ -15,12 +15,11 @@ from typing import Callable
 import torch
 
 from .distributed import Dist
+from .losses import answer_positions, task_terms
 
 
 def term_counts(batch: dict, loss_mask, cfg, has_teacher: bool) -> list[torch.Tensor]:
-    """The counts ``search.task_terms`` divides by, from the masks alone, in its order of terms."""
-    from .search import answer_positions
-
+    """The counts ``losses.task_terms`` divides by, from the masks alone, in its order of terms."""
     lead = batch["input_ids"] if batch.get("input_ids") is not None else batch["inputs_embeds"]
     b, t = lead.shape[0], lead.shape[1]
 
@@ -63,8 +62,6 @@ def backward_micro_batches(batch: dict, rows: int, forward: Callable, cfg, dist:
     by the global counts and scaled by the world size (as ``global_task_loss`` does), then backpropagated
     at once, so only one micro-batch's activations and logits live at a time. Returns the global task
     loss (a float, the same value ``global_task_loss`` reports)."""
-    from .search import task_terms
-
     loss_mask = loss_mask_of(batch)
     first = True
     sums = None

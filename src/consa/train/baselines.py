@@ -13,7 +13,7 @@ from ..allocation import Allocation
 from ..attention.kernels import attention
 from ..gates import topk_swa
 from ..models import attach_gates, attention_modules, detach, model_shape, searchable_native
-from .search import forward_logits, kl_loss
+from .losses import forward_logits, kl_loss
 
 
 def duo_allocation(

@@ -4,7 +4,7 @@ After the cut the model is served with the allocation's kernels (SWA heads see t
 the sinks). Healing trains it *under that same attention* (``apply_allocation``: the eval and serving
 semantics, sinks included) to match the frozen full-attention model: loss = KL(teacher ‖ student) on
 next-token logits (+ ``lm_weight`` × LM loss), the same objective and code as the search
-(``search.global_task_loss``). The allocation itself never changes.
+(``losses.global_task_loss``). The allocation itself never changes.
 
 Teacher: with LoRA, the same weights with the adapter disabled and every layer switched back to the
 attention the model was trained with (full; a native sliding layer keeps its window) for the teacher
@@ -47,7 +47,8 @@ from ..models import apply_allocation, attention_modules, detach, model_shape, n
 from .accumulate import backward_micro_batches, batch_rows
 from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint, staged_checkpoint
 from .distributed import Dist
-from .search import forward_logits, global_task_loss, prepare_student
+from .losses import forward_logits, global_task_loss
+from .search import prepare_student
 
 BatchFn = Callable[[int], dict]
 # settings a resumed heal must share with the checkpoint (the rest, e.g. checkpoint_every, may change)

@@ -19,7 +19,8 @@ from ..allocation import Allocation
 from ..budget import BudgetProblem, budget_allocation
 from ..gates import SpanGates
 from ..models import attach_gates, detach, model_shape, searchable_native
-from .search import forward_logits, lm_sum, units_to_heads
+from .losses import forward_logits, lm_sum
+from .search import units_to_heads
 
 
 def profile_estimates(model, granularity: str, menu: tuple, batch_fn, batches: int = 4, sinks: int = 0,
