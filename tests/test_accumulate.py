@@ -28,7 +28,8 @@ def _batches(step):
 
 def _search(tmp_path, micro, **kw):
     kw = {"lm_weight": 0.5, "answer_weight": 2.0, **kw}
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=T, steps=4, checkpoint_every=0, gate_lr=0.1, micro_batch=micro, **kw)
+    kw = {"sparsity": 0.5, "window": 5, **kw}
+    cfg = SearchConfig(seq_len=T, steps=4, checkpoint_every=0, gate_lr=0.1, micro_batch=micro, **kw)
     return Search(tiny_model("qwen3", num_layers=3, num_kv_heads=2), cfg, _batches, tmp_path, progress=False)
 
 
@@ -45,12 +46,16 @@ def test_term_counts_are_the_counts_task_terms_divide_by():
     assert torch.equal(torch.cat([p["answer_mask"] for p in parts]), batch["answer_mask"])
 
 
-@pytest.mark.parametrize("weights", ["none", "full"])
-def test_search_step_in_micro_batches_has_the_whole_batch_gradient(tmp_path, weights):
-    whole, micro = _search(tmp_path / "a", 0, train_weights=weights), _search(tmp_path / "b", 2, train_weights=weights)
+SPANS = {"sparsity": None, "window": None, "kv_budget": 0.4, "spans": "4,8,16,full"}  # a span search under a KV budget
+
+
+@pytest.mark.parametrize("weights, extra", [("none", {}), ("full", {}), ("none", SPANS)], ids=["gates", "weights", "spans"])
+def test_search_step_in_micro_batches_has_the_whole_batch_gradient(tmp_path, weights, extra):
+    whole = _search(tmp_path / "a", 0, train_weights=weights, **extra)
+    micro = _search(tmp_path / "b", 2, train_weights=weights, **extra)
     # the same search with (almost) no task loss: the controller's share of the gate gradient, to take out,
     # so that what is compared is the part the micro-batches compute (here ~5% of the whole)
-    penalty = _search(tmp_path / "p", 0, train_weights=weights, kl_weight=1e-12, lm_weight=0.0, answer_weight=0.0)
+    penalty = _search(tmp_path / "p", 0, train_weights=weights, kl_weight=1e-12, lm_weight=0.0, answer_weight=0.0, **extra)
     for _ in range(3):  # the first step, and two more from (nearly) the same gates
         ra, rb = whole.train_step(), micro.train_step()
         penalty.train_step()
