@@ -426,8 +426,10 @@ def test_unmerged_lora_heal_without_its_base_or_peft_is_one_line(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_two_process_heal_matches_one_process(files, tmp_path):
-    """`--nproc 2` (torchrun, FSDP2, gloo on CPU) heals to the one-process model up to reduction order."""
+@pytest.mark.parametrize("micro", [[], ["--micro-batch", "1"]], ids=["whole", "micro"])
+def test_two_process_heal_matches_one_process(files, tmp_path, micro):
+    """`--nproc 2` (torchrun, FSDP2, gloo on CPU) heals to the one-process model up to reduction order;
+    also with each rank's 2 rows one at a time (``--micro-batch 1``)."""
     import os
     import subprocess
     import sys
@@ -438,7 +440,7 @@ def test_two_process_heal_matches_one_process(files, tmp_path):
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "consa", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
+    r = subprocess.run([sys.executable, "-m", "consa", *args, "--out", str(tmp_path / "two"), "--nproc", "2", *micro],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ids = _batches(5)["input_ids"]
