@@ -150,6 +150,7 @@ def test_schedules_hold_their_final_value_past_the_planned_steps():
 
 @pytest.mark.parametrize("flag,value,fragment", [
     ("--beta-final", "0", "--beta-final"),
+    ("--beta-final", "bogus", "a number > 0 or 'off'"),
     ("--beta-final", "50", "beta_final"),
     ("--gate-lr-final", "-1", "--gate-lr-final"),
     ("--init", "bogus", "--init"),

@@ -38,4 +38,9 @@ open_fraction = _check(float, lambda v: 0 < v < 1, "a number between 0 and 1 (ex
 
 def positive_float_or_off(text: str):
     """A number > 0, or ``off`` (None): for options whose default is on."""
-    return None if text.strip().lower() == "off" else positive_float(text)
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'off', got {text!r}") from None
