@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU session of a reference experiment (issue 17: experiments/gpu-paper-layout.json, then -s1.json),
+# as chained device calls on one warm machine; the workdir lives on the device's disk and is lost when the
+# machine goes back, so the calls must follow each other at once:
+#
+#   bash experiments/device-session.sh pretrain experiments/gpu-paper-layout.json   # base model + calibration (~560 s)
+#   bash experiments/device-session.sh all experiments/gpu-paper-layout.json        # search, eval, report (repeat
+#                                                                                   # until it no longer says partial)
+# (carry .exp/corpus up with the call). Every call packs what it made, less model weights, into
+# $OUT/<config>-<stage>-<time>.tgz: the device returns at most 8 files, so the many small ones travel as one.
+# WORK (default /tmp/W) and BUDGET (seconds for `all`, default 500) may be set.
+set -euo pipefail
+stage=${1:?usage: device-session.sh pretrain|all CONFIG}
+cfg=${2:?usage: device-session.sh pretrain|all CONFIG}
+work=${WORK:-/tmp/W}
+out=${OUT:-out}
+name=$(basename "$cfg" .json)
+export PYTHONPATH=src
+quiet() { grep -v -E "it/s|cell/s|batch/s|s/it" || true; }
+
+rc=0
+set +e  # pack whatever was made, also after a partial (exit 3) or failed stage; exit with its status
+case "$stage" in
+  pretrain)
+    python3 -m consa experiment pretrain --config "$cfg" --workdir "$work" 2>&1 | quiet | tail -6
+    rc=${PIPESTATUS[0]}
+    window=$(python3 -c "import json, sys; sys.path.insert(0, 'src'); from consa.experiment import ExperimentConfig; print(ExperimentConfig.load('$cfg').W)")
+    length=$(python3 -c "import json; c = json.load(open('$cfg')); print(max(c['eval']['lengths']))")
+    python3 -m consa eval --model "$work/base/checkpoint" --window "$window" --corpus .exp/corpus --ppl-sequences 8 \
+        --ppl-length "$length" --tasks passkey,multikey,varrecall --lengths "$length" --depths 0.1,0.5,0.9 --items 6 \
+        --digits 3 --device cuda --bf16 --batch-size 18 --out "$work/calibration" 2>&1 | quiet | tail -12
+    erc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] && rc=$erc
+    ;;
+  all)
+    python3 -m consa experiment all --config "$cfg" --workdir "$work" --time-budget "${BUDGET:-500}" 2>&1 | quiet | tail -40
+    rc=${PIPESTATUS[0]}
+    ;;
+  *)
+    echo "device-session.sh: unknown stage '$stage' (pretrain or all)" >&2
+    exit 2
+    ;;
+esac
+mkdir -p "$out"
+pack="$out/$name-$stage-$(date +%H%M%S).tgz"
+(cd "$work" && find . -type f -size -4M ! -name '*.safetensors' ! -name 'bank.npz' ! -path './corpus/*' \
+    ! -path './.consa-cache/*' -print0 | tar czf - --null -T -) > "$pack"
+ls -la "$pack"
+exit "$rc"
