@@ -418,3 +418,30 @@ def test_search_seeds_repeat_the_learned_searches_and_compare_pools_workdirs(fin
     assert len(err) == 1 and "experiment.json not found" in err[0] and not bad.exists()
     with pytest.raises(ConsaError, match="search_seeds"):
         ExperimentConfig.from_dict({**d, "search": {**d["search"], "search_seeds": [1, 1]}})
+
+
+def test_device_session_script_packs_the_workdir_without_weights(finished, tmp_path):
+    """experiments/device-session.sh (the chained GPU calls of a session): on a finished workdir `all` only
+    reports, then packs what the device must bring back into one .tgz, less weights, bank and corpus."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    cfg_path, work, rc = finished
+    assert rc == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WORK": str(work), "OUT": str(tmp_path / "out"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    r = subprocess.run(["bash", "experiments/device-session.sh", "all", str(cfg_path)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    packs = list((tmp_path / "out").glob("ci-all-*.tgz"))
+    assert len(packs) == 1
+    names = tarfile.open(packs[0]).getnames()
+    assert {"./report/results.md", "./experiment.json", "./stages.json"} <= set(names)
+    assert any(n.startswith("./search/") and n.endswith("search.json") for n in names)
+    assert not any(n.endswith(".safetensors") or n.startswith(("./corpus/", "./.consa-cache/")) for n in names)
+    bad = subprocess.run(["bash", "experiments/device-session.sh", "bogus", str(cfg_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr
