@@ -23,8 +23,8 @@ def term_counts(batch: dict, loss_mask, cfg, has_teacher: bool) -> list[torch.Te
     lead = batch["input_ids"] if batch.get("input_ids") is not None else batch["inputs_embeds"]
     b, t = lead.shape[0], lead.shape[1]
 
-    def count(mask, n):
-        return torch.tensor(float(n)) if mask is None else mask.float().sum().cpu()
+    def count(mask, n):  # on the batch's device: no host sync in the step
+        return torch.tensor(float(n), device=lead.device) if mask is None else mask.float().sum()
 
     out = []
     if has_teacher:
@@ -32,7 +32,7 @@ def term_counts(batch: dict, loss_mask, cfg, has_teacher: bool) -> list[torch.Te
     if cfg.lm_weight > 0 and "input_ids" in batch:
         out.append(count(None if loss_mask is None else loss_mask[:, 1:], b * (t - 1)))
     if getattr(cfg, "answer_weight", 0.0) > 0 and has_teacher and batch.get("answer_mask") is not None:
-        out.append(answer_positions(batch["answer_mask"], loss_mask).float().sum().cpu())
+        out.append(answer_positions(batch["answer_mask"], loss_mask).float().sum())
     return out
 
 
