@@ -169,6 +169,32 @@ def test_time_limit_stops_cleanly_and_resumes(corpus, tmp_path):
     assert json.loads((out / LOG_FILE).read_text())["steps_done"] == 6 and (out / "config.json").exists()
 
 
+def test_a_failing_compile_falls_back_to_eager_with_the_same_weights(corpus, tmp_path, monkeypatch):
+    """A compiler failure on the first step (here after it already put gradients on the weights) costs
+    the speed-up only: a warning, the segment says so, and the weights equal an eager run's."""
+    common = dict(corpus=corpus, steps=4, eval_every=4, retrieval_mix=0.25, **FAST)
+    eager = pretrain(PretrainConfig(out=tmp_path / "eager", **common))
+    calls = []
+
+    def broken_compile(call, *a, **kw):  # what nn.Module.compile gets: a block's _call_impl
+        def fwd(*args, **kwargs):
+            calls.append(1)
+            out = call(*args, **kwargs)
+            (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()  # stray gradients
+            raise RuntimeError("InductorError: no working C compiler\nsecond line")
+        return fwd
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed on the first step .*no working C compiler"):
+        out = pretrain(PretrainConfig(out=tmp_path / "compiled", compile=True, **common))
+    assert calls == [1]  # tried once (the first block), then eager for good
+    a, b = _weights(eager), _weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=k)
+    seg = json.loads((out / LOG_FILE).read_text())["segments"][0]
+    assert seg["compile"].startswith("failed: RuntimeError: InductorError") and "second line" not in seg["compile"]
+
+
 def _first_step(cfg: PretrainConfig, source) -> tuple[Path, list[torch.Tensor], list[torch.Tensor]]:
     """Run ``cfg`` (one step) and return its directory and the gradients and parameters AdamW got at
     that step, in the optimizer's order (caught by torch's global optimizer-step hook)."""
@@ -386,3 +412,19 @@ def test_cli_trains_a_model(corpus, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not any(p.suffix == ".bin" or p.name.endswith((".pt", ".pkl")) for p in out.rglob("*"))  # no pickle
+
+
+def test_regional_compile_finds_the_decoder_layers_and_undoes_itself():
+    from consa.train.compile import compile_blocks, repeated_blocks, uncompile
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(preset_config("tiny", 256), attn_implementation="sdpa")
+    assert repeated_blocks(model) is model.model.layers  # not the (shorter) lists inside a layer
+    names = [n for n, _ in model.named_parameters()]
+    blocks = compile_blocks(model)
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert [n for n, _ in model.named_parameters()] == names  # in place: checkpoints keep their keys
+    uncompile(blocks)
+    assert all(b._compiled_call_impl is None for b in blocks)
+    with pytest.raises(ConsaError, match="no list of repeated blocks"):
+        repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

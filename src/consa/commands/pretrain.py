@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (same result, less memory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (1 is often fastest for the tiny preset)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks (regional: seconds to compile; eager again if the compiler fails)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")

@@ -1,7 +1,8 @@
 """Pretrain a small full-attention Qwen3 base model from scratch on a consa corpus.
 
 One function, :func:`pretrain`, does it: AdamW, linear warm-up then cosine decay, gradient
-clipping, bf16 autocast and optional ``torch.compile`` on GPU, a tqdm bar with loss and tokens/s,
+clipping, bf16 autocast and optional ``torch.compile`` of the decoder blocks (falls back to eager when
+the compiler fails), a tqdm bar with loss and tokens/s,
 periodic validation loss, atomic resumable checkpoints and a JSON log of wall time and throughput.
 
 Output directory layout::
@@ -46,6 +47,7 @@ import torch
 from ..errors import ConsaError
 from ..files import atomic_write_text, ordinary_modes, temp_dir
 from ..presets import get_preset, preset_config
+from .compile import compile_blocks, uncompile
 from .batches import BatchSource, MixedSource, corpus_source, open_shards, retrieval_source, split_batch
 
 CHECKPOINT = "checkpoint"
@@ -88,7 +90,7 @@ class PretrainConfig:
     grad_accum: int = 1  # micro-batches per step (the batch is split; same result, less memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    compile: bool = False
+    compile: bool = False  # regional torch.compile of the decoder blocks (see train/compile.py)
     bf16: bool | None = None  # None: on for CUDA, off for CPU
     resume: bool = False
     seed: int = 0
@@ -523,7 +525,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
     if not log["validation"]:
         log["validation"].append({"step": 0, "tokens": 0, "val_loss": evaluate(model, val_batches, device, r.bf16)})
 
-    fwd = torch.compile(model) if r.compile else model
+    blocks = compile_blocks(model) if r.compile else None  # regional: seconds to compile whatever the depth
+    compiled_ok = False  # set after the first compiled step ran (forward and backward)
     segment = {"start_step": step, "device": device, "bf16": r.bf16, "compile": r.compile,
                "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     log["segments"].append(segment)
@@ -561,17 +564,34 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
             lr = lr_at(step, r)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum, answer_sum = 0.0, 0.0
-            for i in range(r.grad_accum):
-                mb = batch[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-                am = answer_mask[i * micro:(i + 1) * micro].to(device, non_blocking=True) if n_answers else None
-                loss, ans = _losses(fwd, mb, am, device, r.bf16)
-                total = loss / r.grad_accum
-                if ans is not None:
-                    total = total + r.answer_weight * ans / n_answers
-                    answer_sum += ans.detach()
-                total.backward()
-                loss_sum += loss.detach()
+
+            def accumulate(fwd):  # one optimizer step's gradients, over grad_accum micro-batches
+                loss_sum, answer_sum = 0.0, 0.0
+                for i in range(r.grad_accum):
+                    mb = batch[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                    am = answer_mask[i * micro:(i + 1) * micro].to(device, non_blocking=True) if n_answers else None
+                    loss, ans = _losses(fwd, mb, am, device, r.bf16)
+                    total = loss / r.grad_accum
+                    if ans is not None:
+                        total = total + r.answer_weight * ans / n_answers
+                        answer_sum += ans.detach()
+                    total.backward()
+                    loss_sum += loss.detach()
+                return loss_sum, answer_sum
+
+            if blocks is None or compiled_ok:
+                loss_sum, answer_sum = accumulate(model)
+            else:  # the first compiled step: a compiler failure costs the speed-up, not the run
+                try:
+                    loss_sum, answer_sum = accumulate(model)
+                except Exception as e:  # noqa: BLE001 (dynamo / inductor raise many types)
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    warnings.warn(f"torch.compile failed on the first step ({why}); training continues eagerly")
+                    segment["compile"] = f"failed: {why}"
+                    opt.zero_grad(set_to_none=True)
+                    uncompile(blocks)
+                    loss_sum, answer_sum = accumulate(model)
+                compiled_ok = True
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -579,6 +599,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
             answer_val = float(answer_sum) / n_answers if n_answers else None
             step += 1
             dt = time.perf_counter() - t0
+            segment.setdefault("first_step_s", round(dt, 3))  # with compile: the compile time
             train_time += dt
             seg_tokens += r.tokens_per_step
             if not math.isfinite(loss_val):
