@@ -428,3 +428,29 @@ def test_regional_compile_finds_the_decoder_layers_and_undoes_itself():
     assert all(b._compiled_call_impl is None for b in blocks)
     with pytest.raises(ConsaError, match="no list of repeated blocks"):
         repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compiled_blocks_share_one_graph_for_the_training_step():
+    """Regional compile pays off only if every layer reuses the first layer's graph: a KV cache in the
+    training forward (use_cache left on) made each layer recompile until dynamo's limit, then run eager."""
+    from consa.train.compile import compile_blocks
+    from consa.train.pretrain import _losses
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    cfg = preset_config("tiny", 256)
+    cfg.num_hidden_layers, cfg.layer_types = 3, cfg.layer_types[:1] * 3
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train()
+    ids = torch.randint(0, 256, (2, 37))
+    loss, _ = _losses(model, ids, None, "cpu", False)
+    loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compile_blocks(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss2, _ = _losses(model, ids, None, "cpu", False)
+        loss2.backward()
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
+    for a, p in zip(eager, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

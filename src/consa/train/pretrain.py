@@ -384,7 +384,7 @@ def _losses(model, batch: torch.Tensor, answer_mask: torch.Tensor | None, device
     the answer term is ``None`` without a mask. A target counts as an answer where the mask marks it."""
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=batch).logits
+        logits = model(input_ids=batch, use_cache=False).logits  # a cache per step: waste, and a recompile per layer
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
     ans = None if answer_mask is None else (ce * answer_mask[:, 1:].reshape(-1)).sum()
