@@ -6,12 +6,15 @@
 #   bash experiments/device-session.sh pretrain experiments/gpu-paper-layout.json   # base model + calibration (~560 s)
 #   bash experiments/device-session.sh all experiments/gpu-paper-layout.json        # search, eval, report (repeat
 #                                                                                   # until it no longer says partial)
+#   bash experiments/device-session.sh conv experiments/gpu-paper-layout-s1.json    # with the time left: search
+#                                      # convergence on the same base (CONV_ARGS: search_convergence.py options)
 # (carry .exp/corpus up with the call). Every call packs what it made, less model weights, into
-# $OUT/<config>-<stage>-<time>.tgz: the device returns at most 8 files, so the many small ones travel as one.
-# WORK (default /tmp/W) and BUDGET (seconds for `all`, default 500) may be set.
+# $OUT/<config>-<stage>-<time>.tgz (gates kept, model and optimizer weights not): the device returns at most
+# 8 files, so the many small ones travel as one.
+# WORK (default /tmp/W) and BUDGET (seconds for `all` and `conv`, default 500) may be set.
 set -euo pipefail
-stage=${1:?usage: device-session.sh pretrain|all CONFIG}
-cfg=${2:?usage: device-session.sh pretrain|all CONFIG}
+stage=${1:?usage: device-session.sh pretrain|all|conv CONFIG}
+cfg=${2:?usage: device-session.sh pretrain|all|conv CONFIG}
 work=${WORK:-/tmp/W}
 out=${OUT:-out}
 name=$(basename "$cfg" .json)
@@ -36,14 +39,23 @@ case "$stage" in
     python3 -m consa experiment all --config "$cfg" --workdir "$work" --time-budget "${BUDGET:-500}" 2>&1 | quiet | tail -40
     rc=${PIPESTATUS[0]}
     ;;
+  conv)  # search convergence on the workdir's base model: benchmarks/search_convergence.py (issue 17)
+    mkdir -p "$work/conv"
+    # shellcheck disable=SC2086  # CONV_ARGS is a list of options
+    python3 benchmarks/search_convergence.py --config "$cfg" --workdir "$work" \
+        ${CONV_ARGS:---sparsity 0.875 --seeds 0 --steps 75,150,300 --variants default,v0} \
+        --budget-s "${BUDGET:-500}" --out "$work/conv/conv-$(date +%H%M%S).json" 2>&1 | quiet | tail -30
+    rc=${PIPESTATUS[0]}
+    ;;
   *)
-    echo "device-session.sh: unknown stage '$stage' (pretrain or all)" >&2
+    echo "device-session.sh: unknown stage '$stage' (pretrain, all or conv)" >&2
     exit 2
     ;;
 esac
 mkdir -p "$out"
 pack="$out/$name-$stage-$(date +%H%M%S).tgz"
-(cd "$work" && find . -type f -size -4M ! -name '*.safetensors' ! -name 'bank.npz' ! -path './corpus/*' \
+(cd "$work" && find . -type f -size -4M ! -name 'model*.safetensors' ! -name 'optimizer.safetensors' \
+    ! -name 'bank.npz' ! -path './corpus/*' \
     ! -path './.consa-cache/*' -print0 | tar czf - --null -T -) > "$pack"
 ls -la "$pack"
 exit "$rc"

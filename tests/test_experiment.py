@@ -441,7 +441,18 @@ def test_device_session_script_packs_the_workdir_without_weights(finished, tmp_p
     names = tarfile.open(packs[0]).getnames()
     assert {"./report/results.md", "./experiment.json", "./stages.json"} <= set(names)
     assert any(n.startswith("./search/") and n.endswith("search.json") for n in names)
-    assert not any(n.endswith(".safetensors") or n.startswith(("./corpus/", "./.consa-cache/")) for n in names)
+    assert not any(n.endswith(("model.safetensors", "optimizer.safetensors")) or n.startswith(("./corpus/", "./.consa-cache/"))
+                   for n in names)
+    # `conv`: the convergence benchmark on the same base, packed alike
+    conv_env = {**env, "OUT": str(tmp_path / "out2"), "CONV_ARGS": "--sparsity 0.5 --seeds 0 --steps 2 --variants default,v0 --no-baselines"}
+    r = subprocess.run(["bash", "experiments/device-session.sh", "conv", str(cfg_path)], cwd=root, env=conv_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (pack,) = list((tmp_path / "out2").glob("ci-conv-*.tgz"))
+    with tarfile.open(pack) as tf:
+        (conv,) = [n for n in tf.getnames() if n.startswith("./conv/conv-") and n.count("/") == 2 and n.endswith(".json")]
+        runs = json.load(tf.extractfile(conv))["runs"]
+    assert sorted(r["method"] for r in runs) == ["consa:default", "consa:v0"] and all(r["steps"] == 2 for r in runs)
     bad = subprocess.run(["bash", "experiments/device-session.sh", "bogus", str(cfg_path)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr

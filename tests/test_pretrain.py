@@ -195,6 +195,21 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_weights(corpus, tmp
     assert seg["compile"].startswith("failed: RuntimeError: InductorError") and "second line" not in seg["compile"]
 
 
+def test_stop_at_stops_inside_the_full_schedule(corpus, tmp_path):
+    """--stop-at N is a time limit that hits at step N: resumable, and the steps it ran are those of the
+    unbroken run (same learning rates, same losses), not a shorter schedule."""
+    common = dict(corpus=corpus, steps=6, log_every=1, **FAST)
+    full = json.loads((pretrain(PretrainConfig(out=tmp_path / "full", **common)) / LOG_FILE).read_text())
+    out = tmp_path / "cut"
+    pretrain(PretrainConfig(out=out, stop_at=3, **common))
+    cut = json.loads((out / LOG_FILE).read_text())
+    assert not cut["finished"] and cut["steps_done"] == 3 and not (out / "config.json").exists()
+    assert [h["lr"] for h in cut["history"]] == [h["lr"] for h in full["history"][:3]]
+    assert [h["loss"] for h in cut["history"]] == pytest.approx([h["loss"] for h in full["history"][:3]], abs=1e-6)
+    with pytest.raises(ConsaError, match="--stop-at must be a positive integer"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", stop_at=0, **common))
+
+
 def _first_step(cfg: PretrainConfig, source) -> tuple[Path, list[torch.Tensor], list[torch.Tensor]]:
     """Run ``cfg`` (one step) and return its directory and the gradients and parameters AdamW got at
     that step, in the optimizer's order (caught by torch's global optimizer-step hook)."""

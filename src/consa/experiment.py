@@ -92,6 +92,7 @@ class PretrainStage:
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
+    stop_at: int | None = None  # stop at this step (schedule unchanged), e.g. where another seed's time limit hit
     eval_every: int | None = None
     threads: int | None = None
 
@@ -429,7 +430,8 @@ def stage_pretrain(wd: Workdir) -> dict:
     pc = PretrainConfig(corpus=str(wd.corpus), out=str(wd.base), preset=p.preset, tokens=p.tokens, steps=p.steps,
                         batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr, device=cfg.device, compile=p.compile,
                         bf16=p.bf16, resume=True, seed=cfg.seed, eval_every=p.eval_every, threads=p.threads,
-                        time_limit=p.time_limit, progress=cfg.progress, answer_weight=p.answer_weight)
+                        time_limit=p.time_limit, stop_at=p.stop_at, progress=cfg.progress,
+                        answer_weight=p.answer_weight)
     pretrain(pc, batch_source=pretrain_source(wd, resolve(pc).steps))
     log_path = wd.base / "pretrain_log.json"
     if not log_path.is_file():
@@ -445,7 +447,7 @@ def stage_pretrain(wd: Workdir) -> dict:
             "val_loss_last": val[-1].get("val_loss"), "retrieval_mix": p.retrieval_mix, "bank": bank_info,
             "answer_weight": p.answer_weight, "answer_loss_last": (log.get("history") or [{}])[-1].get("answer_loss")}
     if not log.get("finished"):
-        _say(f"pretrain: stopped at its time limit after {info['steps']} steps; the last checkpoint is the base model")
+        _say(f"pretrain: stopped (time limit or stop_at) after {info['steps']} steps; the last checkpoint is the base model")
     return info
 
 

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                         "(teaches the long-range copy; the logged loss stays the plain LM loss)")
     p.add_argument("--time-limit", type=positive_float,
                    help="seconds: checkpoint and stop cleanly when exceeded (rerun with --resume)")
+    p.add_argument("--stop-at", type=positive_int, metavar="STEP",
+                   help="stop after this step as at the time limit (resumable), the schedule still spanning --steps: "
+                        "replicates a run that a time limit stopped there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -69,7 +72,7 @@ def run(args) -> int:
         device=args.device, threads=args.threads, compile=args.compile, bf16=args.bf16, resume=args.resume, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         retrieval_mix=args.retrieval_mix, retrieval_source=args.retrieval_source, time_limit=args.time_limit,
-        answer_weight=args.answer_weight, retrieval_pairs=args.retrieval_pairs,
+        stop_at=args.stop_at, answer_weight=args.answer_weight, retrieval_pairs=args.retrieval_pairs,
         retrieval_queries=args.retrieval_queries, retrieval_digits=args.retrieval_digits,
         progress=not args.no_progress,
     )

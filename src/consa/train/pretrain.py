@@ -105,6 +105,8 @@ class PretrainConfig:
     retrieval_queries: int = 2  # ... and how many of them are asked back at the end
     retrieval_digits: int = 5  # digits of the values (builtin) / pass keys and values (tasks)
     time_limit: float | None = None  # seconds: checkpoint and stop cleanly (rerun with resume)
+    stop_at: int | None = None  # step: stop there as at the time limit, the schedule still spans `steps`
+    #                             (replicates a time-limited run exactly, e.g. on another seed or GPU)
     keep_checkpoint: bool = True
     progress: bool = True
 
@@ -188,6 +190,7 @@ def resolve(cfg: PretrainConfig) -> _Resolved:
         raise ConsaError(f"retrieval_source must be auto, builtin or tasks, got {cfg.retrieval_source!r}")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise ConsaError(f"--time-limit must be positive, got {cfg.time_limit!r}")
+    _positive_int("--stop-at", cfg.stop_at, allow_none=True)
     batch = cfg.batch_size or p.batch_size
     seq = cfg.seq_len or p.context
     if batch % cfg.grad_accum:
@@ -618,7 +621,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
                 log["validation"].append({"step": step, "tokens": step * r.tokens_per_step, "val_loss": v})
                 if cfg.progress:
                     bar.write(f"step {step}/{r.steps}  loss {loss_val:.4f}  val_loss {v:.4f}", file=sys.stderr)
-            over_time = cfg.time_limit is not None and time.time() - t_start > cfg.time_limit
+            at_stop = cfg.stop_at is not None and step >= cfg.stop_at
+            over_time = at_stop or (cfg.time_limit is not None and time.time() - t_start > cfg.time_limit)
             if step % r.save_every == 0 or step == r.steps or over_time:
                 finish_segment()
                 _save_checkpoint(out, corpus, model, opt, state_dict(), log)
@@ -626,7 +630,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
                 on_step(step, loss_val)
             if over_time and step < r.steps:
                 stopped_early = True
-                bar.write(f"time limit reached: stopped at step {step}/{r.steps}; rerun with --resume to continue",
+                bar.write(f"{'--stop-at' if at_stop else 'time limit'} reached: stopped at step {step}/{r.steps}; "
+                          "rerun with --resume to continue",
                           file=sys.stderr)
                 break
     finally:
