@@ -555,7 +555,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
     micro = r.batch_size // r.grad_accum
     stopped_early = False
     try:
-        while step < r.steps:
+        last = r.steps if cfg.stop_at is None else min(r.steps, cfg.stop_at)
+        while step < last:
             t0 = time.perf_counter()
             if hasattr(batch_source, "set_step"):  # e.g. a length curriculum; still a pure function of the step
                 batch_source.set_step(step)
@@ -587,6 +588,8 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
             else:  # the first compiled step: a compiler failure costs the speed-up, not the run
                 try:
                     loss_sum, answer_sum = accumulate(model)
+                    if not math.isfinite(float(loss_sum)):  # e.g. a stale inductor cache entry: NaN, not an error
+                        raise FloatingPointError(f"the compiled step's loss is {float(loss_sum)}")
                 except Exception as e:  # noqa: BLE001 (dynamo / inductor raise many types)
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     warnings.warn(f"torch.compile failed on the first step ({why}); training continues eagerly")
@@ -638,6 +641,7 @@ def pretrain(cfg: PretrainConfig | dict, *, batch_source: BatchSource | None = N
         bar.close()
 
     finish_segment()
+    stopped_early = stopped_early or step < r.steps  # (a resume already at --stop-at trains nothing)
     if not stopped_early:
         log["finished"] = True
         log["final_val_loss"] = log["validation"][-1]["val_loss"]
