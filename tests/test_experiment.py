@@ -239,6 +239,27 @@ def test_pretrain_source_mixes_corpus_bank_and_dense_rows(finished):
         ExperimentConfig.from_dict({**d, "pretrain": {**d["pretrain"], "dense_queries": 3}})
 
 
+def test_pretrain_stage_is_done_only_at_stop_at(finished, tmp_path):
+    """pretrain.stop_at pins the base model's step (another seed's time-limited run): a time limit that comes
+    first leaves the stage partial (exit 3), and the next call continues from the checkpoint until stop_at."""
+    cfg_path, work, rc = finished
+    d = json.loads(cfg_path.read_text())
+    d["data"] = {"corpus": str(work / "corpus")}
+    d["pretrain"] = {**d["pretrain"], "steps": 4, "stop_at": 3, "time_limit": 1e-9}  # one step per call
+    cfg = tmp_path / "stop.json"
+    cfg.write_text(json.dumps(d))
+    w = tmp_path / "w"
+    argv = ["experiment", "pretrain", "--config", str(cfg), "--workdir", str(w)]
+    steps = []
+    for _ in range(3):
+        rc = main(argv)
+        steps.append((rc, json.loads((w / "base" / "checkpoint" / "state.json").read_text())["step"]))
+    assert steps == [(3, 1), (3, 2), (0, 3)]
+    rec = json.loads((w / "stages.json").read_text())["pretrain"]
+    assert rec["done"] and rec["steps"] == 3 and rec["finished"] is False
+    assert main(argv) == 0 and json.loads((w / "base" / "checkpoint" / "state.json").read_text())["step"] == 3  # done: skipped
+
+
 def test_base_from_runs_a_variant_on_the_same_base_model(finished, tmp_path, capsys):
     """--base-from: a search/eval variant adopts another workdir's base model and bank instead of pretraining."""
     from consa.allocation import Allocation

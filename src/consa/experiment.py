@@ -92,7 +92,8 @@ class PretrainStage:
     compile: bool = False
     bf16: bool | None = None
     time_limit: float | None = None  # stop early; the last checkpoint then serves as the base model
-    stop_at: int | None = None  # stop at this step (schedule unchanged), e.g. where another seed's time limit hit
+    stop_at: int | None = None  # stop at this step (schedule unchanged), e.g. where another seed's time limit hit;
+    #                             the stage is done only there (a time limit before it leaves the stage partial)
     eval_every: int | None = None
     threads: int | None = None
 
@@ -447,6 +448,9 @@ def stage_pretrain(wd: Workdir) -> dict:
             "val_loss_last": val[-1].get("val_loss"), "retrieval_mix": p.retrieval_mix, "bank": bank_info,
             "answer_weight": p.answer_weight, "answer_loss_last": (log.get("history") or [{}])[-1].get("answer_loss")}
     if not log.get("finished"):
+        if p.stop_at is not None and info["steps"] < p.stop_at:  # the time limit came first: not the base asked for
+            raise _Partial(f"pretrain: the time limit stopped it at step {info['steps']} before stop_at {p.stop_at}; "
+                           "the next call continues from its checkpoint")
         _say(f"pretrain: stopped (time limit or stop_at) after {info['steps']} steps; the last checkpoint is the base model")
     return info
 
