@@ -1,8 +1,7 @@
 """Regional ``torch.compile`` for training: compile each repeated decoder block in place.
 
-A whole-model compile traces every layer (about 50 s for 16 tiny layers on 2 CPU cores, growing with
-depth); compiling the block class once and reusing it for every layer (PyTorch's "regional
-compilation") takes seconds whatever the depth and runs as fast. Compiling in place keeps the
+A whole-model compile traces every layer, so its cost grows with depth; compiling the block once and
+reusing the graph for every layer (PyTorch's "regional compilation") costs one layer's compile. Compiling in place keeps the
 parameter names, so checkpoints do not change. ``uncompile`` undoes it when the compiler fails on the
 first step (pretraining then continues eagerly instead of dying).
 """
