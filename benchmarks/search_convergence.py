@@ -55,6 +55,8 @@ VARIANTS = {
     # cut refinement (item 2): swaps across the cut on the search's held-out batches; scored on other batches
     "refine": {"refine_evals": 16},
     "anneal_refine": {**V0, "beta_final": 0.2, "refine_evals": 16},
+    # pairs ordered by measured single-unit flips: one evaluation per FA unit, then the swaps
+    "refine_measured": {"refine_evals": 64, "refine_order": "measured"},
 }
 SCORE_OFFSET = 1000  # the scoring batches sit this many steps after the refinement's: a refined cut is not scored on its own data
 

@@ -373,6 +373,59 @@ def test_budget_stage_compares_methods_at_equal_measured_kv_bytes(finished, tmp_
         ExperimentConfig.load(var)
 
 
+def test_consa_refined_is_the_same_search_refined_beside_its_plain_cut(finished, tmp_path):
+    """consa_refined-kv_head reads the gates of the consa-kv_head search (no second search), refines that cut
+    on held-out KL, and is its own row; consa-kv_head then keeps the plain top-k cut. Rebuilt from the gates
+    file alone it is the same allocation; compare pairs it with the plain cut seed by seed."""
+    from safetensors.torch import load_file
+
+    from consa.allocation import Allocation
+    from consa.gates import topk_swa
+
+    cfg_path, work, _ = finished
+    d = json.loads(cfg_path.read_text())
+    d.update(name="ci-refined", data={"corpus": str(work / "corpus")})
+    d["search"].update(sparsities=[0.5], methods=["consa_refined-kv_head", "consa-kv_head", "fa_top-layer"],
+                       search_seeds=[0, 1], refine_evals=8, refine_order="measured")
+    var = tmp_path / "refined.json"
+    var.write_text(json.dumps(d))
+    w = tmp_path / "w"
+    assert main(["experiment", "pretrain", "--config", str(var), "--workdir", str(w), "--base-from", str(work)]) == 0
+    assert main(["experiment", "all", "--config", str(var), "--workdir", str(w)]) == 0
+    a = w / "alloc" / "s0.5"
+    for s in (0, 1):
+        plain, refined = (json.loads((a / f"{m}-kv_head-seed{s}.meta.json").read_text()) for m in ("consa", "consa_refined"))
+        assert plain["refine"] is None and refined["method"] == "consa_refined"
+        ref = refined["refine"]
+        assert 1 <= ref["evals"] <= 8 and ref["kl_after"] <= ref["kl_before"]
+        assert refined["tokens_after_base"] == plain["tokens_after_base"] > 0 and refined["seconds"] >= plain["seconds"]
+        log_alpha = load_file(str(w / "search" / f"s0.5-kv_head-seed{s}" / "gates.safetensors"))["log_alpha"]
+        bits = topk_swa(log_alpha, plain["swa_units"])
+        flat = lambda al: [bool(b) for row in al.fa for b in row]  # noqa: E731
+        assert flat(Allocation.load(a / f"consa-kv_head-seed{s}.json")) == bits
+        for up, down, _kl in ref["swaps"]:
+            bits[up], bits[down] = False, True
+        assert flat(Allocation.load(a / f"consa_refined-kv_head-seed{s}.json")) == bits
+    # from the gates file alone (a later call, or the method added after the search): the same allocation
+    first = Allocation.load(a / "consa_refined-kv_head-seed1.json").fa
+    for f in (a / "consa_refined-kv_head-seed1.json", a / "consa_refined-kv_head-seed1.meta.json"):
+        f.unlink()
+    assert run_stage("search", ExperimentConfig.load(var), w, force=True)["done"]
+    assert Allocation.load(a / "consa_refined-kv_head-seed1.json").fa == first
+    rows = json.loads((w / "report" / "results.json").read_text())["tables"]["s0.5"]["rows"]
+    assert "consa_refined-kv_head (mean of 2 seeds)" in rows
+    out = tmp_path / "cmp"
+    assert main(["compare", str(w), "--out", str(out)]) == 0
+    pair = [c for c in json.loads((out / "compare.json").read_text())["claims"]
+            if (c["a"], c["b"]) == ("consa_refined-kv_head", "consa-kv_head")]
+    assert pair and pair[0]["paired_runs"] == 2 and 0 <= pair[0]["paired_a_lower"] <= 2
+    # it refines a search of the same config: listed alone it is refused
+    d["search"]["methods"] = ["consa_refined-kv_head", "fa_top-layer"]
+    var.write_text(json.dumps(d))
+    with pytest.raises(ConsaError, match="list that method too"):
+        ExperimentConfig.load(var)
+
+
 def test_search_seeds_repeat_the_learned_searches_and_compare_pools_workdirs(finished, tmp_path, capsys):
     """search.search_seeds [0, 1]: ConSA and Duo-style search once per seed (stems <method>-seed<s>; seed 0
     is the unseeded search, the same allocation), rules once; the report gives mean ± sd over the seeds;

@@ -49,6 +49,31 @@ def test_refine_never_accepts_a_worse_swap_and_respects_its_budget():
         refine_cut(scores[:3], fa, objective)
 
 
+def test_measured_order_finds_a_redundant_fa_unit_far_above_the_cut():
+    """Unit 0 has the highest score but the allocation does not need it; unit 3, just below the cut, is
+    needed. Swaps near the cut cannot fix that; measuring each FA unit's single flip can."""
+    scores = torch.tensor([5.0, 4.0, 3.0, -1.0, -2.0, -3.0, -4.0, 2.5])
+    fa = topk_swa(scores, 4)
+    assert [i for i, f in enumerate(fa) if f] == [0, 1, 2, 7]
+    best = [False, True, True, True, False, False, False, True]
+    objective, _ = _hamming_objective(best)
+    near = refine_cut(scores, fa, objective, candidates=2, max_evals=30)
+    assert near.fa == fa and near.swaps == []  # every swap near the cut leaves the distance at 2
+    objective, calls = _hamming_objective(best)
+    res = refine_cut(scores, fa, objective, candidates=2, max_evals=30, order="measured")
+    assert res.fa == best and res.swaps[0][:2] == (0, 3) and res.kl_after == pytest.approx(0.1)
+    assert sum(not f for f in res.fa) == 4 and res.evals == len(calls) <= 30
+    # the measurements flip one unit each: FA units lowest score first, one SWA unit before them
+    assert [sum(a != b for a, b in zip(c, fa)) for c in calls[1:7]] == [1] * 6
+    assert calls[1][3] and not calls[2][7]
+    # a budget too small to measure everything is still respected, and a bad order is refused
+    objective, calls = _hamming_objective(best)
+    small = refine_cut(scores, fa, objective, candidates=2, max_evals=3, order="measured")
+    assert small.evals == len(calls) == 3
+    with pytest.raises(ValueError, match="order"):
+        refine_cut(scores, fa, objective, order="nearest")
+
+
 def _batches(step):
     g = torch.Generator().manual_seed(step)
     return {"input_ids": torch.randint(3, 101, (2, 40), generator=g)}
@@ -76,9 +101,11 @@ def test_held_out_kl_is_the_kl_of_the_fixed_hybrid_model(tmp_path):
     assert got == pytest.approx(total / 2, rel=1e-4)
 
 
-def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(tmp_path):
+@pytest.mark.parametrize("order", ["score", "measured"])
+def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(tmp_path, order):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=4, checkpoint_every=0, refine_evals=6, refine_candidates=2)
+    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=4, checkpoint_every=0, refine_evals=6, refine_candidates=2,
+                       refine_order=order)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     summ = json.loads((tmp_path / "search.json").read_text())["refine"]
@@ -88,8 +115,12 @@ def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(t
     cut = topk_swa(s.gates.log_alpha, 4)
     assert sum(a != b for a, b in zip(cut, alloc.units)) == summ["units_changed"]
     assert Allocation.load(tmp_path / "allocation.json").meta["refine"]["evals"] == summ["evals"]
+    assert json.loads((tmp_path / "search.json").read_text())["config"]["refine_order"] == order
 
 
 def test_refine_settings_are_checked():
     with pytest.raises(Exception, match="refine"):
         SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=-1).validate()
+    with pytest.raises(Exception, match="refine_order"):
+        SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=4, refine_order="nearest").validate()
+

@@ -53,6 +53,11 @@ from .experiment_budget import BudgetStage
 STAGES = ("data", "pretrain", "search", "eval", "heal", "budget", "report")
 RULE_METHODS = ("interleaved-kv_head", "interleaved-layer", "fa_top-layer", "fa_bottom-layer", "fa_middle-layer")
 ALL_METHODS = ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head", *RULE_METHODS, "random-kv_head")
+# opt-in: the cut of the same ConSA search refined by swaps on held-out KL (train/refine.py), beside the
+# plain top-k cut of that search, so a table shows what refinement changes at no extra search step
+OPTIONAL_METHODS = ("consa_refined-kv_head", "consa_refined-layer")
+KNOWN_METHODS = ALL_METHODS + OPTIONAL_METHODS
+DEFAULT_REFINE_EVALS = 16  # consa_refined with search.refine_evals 0
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -105,7 +110,10 @@ class SearchStage:
     steps: int = 100
     until_agreement: float = 0.0  # ConSA only: extend past `steps` until this share of gates agrees with the cut
     max_steps: int = 0  # cap of that extension (0: 4 × steps)
-    refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off
+    refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off.
+    #                        With consa_refined-<gran> listed, consa-<gran> keeps the plain top-k cut and the refined one
+    #                        is its own row (refine_evals, or DEFAULT_REFINE_EVALS when 0)
+    refine_order: str = "score"  # score | measured (train/refine.py)
     # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does and why the
     # defaults); beta_final null + init_log_alpha 3.0 give the searches of runs 1-6
     beta_final: float | None = 0.2
@@ -229,11 +237,17 @@ class ExperimentConfig:
         for t in self.search.sparsities:
             if not (isinstance(t, (int, float)) and 0 < t < 1):
                 raise ConsaError(f"sparsities must lie in (0, 1), got {t!r}")
-        bad = [m for m in self.search.methods if m not in ALL_METHODS]
+        bad = [m for m in self.search.methods if m not in KNOWN_METHODS]
         if bad:
-            raise ConsaError(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}")
+            raise ConsaError(f"unknown methods {bad}; choose from {', '.join(KNOWN_METHODS)}")
+        for m in self.search.methods:
+            if m.startswith("consa_refined-") and m.replace("consa_refined-", "consa-") not in self.search.methods:
+                raise ConsaError(f"{m} refines the cut of the {m.replace('consa_refined-', 'consa-')} search: "
+                                 "list that method too")
         if not 0 <= self.search.until_agreement <= 1 or (self.search.max_steps and self.search.max_steps < self.search.steps):
             raise ConsaError("search.until_agreement must be in [0, 1] and search.max_steps 0 or at least search.steps")
+        if self.search.refine_order not in ("score", "measured"):
+            raise ConsaError(f"search.refine_order must be score or measured, got {self.search.refine_order!r}")
         from .train.schedules import validate as validate_search_options
 
         validate_search_options(self.search)
@@ -499,13 +513,18 @@ def search_batch_fn(shards, bank: BankSource | None, batch: int, seq_len: int, s
     return fn
 
 
-LEARNED = ("consa", "duo")  # the methods a search seed changes (attention mass and the rules are deterministic)
+LEARNED = ("consa", "consa_refined", "duo")  # the methods a search seed changes (attention mass and the rules
+#                                             are deterministic)
 
 
 def _method_list(cfg: ExperimentConfig) -> list[tuple[str, str, str, int | None]]:
-    """(file stem, method, granularity, seed) for every allocation of one sparsity."""
+    """(file stem, method, granularity, seed) for every allocation of one sparsity; a consa_refined method
+    right after the ConSA search whose gates it reads."""
+    methods = [m for m in cfg.search.methods if not m.startswith("consa_refined-")]
+    for m in [m for m in cfg.search.methods if m.startswith("consa_refined-")]:
+        methods.insert(methods.index(m.replace("consa_refined-", "consa-")) + 1, m)
     out = []
-    for m in cfg.search.methods:
+    for m in methods:
         name, gran = m.rsplit("-", 1)
         if name == "random":
             out += [(f"{m}-seed{s}", name, gran, int(s)) for s in cfg.search.random_seeds]

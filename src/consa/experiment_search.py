@@ -14,8 +14,8 @@ import json
 import time
 
 from .errors import ConsaError
-from .experiment import (LEARNED, BankSource, _device, _dtype, _method_list, _Partial, _require, _say, method_key,
-                         search_batch_fn)
+from .experiment import (DEFAULT_REFINE_EVALS, LEARNED, BankSource, _device, _dtype, _method_list, _Partial, _require,
+                         _say, method_key, search_batch_fn)
 
 
 def _duo(model, gran, k, W, batch_fn, s, cfg, seed: int):
@@ -23,6 +23,36 @@ def _duo(model, gran, k, W, batch_fn, s, cfg, seed: int):
 
     return duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
                           seed=seed, progress=cfg.progress, backend=s.backend)
+
+
+def _refined(model, scfg, batch_fn, out_dir, searched, evals: int):
+    """consa_refined: the finished ConSA search's gates (``out_dir/gates.safetensors``) with its cut refined by
+    up to ``evals`` held-out KL evaluations, on the held-out batches a refinement inside that search would use.
+    Returns the allocation and the row's record (the search's tokens and seconds, the refinement's evidence)."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from .train.search import Search
+
+    gates = out_dir / "gates.safetensors"
+    if not gates.is_file() or not searched.is_file():
+        raise ConsaError(f"consa_refined needs the finished ConSA search in {out_dir} (gates.safetensors) and its "
+                         f"record {searched}: run that search first")
+    rec = json.loads(searched.read_text())
+    search = Search(model, dataclasses.replace(scfg, refine_evals=evals, init="constant"), batch_fn, out_dir, progress=False)
+    log_alpha = load_file(str(gates))["log_alpha"]
+    if log_alpha.shape != search.gates.log_alpha.shape:
+        raise ConsaError(f"{gates} holds {tuple(log_alpha.shape)} gates, the search here has {tuple(search.gates.log_alpha.shape)}")
+    with torch.no_grad():
+        search.gates.log_alpha.copy_(log_alpha.to(search.gates.log_alpha))
+    ref = search.refine()
+    extra = {k: rec.get(k) for k in ("final_expected_sparsity", "final_hard_sparsity", "cut_agreement", "search_steps",
+                                     "cut_last_changed_step")}
+    extra.update(refine=ref.summary(), tokens=int(rec.get("tokens_after_base") or 0),
+                 search_seconds=float(rec.get("seconds") or 0.0))
+    return search.allocation(), extra
 
 
 def search_seed(cfg, seed: int | None) -> int:
@@ -72,15 +102,23 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
             k = swa_count(t, n_units)
             t0 = time.time()
             tokens = 0
-            if name == "consa":
+            if name in ("consa", "consa_refined"):
+                side_by_side = f"consa_refined-{gran}" in s.methods  # then consa keeps the plain top-k cut
                 scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
                                     until_agreement=s.until_agreement, max_steps=s.max_steps,
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=sseed, checkpoint_every=0, backend=s.backend, refine_evals=s.refine_evals,
+                                    seed=sseed, checkpoint_every=0, backend=s.backend,
+                                    refine_evals=0 if side_by_side else s.refine_evals, refine_order=s.refine_order,
                                     beta_final=s.beta_final, init_log_alpha=s.init_log_alpha, gate_lr_final=s.gate_lr_final, init=s.init,
                                     init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
                                     answer_weight=s.answer_weight)
                 out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))
+            if name == "consa_refined":
+                searched = d / f"{stem.replace('consa_refined-', 'consa-', 1)}.meta.json"
+                alloc, extra = _refined(model, scfg, fn, out_dir, searched, s.refine_evals or DEFAULT_REFINE_EVALS)
+                tokens = extra.pop("tokens")
+                t0 -= extra.pop("search_seconds")  # the row's seconds: the search's and the refinement's
+            elif name == "consa":
                 resume = (out_dir / "checkpoint" / "state.json").is_file()
                 alloc = Search(model, scfg, fn, out_dir, progress=cfg.progress).run(resume=resume)
                 detach(model)

@@ -6,6 +6,15 @@ of, so after the search we try swapping an FA unit near the cut for an SWA unit 
 when the KL of the binary allocation to the full model, on held-out batches the search never saw, drops.
 The SWA count never changes (a swap is one-for-one), so the budget stays exact.
 
+Two orders of trying the swaps (``order``):
+* ``score``: the ``candidates`` FA units with the lowest log α against the ``candidates`` SWA units with the
+  highest, nearest pairs first. Cheap, but it can only fix a near-tie at the cut.
+* ``measured``: first the objective with each FA unit alone turned SWA (what that unit is worth *in this
+  allocation*) and with each of the ``candidates`` best SWA units alone turned FA; pairs are then tried in the
+  order of the sum of the two measured changes. This also finds an FA unit far above the cut whose work the
+  other FA units already do (the stochastic search values a unit over random subsets of the others, the
+  deployed cut is one fixed subset), at one evaluation per FA unit more.
+
 The binary allocation is evaluated through the search's own gated attention with z ∈ {0, 1}
 (``z·FA + (1 − z)·SWA`` is then exactly the hybrid), so no second attention path is involved.
 """
@@ -46,6 +55,7 @@ def refine_cut(
     candidates: int = 4,
     max_evals: int = 32,
     min_gain: float = 0.0,
+    order: str = "score",
 ) -> RefineResult:
     """Greedy first-improvement swaps across the cut, ranked by how close each pair sits to it.
 
@@ -53,21 +63,32 @@ def refine_cut(
     held-out KL of that binary allocation. Each pass tries the ``candidates`` lowest-scoring FA units
     against the ``candidates`` highest-scoring SWA units, nearest pairs first, and accepts the first swap
     that lowers the objective by more than ``min_gain`` (relative); passes repeat until none helps or
-    ``max_evals`` objective calls (the first, of the cut itself, included) are spent.
+    ``max_evals`` objective calls (the first, of the cut itself, included) are spent. ``order="measured"``
+    tries the pairs of measured single-unit changes first (module docstring), then the near-cut ones; the
+    measurements count against ``max_evals`` too (FA units lowest score first, so a small budget degrades
+    towards ``score``).
     """
     values = scores.detach().double().cpu().flatten().tolist()
     if len(values) != len(fa):
         raise ValueError(f"{len(values)} scores but {len(fa)} units")
     if candidates < 1 or max_evals < 1:
         raise ValueError("candidates and max_evals must be >= 1")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     current = [bool(b) for b in fa]
     best = float(objective(current))
     result = RefineResult(fa=current, kl_before=best, kl_after=best, evals=1)
     tried: set[tuple[int, ...]] = {tuple(current)}
+    measured = _measure(values, current, objective, candidates, max_evals, result) if order == "measured" else None
     improved = True
     while improved and result.evals < max_evals:
         improved = False
-        for up, down in _pairs(values, current, candidates):
+        pairs = _pairs(values, current, candidates)
+        if measured is not None:  # the measured pairs first, then the near-cut ones they left out
+            first = _measured_pairs(measured, fa, current)
+            seen = set(first)
+            pairs = first + [p for p in pairs if p not in seen]
+        for up, down in pairs:
             if result.evals >= max_evals:
                 break
             trial = list(current)
@@ -84,6 +105,34 @@ def refine_cut(
                 break
     result.fa, result.kl_after = current, best
     return result
+
+
+ORDERS = ("score", "measured")
+
+
+def _measure(values, fa, objective, k: int, max_evals: int, result: RefineResult) -> dict[int, float]:
+    """{unit: objective with that unit alone flipped}: every FA unit (lowest score first), then the ``k``
+    highest-scoring SWA units, while the budget lasts (at least one evaluation is left for a swap)."""
+    fa_units = sorted((i for i, f in enumerate(fa) if f), key=lambda i: (values[i], i))
+    swa_units = sorted((i for i, f in enumerate(fa) if not f), key=lambda i: (-values[i], -i))[:k]
+    out: dict[int, float] = {}
+    for u in swa_units[:1] + fa_units + swa_units[1:]:  # one SWA unit early, so any budget can pair
+        if result.evals >= max_evals - 1:
+            break
+        trial = list(fa)
+        trial[u] = not trial[u]
+        out[u] = float(objective(trial))
+        result.evals += 1
+    return out
+
+
+def _measured_pairs(measured: dict[int, float], cut: list[bool], fa: list[bool]) -> list[tuple[int, int]]:
+    """(FA unit, SWA unit) pairs among the measured units still on the side they were measured on (the
+    ``cut``'s), by the sum of their single-flip objectives: the FA unit whose loss costs least with the SWA
+    unit whose gain is largest first."""
+    ups = [u for u in measured if cut[u] and fa[u]]
+    downs = [d for d in measured if not cut[d] and not fa[d]]
+    return sorted(((u, d) for u in ups for d in downs), key=lambda p: (measured[p[0]] + measured[p[1]], p))
 
 
 def _pairs(values: list[float], fa: list[bool], k: int) -> list[tuple[int, int]]:

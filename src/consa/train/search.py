@@ -41,6 +41,7 @@ from .losses import answer_positions, forward_logits, global_task_loss, kl_loss,
 from .checkpoint import check_resumable, load_checkpoint, model_fingerprint, save_checkpoint
 from .distributed import Dist
 from . import schedules
+from .refine import ORDERS as REFINE_ORDERS
 from .refine import RefineResult, refine_cut
 
 BatchFn = Callable[[int], dict]
@@ -83,6 +84,7 @@ class SearchConfig:
     refine_evals: int = 0
     refine_candidates: int = 4
     refine_batches: int = 2
+    refine_order: str = "score"  # score: pairs nearest the cut first; measured: by single-unit flips (refine.py)
     # issue 17 options (``schedules.py``). Annealing β is on by default: with init_log_alpha 0.5 it
     # reached Duo-style's held-out KL in 150 steps where the old defaults (3.0, no anneal) needed 300
     beta_final: float | None = 0.2  # anneal the hard-concrete β geometrically from 2/3 to this over `steps`; None: off
@@ -161,6 +163,8 @@ class SearchConfig:
             raise ConsaError(f"answer_weight must be >= 0, got {self.answer_weight}")
         if self.refine_evals < 0 or self.refine_candidates < 1 or self.refine_batches < 1:
             raise ConsaError("refine_evals must be >= 0, and refine_candidates and refine_batches >= 1")
+        if self.refine_order not in REFINE_ORDERS:
+            raise ConsaError(f"refine_order must be one of {', '.join(REFINE_ORDERS)}, got {self.refine_order!r}")
         if not isinstance(self.micro_batch, int) or self.micro_batch < 0:
             raise ConsaError(f"micro_batch must be an integer >= 0 (0: the whole local batch at once), got {self.micro_batch!r}")
         schedules.validate(self)
@@ -565,7 +569,8 @@ class Search:
         self.model.eval()
         try:
             self.refined = refine_cut(self.gates.log_alpha, topk_swa(self.gates.log_alpha, self.num_swa), self.held_out_kl,
-                                      candidates=self.cfg.refine_candidates, max_evals=self.cfg.refine_evals)
+                                      candidates=self.cfg.refine_candidates, max_evals=self.cfg.refine_evals,
+                                      order=self.cfg.refine_order)
         finally:
             self.model.train(was_training)
         return self.refined
