@@ -37,6 +37,40 @@ def test_sweep_runs_weak_and_strong_points_and_computes_efficiency(tmp_path, cap
     assert table.count("| search |") == 4 and "| strong | 2 | 2 |" in table
 
 
+def test_sweep_point_retries_a_rank_abort_once_and_nothing_else(tmp_path, monkeypatch):
+    """A rank killed by SIGABRT is run again once; any other failure is reported as it is, not retried."""
+    import subprocess
+    from types import SimpleNamespace
+
+    bench = _bench()
+    a = SimpleNamespace(shape="tiny", seq_len=32, steps=1, warmup=1, layers=0, profile=False, point_timeout=60)
+    calls = []
+
+    def fake(outcomes):
+        def run(cmd, **kw):
+            calls.append(cmd)
+            rc, err = outcomes[len(calls) - 1]
+            if rc == 0:
+                Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_s": 5.0}))
+            return subprocess.CompletedProcess(cmd, rc, "", err)
+        return run
+
+    abort = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  exitcode  : -6 (pid: 4242)\n" \
+            "Signal 6 (SIGABRT) received by PID 4242"
+    monkeypatch.setattr(subprocess, "run", fake([(1, abort), (0, "")]))
+    p = bench._point(a, "search", 2, 2, 0, 0, str(tmp_path))
+    assert p == {"tokens_per_s": 5.0, "attempts": 2} and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", fake([(1, abort), (1, abort)]))
+    p = bench._point(a, "search", 2, 2, 0, 0, str(tmp_path / "b"))
+    assert p["attempts"] == 2 and "SIGABRT" in p["error"] and len(calls) == 2
+    calls.clear()
+    oom = "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory"
+    monkeypatch.setattr(subprocess, "run", fake([(1, oom), (0, "")]))
+    p = bench._point(a, "search", 2, 2, 0, 0, str(tmp_path / "c"))
+    assert p["attempts"] == 1 and "OutOfMemoryError" in p["error"] and len(calls) == 1
+
+
 def test_sweep_table_reports_a_failed_point_in_place():
     bench = _bench()
     res = {"points": [{"job": "heal", "lora_rank": 16, "kind": "weak", "world_size": 8, "global_batch": 8,
