@@ -73,3 +73,20 @@ def test_cut_agreement_counts_units_whose_own_gate_matches_the_cut():
     assert cut_agreement(gates.prob_nonzero(), topk_swa(gates.log_alpha, 2)) == 0.5
     with pytest.raises(ValueError, match="4 gates but 3 units"):
         cut_agreement(p, [True, False, True])
+
+
+def test_cut_margin_counts_the_units_the_gates_have_not_told_apart():
+    from consa.gates import cut_margin
+
+    # one clear FA unit (5.0), two FA units (-2.3, -2.4) and three SWA units (-2.6, -2.7, -4.0) around a cut at -2.5
+    la = torch.tensor([-2.6, 5.0, -2.3, -4.0, -2.4, -2.7])
+    fa = topk_swa(la, 3)
+    assert fa == [False, True, True, False, True, False]
+    m = cut_margin(la, fa)
+    assert m["cut_log_alpha"] == pytest.approx(-2.5)
+    assert (m["fa_clear"], m["fa_near_cut"], m["swa_near_cut"]) == (1, 2, 2)  # -4.0 lies outside the band
+    wide = cut_margin(la, fa, band=2.0)
+    assert (wide["fa_clear"], wide["fa_near_cut"], wide["swa_near_cut"]) == (1, 2, 3)
+    assert cut_margin(la, [True] * 6)["cut_log_alpha"] is None
+    with pytest.raises(ValueError, match="6 gates but 2 units"):
+        cut_margin(la, [True, False])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from consa.allocation import Allocation
-from consa.gates import topk_swa
+from consa.gates import cut_margin, topk_swa
 from consa.models import apply_allocation, detach
 from consa.tiny import tiny_model
 from consa.train.refine import refine_cut
@@ -115,7 +115,12 @@ def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(t
     cut = topk_swa(s.gates.log_alpha, 4)
     assert sum(a != b for a, b in zip(cut, alloc.units)) == summ["units_changed"]
     assert Allocation.load(tmp_path / "allocation.json").meta["refine"]["evals"] == summ["evals"]
-    assert json.loads((tmp_path / "search.json").read_text())["config"]["refine_order"] == order
+    full = json.loads((tmp_path / "search.json").read_text())
+    assert full["config"]["refine_order"] == order
+    # the margin of the search's own top-k cut (before refinement) is recorded beside it
+    margin = full["cut_margin"]
+    assert margin["fa_clear"] + margin["fa_near_cut"] == 4 and 0 <= margin["swa_near_cut"] <= 4
+    assert margin == cut_margin(s.gates.log_alpha, cut)
 
 
 def test_refine_settings_are_checked():

@@ -49,7 +49,7 @@ def _refined(model, scfg, batch_fn, out_dir, searched, evals: int):
         search.gates.log_alpha.copy_(log_alpha.to(search.gates.log_alpha))
     ref = search.refine()
     extra = {k: rec.get(k) for k in ("final_expected_sparsity", "final_hard_sparsity", "cut_agreement", "search_steps",
-                                     "cut_last_changed_step")}
+                                     "cut_last_changed_step", "cut_margin")}
     extra.update(refine=ref.summary(), tokens=int(rec.get("tokens_after_base") or 0),
                  search_seconds=float(rec.get("seconds") or 0.0))
     return search.allocation(), extra
@@ -109,6 +109,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
                                     gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
                                     seed=sseed, checkpoint_every=0, backend=s.backend,
                                     refine_evals=0 if side_by_side else s.refine_evals, refine_order=s.refine_order,
+                                    refine_candidates=s.refine_candidates,
                                     beta_final=s.beta_final, init_log_alpha=s.init_log_alpha, gate_lr_final=s.gate_lr_final, init=s.init,
                                     init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
                                     answer_weight=s.answer_weight)
@@ -127,7 +128,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
                          "final_hard_sparsity": (summ.get("final") or {}).get("hard_sparsity"),
                          "cut_agreement": summ.get("cut_agreement"), "search_steps": summ.get("steps_done"),
                          "cut_last_changed_step": summ.get("cut_last_changed_step"),
-                         "refine": summ.get("refine")}
+                         "cut_margin": summ.get("cut_margin"), "refine": summ.get("refine")}
                 tokens = int(summ.get("steps_done") or s.steps) * s.batch_size * seq_len + int(summ.get("init_tokens", 0))
             elif name == "duo":
                 alloc = _duo(model, gran, k, W, fn, s, cfg, sseed)

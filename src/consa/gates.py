@@ -135,6 +135,29 @@ def topk_swa(scores: torch.Tensor, num_swa: int) -> list[bool]:
     return fa
 
 
+NEAR_CUT = 1.0  # log α band around the cut: about half the sd (π/√3) of the logistic noise in one gate sample
+
+
+def cut_margin(log_alpha: torch.Tensor, fa: list[bool], band: float = NEAR_CUT) -> dict:
+    """How many units the top-k cut ``fa`` separates by less than ``band`` in log α from the other side.
+
+    The cut sits halfway between the lowest FA and the highest SWA log α. Units within ``band`` of it
+    change order in a gate sample about as often as not, so the gates have not told them apart: the cut
+    between them is close to a ranking of noise, and only the ``fa_clear`` units above the band are
+    decided FA. (Runs 8–9 at t = 0.875: 3 of 28 FA units clear; 25 share the band with all 196 SWA units.)
+    """
+    v = log_alpha.detach().double().cpu().flatten().tolist()
+    if len(v) != len(fa):
+        raise ValueError(f"{len(v)} gates but {len(fa)} units in the cut")
+    on = [x for x, f in zip(v, fa) if f]
+    off = [x for x, f in zip(v, fa) if not f]
+    if not on or not off:
+        return {"cut_log_alpha": None, "band": band, "fa_clear": len(on), "fa_near_cut": 0, "swa_near_cut": 0}
+    cut = (min(on) + max(off)) / 2
+    return {"cut_log_alpha": round(cut, 4), "band": band, "fa_clear": sum(x > cut + band for x in on),
+            "fa_near_cut": sum(x <= cut + band for x in on), "swa_near_cut": sum(x >= cut - band for x in off)}
+
+
 def cut_agreement(prob_nonzero: torch.Tensor, fa: list[bool]) -> float:
     """Share of units whose own gate (P(z ≠ 0) ≥ 0.5 means FA) agrees with the global top-k cut ``fa``.
 

@@ -56,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--refine-evals", type=nonneg_int, default=0, metavar="N",
                    help="after the cut, try swaps across it on held-out batches, keeping those that lower the binary "
                         "allocation's KL to the full model; N objective evaluations at most (0: off)")
+    p.add_argument("--refine-candidates", type=positive_int, default=4, metavar="K",
+                   help="refinement considers the K SWA units nearest the cut (and, with --refine-order score, the K "
+                        "FA units nearest it)")
     p.add_argument("--refine-order", choices=("score", "measured"), default="score",
                    help="which swaps refinement tries first: score, the units nearest the cut by log α; measured, "
                         "by the KL change of flipping each FA unit and the best SWA units alone (one evaluation per "
@@ -113,7 +116,8 @@ def run(args) -> int:
         gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
         controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
         lm_weight=args.lm_weight, answer_weight=args.answer_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        refine_evals=args.refine_evals, refine_order=args.refine_order, reopen_native=args.reopen_native, micro_batch=args.micro_batch,
+        refine_evals=args.refine_evals, refine_order=args.refine_order,
+        refine_candidates=args.refine_candidates, reopen_native=args.reopen_native, micro_batch=args.micro_batch,
         gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init_log_alpha=args.init_log_alpha, init=args.init, init_steps=args.init_steps,
         decide_weight=args.decide_weight, decide_frac=args.decide_frac,
         kv_budget=args.kv_budget, budget_context=args.budget_context, spans=args.spans,

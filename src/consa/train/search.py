@@ -33,7 +33,7 @@ from .. import budget as B
 from ..files import atomic_path, atomic_write_text
 from ..constraint import ControllerConfig, SparsityController
 from ..errors import ConsaError
-from ..gates import HardConcreteGates, SpanGates, cut_agreement, topk_swa
+from ..gates import HardConcreteGates, SpanGates, cut_agreement, cut_margin, topk_swa
 from ..models import attach_gates, model_shape, native_plans, native_windows, searchable_native
 from .accumulate import backward_micro_batches, batch_rows
 # the losses live in losses.py; older callers import them from here
@@ -494,6 +494,8 @@ class Search:
                    "num_units": self.n_units, "num_swa": self.num_swa, "world_size": self.dist.world_size,
                    "native_windows": self.native,
                    "refine": self.refined.summary() if self.refined is not None else None}
+        if self.budget is None:
+            summary["cut_margin"] = cut_margin(self.gates.log_alpha, topk_swa(self.gates.log_alpha, self.num_swa))
         if self.cfg.init != "constant":
             summary["init_tokens"] = self.init_tokens
         if self.budget is not None or self.cfg.kv_budget is not None:
