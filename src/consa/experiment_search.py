@@ -47,6 +47,7 @@ def _refined(model, scfg, batch_fn, out_dir, searched, evals: int):
         raise ConsaError(f"{gates} holds {tuple(log_alpha.shape)} gates, the search here has {tuple(search.gates.log_alpha.shape)}")
     with torch.no_grad():
         search.gates.log_alpha.copy_(log_alpha.to(search.gates.log_alpha))
+    search.step = int(rec.get("search_steps") or 0)  # the allocation's meta: the steps its gates trained
     ref = search.refine()
     extra = {k: rec.get(k) for k in ("final_expected_sparsity", "final_hard_sparsity", "cut_agreement", "search_steps",
                                      "cut_last_changed_step", "cut_margin")}
