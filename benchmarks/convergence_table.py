@@ -5,7 +5,8 @@ seed, steps and length, counts once: the searches are deterministic). Columns: s
 binary allocation at the scoring length (mean ± sd), cut agreement, the last step that moved a unit across the
 top-k cut (per seed; runs since that was recorded), share of FA units the seeds' cuts have
 in common (mean over pairs), share of FA units in common with Duo-style's cut of the same seed and steps
-(or, for a search shorter than the longest, with that seed's search at the longest length), and for refined runs the KL before the swaps and the units they changed.
+(or, for a search shorter than the longest, with that seed's search at the longest length), for refined runs the KL before the swaps and the units they changed, and the cut margin
+(``gates.cut_margin``: FA units clear of the band around the cut, FA and SWA units in it; per seed).
 
     python benchmarks/convergence_table.py docs/results/data/gpu-run7/conv-*.json
 """
@@ -55,8 +56,8 @@ def table(runs: list[dict]) -> str:
     duo = {(r["seed"], r["steps"], r["search_len"]): _fa(r) for r in runs if r["method"] == "duo"}
     longest = max(r["search_len"] for r in runs)
     at_longest = {(r["method"], r["seed"], r["steps"]): _fa(r) for r in runs if r["search_len"] == longest and "fa" in r}
-    rows = ["| search | steps | T | seeds | held-out KL | agreement | cut last moved at step | FA shared across seeds | FA shared with Duo-style (T < longest: with T = longest) | seconds | refine: KL before, units changed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| search | steps | T | seeds | held-out KL | agreement | cut last moved at step | FA shared across seeds | FA shared with Duo-style (T < longest: with T = longest) | seconds | refine: KL before, units changed | cut margin: FA clear / FA in band / SWA in band |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (method, steps, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][2], kv[0][0])):
         rs = sorted(rs, key=lambda r: r["seed"])
         has_fa = all("fa" in r for r in rs)
@@ -73,8 +74,16 @@ def table(runs: list[dict]) -> str:
         rows.append(f"| {method} | {steps} | {length} | {','.join(str(r['seed']) for r in rs)} | "
                     f"{_ms([r['held_out_kl'] for r in rs])} | {_ms([r['cut_agreement'] for r in rs if 'cut_agreement' in r], '{:.3f}')} | "
                     f"{', '.join(str(r['cut_last_changed_step']) for r in rs if r.get('cut_last_changed_step') is not None) or '–'} | "
-                    f"{_ms(pairs, '{:.2f}')} | {_ms(vs_duo, '{:.2f}')} | {_ms([r['seconds'] for r in rs], '{:.1f}')} | {refine} |")
+                    f"{_ms(pairs, '{:.2f}')} | {_ms(vs_duo, '{:.2f}')} | {_ms([r['seconds'] for r in rs], '{:.1f}')} | {refine} | "
+                    f"{_margins(rs)} |")
     return "\n".join(rows)
+
+
+def _margins(rs: list[dict]) -> str:
+    """Per seed, the units the gates decided and the ones they left within the band around the cut
+    (``gates.cut_margin``; runs from before it was recorded, and Duo-style, have none)."""
+    ms = [r["cut_margin"] for r in rs if r.get("cut_margin")]
+    return ", ".join(f"{m['fa_clear']}/{m['fa_near_cut']}/{m['swa_near_cut']}" for m in ms) or "–"
 
 
 def main(argv=None) -> int:

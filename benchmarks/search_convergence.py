@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from consa.models import detach, model_shape, searchable_native
     from consa.train.baselines import attention_mass_allocation, duo_allocation
     from consa.train.search import Search, SearchConfig
-    from consa.gates import topk_swa
+    from consa.gates import cut_margin, topk_swa
 
     model, batch_fn, window, seq_len, step_tokens, desc, fn_for = setup(a)
     variants, budgets, seeds = a.variants.split(","), _ints(a.steps), _ints(a.seeds)
@@ -257,7 +257,8 @@ def main(argv=None) -> int:
                            "cut_last_changed_step": last_change, "cut_flips_last_fifth": late_flips,
                            "expected_sparsity": last["expected_sparsity"], "hard_sparsity": last["hard_sparsity"],
                            "final_loss": last["loss"], "steps_done": search.step, "fa": fa,
-                           "tokens": search.step * step_tokens + search.init_tokens}
+                           "tokens": search.step * step_tokens + search.init_tokens,
+                           "cut_margin": cut_margin(search.gates.log_alpha, topk_swa(search.gates.log_alpha, search.num_swa))}
                     if search.refined is not None:  # the cut before the swaps, scored like every other cut
                         top = topk_swa(search.gates.log_alpha, search.num_swa)
                         rec.update(refine=search.refined.summary(), fa_unrefined=top,

@@ -197,6 +197,9 @@ def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
         assert r["held_out_kl"] >= 0 and r["seconds"] > 0 and r["tokens"] > 0
         if r["method"] != "attention_mass":
             assert 0 <= r["cut_agreement"] <= 1 and sum(not f for f in r["fa"]) == res["setup"]["num_swa"]
+        if r["method"].startswith("consa:"):  # every FA unit of the plain top-k cut is either clear or near it
+            m = r["cut_margin"]
+            assert m["fa_clear"] + m["fa_near_cut"] == len(r["fa"]) - res["setup"]["num_swa"]
     for r in res["runs"]:
         if r["method"] in ("consa:refine", "consa:anneal_refine", "consa:refine_measured"):  # the cut before the swaps, scored alike
             ref = r["refine"]
@@ -255,6 +258,9 @@ def test_convergence_table_pools_seeds_once_each_and_compares_cuts(tmp_path, cap
     assert rows["consa:default"][8].startswith(f"{sum(shared) / 2:.2f}")
     moved = [r["cut_last_changed_step"] for r in sorted(runs, key=lambda r: r["seed"]) if r["method"] == "consa:default"]
     assert rows["consa:default"][6] == ", ".join(map(str, moved)) and all(0 <= m < 4 for m in moved)
+    margins = [r["cut_margin"] for r in sorted(runs, key=lambda r: r["seed"]) if r["method"] == "consa:default"]
+    assert rows["consa:default"][11].rstrip(" |") == ", ".join(f"{m['fa_clear']}/{m['fa_near_cut']}/{m['swa_near_cut']}" for m in margins)
+    assert rows["duo"][11].rstrip(" |") == "–"
     assert tab.main([str(tmp_path / "missing.json")]) == 2
 
 
