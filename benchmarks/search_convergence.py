@@ -57,6 +57,8 @@ VARIANTS = {
     "anneal_refine": {**V0, "beta_final": 0.2, "refine_evals": 16},
     # pairs ordered by measured single-unit flips: one evaluation per FA unit, then the swaps
     "refine_measured": {"refine_evals": 64, "refine_order": "measured", "refine_candidates": 16},
+    # the same order from one backward pass (a first-order estimate of every flip), every swap still evaluated
+    "refine_gradient": {"refine_evals": 64, "refine_order": "gradient", "refine_candidates": 16},
 }
 SCORE_OFFSET = 1000  # the scoring batches sit this many steps after the refinement's: a refined cut is not scored on its own data
 

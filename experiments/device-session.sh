@@ -40,12 +40,12 @@ case "$stage" in
     rc=${PIPESTATUS[0]}
     ;;
   conv)  # search convergence on the workdir's base model: benchmarks/search_convergence.py (issue 17). By default
-        # today's default with the cut refinement in both orders (its unrefined cut is the plain default's) and v0, Duo-style
+        # today's default with the cut refinement in three orders (its unrefined cut is the plain default's) and v0, Duo-style
         # beside, 150 steps first so that the budget cuts the 300-step runs, not the comparison at 150
     mkdir -p "$work/conv"
     # shellcheck disable=SC2086  # CONV_ARGS is a list of options
     python3 benchmarks/search_convergence.py --config "$cfg" --workdir "$work" \
-        ${CONV_ARGS:---sparsity 0.875 --seeds 0 --steps 150,75,300 --variants refine,refine_measured,v0} \
+        ${CONV_ARGS:---sparsity 0.875 --seeds 0 --steps 150,300 --variants refine,refine_measured,refine_gradient,v0} \
         --budget-s "${BUDGET:-500}" --out "$work/conv/conv-$(date +%H%M%S).json" 2>&1 | quiet | tail -30
     rc=${PIPESTATUS[0]}
     ;;

@@ -74,6 +74,52 @@ def test_measured_order_finds_a_redundant_fa_unit_far_above_the_cut():
         refine_cut(scores, fa, objective, order="nearest")
 
 
+def test_gradient_order_tries_the_estimated_best_swap_first_and_never_trusts_the_estimate():
+    scores = torch.tensor([5.0, 4.0, 3.0, -1.0, -2.0, -3.0, -4.0, 2.5])
+    fa = topk_swa(scores, 4)
+    best = [False, True, True, True, False, False, False, True]
+    objective, calls = _hamming_objective(best)
+
+    def exact(cut):  # the true change of each single flip: -1 towards `best`, +1 away from it
+        return [-1.0 if c != b else 1.0 for c, b in zip(cut, best)]
+
+    res = refine_cut(scores, fa, objective, candidates=2, max_evals=30, order="gradient", flip_estimate=exact)
+    assert res.fa == best and res.swaps[0][:2] == (0, 3) and calls[1] == best  # the first swap tried is the right one
+    assert res.estimates >= 1 and res.summary()["estimates"] == res.estimates
+    # an estimate that points the wrong way costs evaluations, never a worse allocation
+    objective, calls = _hamming_objective(fa)  # the cut is optimal: every swap costs 2
+
+    def wrong(cut):
+        return [-5.0] * len(cut)
+
+    res = refine_cut(scores, fa, objective, candidates=2, max_evals=6, order="gradient", flip_estimate=wrong)
+    assert res.fa == fa and res.swaps == [] and res.evals == len(calls) == 6
+    with pytest.raises(ValueError, match="flip_estimate"):
+        refine_cut(scores, fa, objective, order="gradient")
+    with pytest.raises(ValueError, match="3 values for 8 units"):
+        refine_cut(scores, fa, objective, order="gradient", flip_estimate=lambda cut: [0.0] * 3)
+
+
+def test_flip_estimate_is_the_gradient_of_the_held_out_kl_at_the_binary_allocation(tmp_path):
+    """−∂KL/∂z for FA units and +∂KL/∂z for SWA units, checked against central differences of the held-out
+    KL in z (the mixing is linear in z, so z slightly outside [0, 1] is well defined)."""
+    model = tiny_model("qwen3", num_layers=3, num_kv_heads=2, attn_implementation="consa")
+    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=1, checkpoint_every=0, refine_batches=2)
+    s = Search(model, cfg, _batches, tmp_path, progress=False)
+    s.model.eval()
+    fa = [True, False, False, True, False, True]
+    est = s.held_out_flip_estimate(fa)
+    assert s.mix.z is None and all(p.grad is None for p in s.model.parameters())  # no graph or weight grads kept
+    eps = 1e-2
+    for u in range(len(fa)):
+        up, down = [float(b) for b in fa], [float(b) for b in fa]
+        up[u] += eps
+        down[u] -= eps
+        g = (s.held_out_kl(up) - s.held_out_kl(down)) / (2 * eps)
+        assert est[u] == pytest.approx(-g if fa[u] else g, rel=0.05, abs=1e-6)
+    assert max(abs(x) for x in est) > 1e-5  # the windows matter on this model, so the check above can fail
+
+
 def _batches(step):
     g = torch.Generator().manual_seed(step)
     return {"input_ids": torch.randint(3, 101, (2, 40), generator=g)}
@@ -101,7 +147,7 @@ def test_held_out_kl_is_the_kl_of_the_fixed_hybrid_model(tmp_path):
     assert got == pytest.approx(total / 2, rel=1e-4)
 
 
-@pytest.mark.parametrize("order", ["score", "measured"])
+@pytest.mark.parametrize("order", ["score", "measured", "gradient"])
 def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(tmp_path, order):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
     cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=4, checkpoint_every=0, refine_evals=6, refine_candidates=2,

@@ -113,7 +113,7 @@ class SearchStage:
     refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off.
     #                        With consa_refined-<gran> listed, consa-<gran> keeps the plain top-k cut and the refined one
     #                        is its own row (refine_evals, or DEFAULT_REFINE_EVALS when 0)
-    refine_order: str = "score"  # score | measured (train/refine.py)
+    refine_order: str = "score"  # score | measured | gradient (train/refine.py)
     refine_candidates: int = 4  # SWA units (and, for score, FA units) nearest the cut that refinement considers
     # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does and why the
     # defaults); beta_final null + init_log_alpha 3.0 give the searches of runs 1-6
@@ -247,8 +247,10 @@ class ExperimentConfig:
                                  "list that method too")
         if not 0 <= self.search.until_agreement <= 1 or (self.search.max_steps and self.search.max_steps < self.search.steps):
             raise ConsaError("search.until_agreement must be in [0, 1] and search.max_steps 0 or at least search.steps")
-        if self.search.refine_order not in ("score", "measured"):
-            raise ConsaError(f"search.refine_order must be score or measured, got {self.search.refine_order!r}")
+        from .train.refine import ORDERS
+
+        if self.search.refine_order not in ORDERS:
+            raise ConsaError(f"search.refine_order must be one of {', '.join(ORDERS)}, got {self.search.refine_order!r}")
         if not isinstance(self.search.refine_candidates, int) or self.search.refine_candidates < 1:
             raise ConsaError(f"search.refine_candidates must be an integer >= 1, got {self.search.refine_candidates!r}")
         from .train.schedules import validate as validate_search_options

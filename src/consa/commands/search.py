@@ -59,10 +59,11 @@ def register(sub) -> None:
     p.add_argument("--refine-candidates", type=positive_int, default=4, metavar="K",
                    help="refinement considers the K SWA units nearest the cut (and, with --refine-order score, the K "
                         "FA units nearest it)")
-    p.add_argument("--refine-order", choices=("score", "measured"), default="score",
+    p.add_argument("--refine-order", choices=("score", "measured", "gradient"), default="score",
                    help="which swaps refinement tries first: score, the units nearest the cut by log α; measured, "
                         "by the KL change of flipping each FA unit and the best SWA units alone (one evaluation per "
-                        "FA unit more; it also finds FA units far above the cut that the allocation does not need)")
+                        "unit more; it also finds FA units far above the cut that the allocation does not need); "
+                        "gradient, the same order estimated to first order by one backward pass")
     p.add_argument("--gate-lr", type=positive_float, default=0.05)
     p.add_argument("--gate-lr-final", type=nonneg_float, default=None,
                    help="cosine-decay the gate lr from --gate-lr to this over --steps (default: constant)")

@@ -6,7 +6,7 @@ of, so after the search we try swapping an FA unit near the cut for an SWA unit 
 when the KL of the binary allocation to the full model, on held-out batches the search never saw, drops.
 The SWA count never changes (a swap is one-for-one), so the budget stays exact.
 
-Two orders of trying the swaps (``order``):
+Three orders of trying the swaps (``order``):
 * ``score``: the ``candidates`` FA units with the lowest log α against the ``candidates`` SWA units with the
   highest, nearest pairs first. Cheap, but it can only fix a near-tie at the cut.
 * ``measured``: first the objective with each FA unit alone turned SWA (what that unit is worth *in this
@@ -14,6 +14,10 @@ Two orders of trying the swaps (``order``):
   order of the sum of the two measured changes. This also finds an FA unit far above the cut whose work the
   other FA units already do (the stochastic search values a unit over random subsets of the others, the
   deployed cut is one fixed subset), at one evaluation per FA unit more.
+* ``gradient``: the same order from a first-order estimate of every single flip (``flip_estimate``: one
+  backward pass through the binary allocation instead of one forward per unit; redone after each kept
+  swap). Every swap is still judged on the true objective, so a poor estimate costs evaluations, never
+  quality; at scale (hundreds of units, long sequences) it is the affordable version of ``measured``.
 
 The binary allocation is evaluated through the search's own gated attention with z ∈ {0, 1}
 (``z·FA + (1 − z)·SWA`` is then exactly the hybrid), so no second attention path is involved.
@@ -22,7 +26,7 @@ The binary allocation is evaluated through the search's own gated attention with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +40,7 @@ class RefineResult:
     kl_after: float
     evals: int
     swaps: list[tuple[int, int, float]] = field(default_factory=list)  # (fa unit → SWA, swa unit → FA, KL after)
+    estimates: int = 0  # flip_estimate calls (order "gradient"): backward passes, not counted in evals
 
     @property
     def changed(self) -> int:
@@ -44,7 +49,7 @@ class RefineResult:
 
     def summary(self) -> dict:
         return {"kl_before": self.kl_before, "kl_after": self.kl_after, "evals": self.evals,
-                "swaps": [list(s) for s in self.swaps], "units_changed": self.changed}
+                "swaps": [list(s) for s in self.swaps], "units_changed": self.changed, "estimates": self.estimates}
 
 
 def refine_cut(
@@ -56,6 +61,7 @@ def refine_cut(
     max_evals: int = 32,
     min_gain: float = 0.0,
     order: str = "score",
+    flip_estimate: Optional[Callable[[list[bool]], list[float]]] = None,
 ) -> RefineResult:
     """Greedy first-improvement swaps across the cut, ranked by how close each pair sits to it.
 
@@ -66,7 +72,8 @@ def refine_cut(
     ``max_evals`` objective calls (the first, of the cut itself, included) are spent. ``order="measured"``
     tries the pairs of measured single-unit changes first (module docstring), then the near-cut ones; the
     measurements count against ``max_evals`` too (FA units lowest score first, so a small budget degrades
-    towards ``score``).
+    towards ``score``). ``order="gradient"`` orders every (FA, SWA) pair by ``flip_estimate(fa)``, the
+    estimated objective change of flipping each unit alone, re-estimated after each kept swap.
     """
     values = scores.detach().double().cpu().flatten().tolist()
     if len(values) != len(fa):
@@ -75,6 +82,8 @@ def refine_cut(
         raise ValueError("candidates and max_evals must be >= 1")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "gradient" and flip_estimate is None:
+        raise ValueError("order 'gradient' needs flip_estimate")
     current = [bool(b) for b in fa]
     best = float(objective(current))
     result = RefineResult(fa=current, kl_before=best, kl_after=best, evals=1)
@@ -84,7 +93,15 @@ def refine_cut(
     while improved and result.evals < max_evals:
         improved = False
         pairs = _pairs(values, current, candidates)
-        if measured is not None:  # the measured pairs first, then the near-cut ones they left out
+        if order == "gradient":
+            est = [float(x) for x in flip_estimate(current)]
+            result.estimates += 1
+            if len(est) != len(current):
+                raise ValueError(f"flip_estimate gave {len(est)} values for {len(current)} units")
+            first = _estimated_pairs(est, current)
+            seen = set(first)
+            pairs = first + [p for p in pairs if p not in seen]
+        elif measured is not None:  # the measured pairs first, then the near-cut ones they left out
             first = _measured_pairs(measured, fa, current)
             seen = set(first)
             pairs = first + [p for p in pairs if p not in seen]
@@ -107,7 +124,15 @@ def refine_cut(
     return result
 
 
-ORDERS = ("score", "measured")
+ORDERS = ("score", "measured", "gradient")
+
+
+def _estimated_pairs(est: list[float], fa: list[bool]) -> list[tuple[int, int]]:
+    """Every (FA unit, SWA unit) pair, by the estimated change of flipping both (the sum of the single flips),
+    most negative first."""
+    ups = sorted((i for i, f in enumerate(fa) if f), key=lambda i: (est[i], i))
+    downs = sorted((i for i, f in enumerate(fa) if not f), key=lambda i: (est[i], i))
+    return sorted(((u, d) for u in ups for d in downs), key=lambda p: (est[p[0]] + est[p[1]], p))
 
 
 def _measure(values, fa, objective, k: int, max_evals: int, result: RefineResult) -> dict[int, float]:

@@ -84,7 +84,8 @@ class SearchConfig:
     refine_evals: int = 0
     refine_candidates: int = 4
     refine_batches: int = 2
-    refine_order: str = "score"  # score: pairs nearest the cut first; measured: by single-unit flips (refine.py)
+    refine_order: str = "score"  # score: pairs nearest the cut first; measured / gradient: by single-unit flips,
+    #                               measured or estimated to first order (refine.py)
     # issue 17 options (``schedules.py``). Annealing β is on by default: with init_log_alpha 0.5 it
     # reached Duo-style's held-out KL in 150 steps where the old defaults (3.0, no anneal) needed 300
     beta_final: float | None = 0.2  # anneal the hard-concrete β geometrically from 2/3 to this over `steps`; None: off
@@ -544,24 +545,53 @@ class Search:
     HELD_OUT_STEP = 1_000_000_007
 
     @torch.no_grad()
-    def held_out_kl(self, fa_bits: list[bool]) -> float:
-        """Mean KL(full ‖ binary allocation ``fa_bits``) over the held-out batches, through the gated
-        attention with z ∈ {0, 1} (exactly the hybrid). Teacher logits are computed once and kept."""
+    def _held_out_batches(self) -> list:
+        """The held-out (batch, teacher logits) pairs, built once."""
         if not hasattr(self, "_held_out"):
             self._held_out = []
             for i in range(self.cfg.refine_batches):
                 batch = self.dist.local_batch(self.batch_fn(self.HELD_OUT_STEP + i))
                 batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 self._held_out.append((batch, self._teacher_logits(batch)))
+        return self._held_out
+
+    @staticmethod
+    def _mask(batch):
+        mask = batch.get("loss_mask")
+        return batch.get("attention_mask") if mask is None else mask
+
+    @torch.no_grad()
+    def held_out_kl(self, fa_bits: list[bool]) -> float:
+        """Mean KL(full ‖ binary allocation ``fa_bits``) over the held-out batches, through the gated
+        attention with z ∈ {0, 1} (exactly the hybrid). Teacher logits are computed once and kept."""
+        held_out = self._held_out_batches()  # first: the teacher pass resets the mixing weights
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.mix.z = self._unit_to_heads(torch.tensor(fa_bits, dtype=torch.float32, device=self.device))
-        for batch, teacher in self._held_out:
-            mask = batch.get("loss_mask")
-            mask = batch.get("attention_mask") if mask is None else mask
-            s, n = kl_sum(forward_logits(self.model, batch), teacher, mask, self.cfg.temperature)
+        for batch, teacher in held_out:
+            s, n = kl_sum(forward_logits(self.model, batch), teacher, self._mask(batch), self.cfg.temperature)
             total += torch.stack([s.double(), n.double()])
         self.dist.all_reduce_sum_(total)
         return float(total[0] / total[1].clamp_min(1.0))
+
+    def held_out_flip_estimate(self, fa_bits: list[bool]) -> list[float]:
+        """First-order change of :meth:`held_out_kl` when each unit alone flips side: with g = ∂KL/∂z at the
+        binary allocation, −g for an FA unit (z 1 → 0) and +g for an SWA unit (0 → 1). One backward pass
+        over the held-out batches for every unit at once, where measuring the flips costs a forward each."""
+        held_out = self._held_out_batches()  # first: the teacher pass resets the mixing weights
+        z = torch.tensor(fa_bits, dtype=torch.float32, device=self.device, requires_grad=True)
+        count = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with torch.enable_grad():
+            self.mix.z = self._unit_to_heads(z)
+            for batch, teacher in held_out:
+                s, n = kl_sum(forward_logits(self.model, batch), teacher, self._mask(batch), self.cfg.temperature)
+                s.backward()
+                count += n.double()
+        self.mix.z = None
+        grad = z.grad.detach().double() if z.grad is not None else torch.zeros(len(fa_bits), dtype=torch.float64, device=self.device)
+        self.dist.all_reduce_sum_(grad)
+        self.dist.all_reduce_sum_(count)
+        g = (grad / count.clamp_min(1.0)).cpu().tolist()
+        return [-x if f else x for x, f in zip(g, fa_bits)]
 
     refined: RefineResult | None = None
 
@@ -572,7 +602,7 @@ class Search:
         try:
             self.refined = refine_cut(self.gates.log_alpha, topk_swa(self.gates.log_alpha, self.num_swa), self.held_out_kl,
                                       candidates=self.cfg.refine_candidates, max_evals=self.cfg.refine_evals,
-                                      order=self.cfg.refine_order)
+                                      order=self.cfg.refine_order, flip_estimate=self.held_out_flip_estimate)
         finally:
             self.model.train(was_training)
         return self.refined
