@@ -83,6 +83,10 @@ def test_end_to_end_table_has_every_method_with_equal_swa_counts(finished):
     moved = json.loads((work / "search" / "s0.5-kv_head" / "search.json").read_text())["cut_last_changed_step"]
     assert rows["consa-kv_head"]["cut_last_changed_step"] == moved and 0 <= moved < 3
     assert f"| {moved} of 3 |" in md
+    # and the cut's margin: every FA unit is either clear of the band or in it
+    margin = json.loads((work / "search" / "s0.5-kv_head" / "search.json").read_text())["cut_margin"]
+    assert rows["consa-kv_head"]["cut_margin"] == margin and margin["fa_clear"] + margin["fa_near_cut"] == 4
+    assert f"| {moved} of 3 | {margin['fa_clear']}/{margin['fa_near_cut']}/{margin['swa_near_cut']} |" in md
     assert (work / "report" / "fa_share_per_layer.png").is_file()
     assert (work / "report" / "heatmap-s0.75-consa-kv_head.png").is_file()
 
@@ -414,6 +418,10 @@ def test_consa_refined_is_the_same_search_refined_beside_its_plain_cut(finished,
     assert Allocation.load(a / "consa_refined-kv_head-seed1.json").fa == first
     rows = json.loads((w / "report" / "results.json").read_text())["tables"]["s0.5"]["rows"]
     assert "consa_refined-kv_head (mean of 2 seeds)" in rows
+    md = (w / "report" / "results.md").read_text()
+    for s in (0, 1):  # each seed's refinement evidence, in the structure table of the report
+        ref = json.loads((a / f"consa_refined-kv_head-seed{s}.meta.json").read_text())["refine"]
+        assert f"{ref['kl_before']:.4f} → {ref['kl_after']:.4f}, {len(ref['swaps'])} swaps in {ref['evals']} evals" in md
     out = tmp_path / "cmp"
     assert main(["compare", str(w), "--out", str(out)]) == 0
     pair = [c for c in json.loads((out / "compare.json").read_text())["claims"]

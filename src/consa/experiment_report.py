@@ -80,7 +80,7 @@ def collect(wd: Workdir) -> dict:
                        fa_top=st["fa_share_top_third"], tokens_after_base=meta.get("tokens_after_base", 0),
                        search_seconds=meta.get("seconds"), seed=seed, cut_agreement=meta.get("cut_agreement"),
                        cut_last_changed_step=meta.get("cut_last_changed_step"), search_steps=meta.get("search_steps"),
-                       refine=meta.get("refine"),
+                       refine=meta.get("refine"), cut_margin=meta.get("cut_margin"),
                        gap_closed=((s_nll - row["long_nll"]) / (s_nll - f_nll)) if (
                            row["long_nll"] is not None and f_nll is not None and s_nll is not None and s_nll - f_nll > 1e-9) else None)
             key = f"{name}-{gran}"
@@ -155,8 +155,8 @@ def format_tables(res: dict) -> str:
 
 
 def format_structure(res: dict) -> str:
-    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? | gates agreeing with the cut | cut last moved at step | cut refinement: held-out KL, swaps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sparsity | method | FA share bottom / middle / top third | FA layer blocks | contiguity | paper pattern (SWA bottom, FA contiguous middle)? | gates agreeing with the cut | cut last moved at step | cut margin: FA clear / FA in band / SWA in band | cut refinement: held-out KL, swaps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, tab in res["tables"].items():
         for name, r in tab["rows"].items():
             if not any(name.startswith(m) for m in ("consa", "duo", "attn_mass")):
@@ -165,16 +165,19 @@ def format_structure(res: dict) -> str:
             hits = sum(paper_pattern(x) for x in runs)
             pattern = ("yes" if hits else "no") if len(runs) == 1 else f"{hits}/{len(runs)} seeds"
             blocks = " · ".join(", ".join(f"{a}–{b - 1}" for a, b in x["fa_blocks"]) for x in runs)
-            refine = _refine_cell(r.get("refine")) if len(runs) == 1 else "–"
+            refine = "; ".join(c for c in (_refine_cell(x.get("refine")) for x in runs) if c != "–") or "–"
+            margin = ", ".join(f"{m['fa_clear']}/{m['fa_near_cut']}/{m['swa_near_cut']}"
+                               for m in (x.get("cut_margin") for x in runs) if m) or "–"
             moved = ", ".join(f"{x['cut_last_changed_step']} of {x.get('search_steps')}" for x in runs
                               if x.get("cut_last_changed_step") is not None) or "–"
             lines.append(f"| {tab['sparsity']} | {name} | {r['fa_bottom']:.2f} / {r['fa_middle']:.2f} / {r['fa_top']:.2f} | "
-                         f"{blocks} | {r['contiguity']:.2f} | {pattern} | {_fmt(r.get('cut_agreement'), 2)} | {moved} | {refine} |")
+                         f"{blocks} | {r['contiguity']:.2f} | {pattern} | {_fmt(r.get('cut_agreement'), 2)} | {moved} | {margin} | {refine} |")
     return "\n".join(lines) + "\n" + (
         "\nGates agreeing with the cut: share of a ConSA search's units whose own gate (P(z ≠ 0) ≥ 0.5 = FA) matches the "
         "final top-k; well below 1 the gates had not separated. Cut last moved: the last search step whose update "
         "moved a unit across the top-k cut (per search seed); well before the last step the ranking had settled, "
-        "whatever the agreement. "
+        "whatever the agreement. Cut margin (per search seed): FA units whose log α is clear of the band of ±1 around "
+        "the cut, and FA and SWA units inside it, which the gates have not told apart (gates.cut_margin). "
         "Cut refinement (search.refine_evals): the binary allocation's KL to the full model on held-out batches before → "
         "after swaps across the cut, the swaps kept and the evaluations spent (train/refine.py).\n")
 
