@@ -288,3 +288,29 @@ def test_answer_weight_adds_the_kl_over_positions_predicting_answers():
     assert float(loss0) == pytest.approx(float(kl.mean()), rel=1e-6)
     with pytest.raises(ConsaError, match="answer_weight"):
         SearchConfig(sparsity=0.5, window=4, seq_len=16, answer_weight=-1.0).validate()
+
+
+def test_cut_margins_table_reads_the_gates_files_of_a_workdir(tmp_path, capsys):
+    """benchmarks/cut_margins.py: per search, the units clear of / inside the band around the top-k cut, the
+    share of samples in the clamp's ramp at the band's median log α, and Duo-style's α at 1 and 0."""
+    from safetensors.torch import save_file
+
+    from consa.gates import prob_in_ramp
+
+    cm = load("cut_margins")
+    run = tmp_path / "search" / "s0.5-kv_head-seed1"
+    run.mkdir(parents=True)
+    # 6 units, 3 SWA: one clear FA unit (4.0), two FA (-2.3, -2.4) and three SWA (-2.6, -2.7, -4.0) around -2.5
+    save_file({"log_alpha": torch.tensor([-2.6, 4.0, -2.3, -4.0, -2.4, -2.7])}, str(run / "gates.safetensors"))
+    (run / "search.json").write_text(json.dumps({"num_swa": 3, "num_units": 6, "config": {
+        "sparsity": 0.5, "granularity": "kv_head", "seed": 1000, "beta_final": 0.2}}))
+    duo = tmp_path / "alloc" / "s0.5"
+    duo.mkdir(parents=True)
+    (duo / "duo-kv_head-seed1.json").write_text(json.dumps({"meta": {"alpha": [[1.0, 0.0, 0.5], [1.0, 1.0, 0.0]]}}))
+    (row,) = cm.margins(tmp_path)
+    assert (row["fa_clear"], row["fa_near_cut"], row["swa_near_cut"]) == (1, 2, 2)
+    assert row["ramp_share_at_band_median"] == pytest.approx(prob_in_ramp(-2.5, 0.2), rel=1e-5)  # median of the 4 in the band
+    assert (row["duo_alpha_one"], row["duo_alpha_zero"]) == (3, 2)
+    assert cm.main([str(tmp_path)]) == 0
+    assert "| s0.5-kv_head-seed1 | 0.5 | 1 / 2 (of 3) | 2 (of 3) | -2.5 |" in capsys.readouterr().out
+    assert cm.main([str(tmp_path / "nowhere")]) == 2

@@ -158,6 +158,18 @@ def cut_margin(log_alpha: torch.Tensor, fa: list[bool], band: float = NEAR_CUT) 
             "fa_near_cut": sum(x <= cut + band for x in on), "swa_near_cut": sum(x >= cut - band for x in off)}
 
 
+def prob_in_ramp(log_alpha: float, beta: float, gamma: float = GAMMA, zeta: float = ZETA) -> float:
+    """P(0 < z < 1) for one hard-concrete gate: the share of its samples through which the task loss has a
+    gradient to log α (outside, the clamp passes none), while the L0 penalty's gradient reaches every gate."""
+    lo = math.log(-gamma / zeta)  # logit of the stretched sigmoid where z = 0
+    hi = math.log((1.0 - gamma) / (zeta - 1.0))  # ... where z = 1
+
+    def sig(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-x))
+
+    return sig(beta * hi - log_alpha) - sig(beta * lo - log_alpha)
+
+
 def cut_agreement(prob_nonzero: torch.Tensor, fa: list[bool]) -> float:
     """Share of units whose own gate (P(z ≠ 0) ≥ 0.5 means FA) agrees with the global top-k cut ``fa``.
 

@@ -92,19 +92,18 @@ def refine_cut(
     improved = True
     while improved and result.evals < max_evals:
         improved = False
-        pairs = _pairs(values, current, candidates)
-        if order == "gradient":
+        if order == "gradient":  # every pair is estimated: no near-cut pairs left to append
             est = [float(x) for x in flip_estimate(current)]
             result.estimates += 1
             if len(est) != len(current):
                 raise ValueError(f"flip_estimate gave {len(est)} values for {len(current)} units")
-            first = _estimated_pairs(est, current)
-            seen = set(first)
-            pairs = first + [p for p in pairs if p not in seen]
-        elif measured is not None:  # the measured pairs first, then the near-cut ones they left out
-            first = _measured_pairs(measured, fa, current)
-            seen = set(first)
-            pairs = first + [p for p in pairs if p not in seen]
+            pairs = _estimated_pairs(est, current)
+        else:
+            pairs = _pairs(values, current, candidates)
+            if measured is not None:  # the measured pairs first, then the near-cut ones they left out
+                first = _measured_pairs(measured, fa, current)
+                seen = set(first)
+                pairs = first + [p for p in pairs if p not in seen]
         for up, down in pairs:
             if result.evals >= max_evals:
                 break
