@@ -53,10 +53,12 @@ VARIANTS = {
     "all": {"beta_final": 0.2, "gate_lr_final": 0.005, "init": "attention_mass", "decide_weight": 1.0, "decide_frac": 0.25,
             "init_log_alpha": 3.0},
     # cut refinement (item 2): swaps across the cut on the search's held-out batches; scored on other batches
-    "refine": {"refine_evals": 16},
-    "anneal_refine": {**V0, "beta_final": 0.2, "refine_evals": 16},
+    "refine": {"refine_evals": 16, "refine_order": "score"},
+    "anneal_refine": {**V0, "beta_final": 0.2, "refine_evals": 16, "refine_order": "score"},
     # pairs ordered by measured single-unit flips: one evaluation per FA unit, then the swaps
     "refine_measured": {"refine_evals": 64, "refine_order": "measured", "refine_candidates": 16},
+    # `consa search`'s default refinement (since run 10)
+    "refine_default": {"refine_evals": 96, "refine_order": "gradient"},
     # the same order from one backward pass (a first-order estimate of every flip), every swap still evaluated
     "refine_gradient": {"refine_evals": 64, "refine_order": "gradient", "refine_candidates": 16},
 }
@@ -178,8 +180,10 @@ def main(argv=None) -> int:
     lengths = sorted(set(_ints(a.search_lengths)) | {seq_len})
     if any(n <= window for n in lengths):
         raise SystemExit(f"every search length must exceed the window {window}: {lengths}")
+    # refinement off unless a variant turns it on: every variant's unrefined cut is comparable, and "default"
+    # stays the search itself (since run 10 `consa search` refines by default: that is the "refine_gradient" row)
     base = dict(sparsity=a.sparsity, window=window, seq_len=seq_len, granularity=a.granularity,
-                checkpoint_every=0, refine_batches=a.eval_batches)
+                checkpoint_every=0, refine_batches=a.eval_batches, refine_evals=0)
     if a.workdir:
         from consa.experiment import ExperimentConfig
 
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
                            "mean_alpha": sum(alpha) / len(alpha), "fa": alloc.units, "tokens": steps * step_tokens}
                 else:
                     kw = {k: (max(1, steps // 5) if v == "steps/5" else v) for k, v in opts.items()}
-                    cfg = SearchConfig(**{**base, "seq_len": length}, steps=steps, seed=seed, **kw)
+                    cfg = SearchConfig(**{**base, "seq_len": length, **kw}, steps=steps, seed=seed)
                     run_dir = out.parent / f"{out.stem}-runs" / (f"{name}-s{steps}-seed{seed}" + ("" if length == seq_len else f"-T{length}"))
                     search = Search(model, cfg, run_fn, run_dir, progress=False)
                     fa = search.run().units

@@ -171,7 +171,7 @@ def _trainer(a, model, cfg, dist):
         from consa.train.search import Search, SearchConfig
 
         scfg = SearchConfig(sparsity=0.75, window=a.seq_len // 16, seq_len=a.seq_len, steps=steps, checkpoint_every=0,
-                            micro_batch=a.micro_batch)
+                            micro_batch=a.micro_batch, refine_evals=0)  # the search steps' rate only
         return Search(model, scfg, batches, a.workdir, progress=False, dist=dist)
     from consa.train.heal import Heal, HealConfig
 

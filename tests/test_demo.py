@@ -8,7 +8,7 @@ from consa.cli import main
 
 
 def test_demo_quick_runs_end_to_end_and_reports_honestly(tmp_path, capsys, monkeypatch):
-    for key, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2")):
+    for key, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2,STRICT")):
         # the demo pins these for its own process (demo.pin_cpu_numerics); undone after this test, so that
         # later tests and the subprocesses they start see the machine's own settings
         monkeypatch.setenv(key, os.environ.get(key, value))

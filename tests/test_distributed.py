@@ -108,6 +108,11 @@ def test_two_processes_match_one_process(runs):
     assert abs(m1[0]["loss"] - m2[0]["loss"]) <= FIRST_STEP_ULPS * eps * abs(m1[0]["loss"])  # the same global-mean loss
     assert json.loads((two / "search.json").read_text())["world_size"] == 2
     assert json.loads((two / "checkpoint" / "state.json").read_text())["world_size"] == 2
+    # the default cut refinement (gradient order) runs sharded too: the same estimates, KLs and swaps
+    r1, r2 = (json.loads((d / "search.json").read_text())["refine"] for d in (one, two))
+    assert r1["estimates"] >= 1 and r1["evals"] >= 2 and r2["evals"] == r1["evals"]
+    assert [s[:2] for s in r2["swaps"]] == [s[:2] for s in r1["swaps"]]
+    assert abs(r2["kl_before"] - r1["kl_before"]) <= 1e-4 * r1["kl_before"] and r1["kl_before"] > 0
 
 
 def test_two_processes_in_micro_batches_match_one_process(runs):

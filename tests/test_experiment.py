@@ -538,3 +538,15 @@ def test_device_session_script_packs_the_workdir_without_weights(finished, tmp_p
     bad = subprocess.run(["bash", "experiments/device-session.sh", "bogus", str(cfg_path)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+def test_compare_shows_claim_differences_the_rounded_means_hide():
+    """A claim can hold at a difference below 0.0005 (run 10: refined vs Duo-style at t = 0.75, +0.0003 over a
+    spread of 0.0003); at 3 decimals the table said '+0.000 | 0.000 | yes', which reads as a bug."""
+    from consa.experiment_compare import format_compare
+    c = {"sparsity": 0.75, "a": "consa_refined-kv_head", "b": "duo-kv_head", "b_is_best_rule": False,
+         "a_long": 1.02190, "b_long": 1.02221, "difference": 0.00031, "spread": 0.00027, "holds": True,
+         "winner": "consa_refined-kv_head", "paired_runs": 3, "paired_a_lower": 2}
+    md = format_compare([{"root": "w", "seed": 0}], {}, [c])
+    row = next(line for line in md.splitlines() if line.startswith("| 0.75 | consa_refined"))
+    assert "| +0.0003 | 0.0003 |" in row and "**yes**" in row and "2/3" in row

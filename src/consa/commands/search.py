@@ -53,13 +53,14 @@ def register(sub) -> None:
                    help="after --steps, keep training at the target until this share of the gates agrees with the "
                    "top-k cut (1.0: every gate decided; 0: off). search.json reports the final share")
     p.add_argument("--max-steps", type=nonneg_int, default=0, help="cap for --until-agreement (0: 4 × --steps)")
-    p.add_argument("--refine-evals", type=nonneg_int, default=0, metavar="N",
+    p.add_argument("--refine-evals", type=nonneg_int, default=None, metavar="N",
                    help="after the cut, try swaps across it on held-out batches, keeping those that lower the binary "
-                        "allocation's KL to the full model; N objective evaluations at most (0: off)")
+                        "allocation's KL to the full model; N objective evaluations at most (default: 96 for "
+                        "--sparsity, off under --kv-budget; 0: off, the plain top-k cut)")
     p.add_argument("--refine-candidates", type=positive_int, default=4, metavar="K",
                    help="refinement considers the K SWA units nearest the cut (and, with --refine-order score, the K "
                         "FA units nearest it)")
-    p.add_argument("--refine-order", choices=("score", "measured", "gradient"), default="score",
+    p.add_argument("--refine-order", choices=("score", "measured", "gradient"), default="gradient",
                    help="which swaps refinement tries first: score, the units nearest the cut by log α; measured, "
                         "by the KL change of flipping each FA unit and the best SWA units alone (one evaluation per "
                         "unit more; it also finds FA units far above the cut that the allocation does not need); "
