@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     if any(n <= window for n in lengths):
         raise SystemExit(f"every search length must exceed the window {window}: {lengths}")
     # refinement off unless a variant turns it on: every variant's unrefined cut is comparable, and "default"
-    # stays the search itself (since run 10 `consa search` refines by default: that is the "refine_gradient" row)
+    # stays the search itself (since run 10 `consa search` refines by default: that is the "refine_default" row)
     base = dict(sparsity=a.sparsity, window=window, seq_len=seq_len, granularity=a.granularity,
                 checkpoint_every=0, refine_batches=a.eval_batches, refine_evals=0)
     if a.workdir:

@@ -1,16 +1,16 @@
 """Run under torchrun (2 CPU processes): all-gathers FSDP2 issues in one gates-only search step,
 with the teacher pass keeping layers gathered (consa's path) and with a plain teacher pass."""
 
+import gc
 import json
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_mod
 
 from consa.tiny import tiny_model
 from consa.train import search as search_mod
-from consa.train.distributed import init_from_env
+from consa.train.distributed import init_from_env, shutdown
 from consa.train.search import Search, SearchConfig
 
 calls = {"n": 0}
@@ -49,5 +49,9 @@ s._teacher_logits = plain_teacher
 calls["n"] = 0
 s.train_step()
 if d.rank == 0:
-    print(json.dumps({"consa": consa_path, "plain": calls["n"]}))
-dist.destroy_process_group()
+    print(json.dumps({"consa": consa_path, "plain": calls["n"]}), flush=True)
+# the sharded model (and gloo's work objects it holds) must go before the process group and the interpreter:
+# left to interpreter finalization, their teardown took the GIL too late and aborted a rank about 1 run in 16
+del s, plain_teacher
+gc.collect()
+shutdown(d)

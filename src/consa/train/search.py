@@ -82,8 +82,8 @@ class SearchConfig:
     micro_batch: int = 0
     # after the cut: try swaps across it on held-out batches (``refine.refine_cut``); 0 = off. None (the
     # default): AUTO_REFINE_EVALS for a search at a share of units, 0 under a KV budget (whose assignment
-    # is not a top-k cut). On by default since run 10 (docs/RESULTS.md): it never raised the held-out KL of
-    # 9 + 3 searches and lowered it by 5% at t = 0.875, for ~6 s more a 150-step search on 64 units
+    # is not a top-k cut). On by default since run 10 (docs/RESULTS.md): it lowered the held-out KL of all 9
+    # cuts by 2-14%, by 5% on batches it never saw (t = 0.875), for ~6 s more a 150-step search on 64 units
     refine_evals: int | None = None
     refine_candidates: int = 4
     refine_batches: int = 2
