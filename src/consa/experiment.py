@@ -57,7 +57,6 @@ ALL_METHODS = ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head
 # plain top-k cut of that search, so a table shows what refinement changes at no extra search step
 OPTIONAL_METHODS = ("consa_refined-kv_head", "consa_refined-layer")
 KNOWN_METHODS = ALL_METHODS + OPTIONAL_METHODS
-DEFAULT_REFINE_EVALS = 96  # consa_refined with search.refine_evals 0: `consa search`'s default (AUTO_REFINE_EVALS)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -112,7 +111,7 @@ class SearchStage:
     max_steps: int = 0  # cap of that extension (0: 4 × steps)
     refine_evals: int = 0  # ConSA only: held-out KL evaluations for swaps across the cut (train/refine.py); 0 = off.
     #                        With consa_refined-<gran> listed, consa-<gran> keeps the plain top-k cut and the refined one
-    #                        is its own row (refine_evals, or DEFAULT_REFINE_EVALS when 0)
+    #                        is its own row (refine_evals, or `consa search`'s AUTO_REFINE_EVALS when 0)
     refine_order: str = "gradient"  # score | measured | gradient (train/refine.py; gradient: `consa search`'s default)
     refine_candidates: int = 4  # SWA units (and, for score, FA units) nearest the cut that refinement considers
     # ConSA only, issue 17 options (train/schedules.py; SearchConfig says what each does and why the

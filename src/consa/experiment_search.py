@@ -14,7 +14,7 @@ import json
 import time
 
 from .errors import ConsaError
-from .experiment import (DEFAULT_REFINE_EVALS, LEARNED, BankSource, _device, _dtype, _method_list, _Partial, _require,
+from .experiment import (LEARNED, BankSource, _device, _dtype, _method_list, _Partial, _require,
                          _say, method_key, search_batch_fn)
 
 
@@ -69,7 +69,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
     from .models import detach, load_model, model_shape
     from .rules import rule_allocation
     from .train.baselines import attention_mass_allocation
-    from .train.search import Search, SearchConfig
+    from .train.search import AUTO_REFINE_EVALS, Search, SearchConfig
 
     cfg, s = wd.cfg, wd.cfg.search
     base = wd.base_model_dir()
@@ -117,7 +117,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
                 out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))
             if name == "consa_refined":
                 searched = d / f"{stem.replace('consa_refined-', 'consa-', 1)}.meta.json"
-                alloc, extra = _refined(model, scfg, fn, out_dir, searched, s.refine_evals or DEFAULT_REFINE_EVALS)
+                alloc, extra = _refined(model, scfg, fn, out_dir, searched, s.refine_evals or AUTO_REFINE_EVALS)
                 tokens = extra.pop("tokens")
                 t0 -= extra.pop("search_seconds")  # the row's seconds: the search's and the refinement's
             elif name == "consa":
