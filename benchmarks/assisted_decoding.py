@@ -1,6 +1,6 @@
 """Assisted (prompt-lookup) decoding over the HybridCache: same tokens as plain greedy, and how fast.
 
-For each kernel setting (``kernels.DECODE_KERNEL`` auto/sdpa × side-stream overlap on/off) and dtype,
+For each kernel setting (``KernelConfig.decode`` auto/sdpa × side-stream overlap on/off) and dtype,
 a tiny hybrid Qwen3 (tests/test_cache_rollback.py's) decodes greedily with and without prompt-lookup
 drafts. Each row records whether the tokens agree, the first step where they diverge, and the smallest
 top-1/top-2 logit margin of plain greedy decoding: a divergence at a step with a tiny margin is
@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from consa.attention import kernels  # noqa: E402
+from consa.attention import select  # noqa: E402
 from consa.attention.cache import HybridCache  # noqa: E402
 from consa.compat import cache_kwargs  # noqa: E402
+from consa.models import plans_of  # noqa: E402
 
 
 def _prompt(vocab: int, device) -> torch.Tensor:
@@ -40,25 +41,22 @@ def agreement(device, dtype, new_tokens: int) -> list[dict]:
     from test_cache_rollback import _hybrid
 
     rows = []
-    saved = kernels.DECODE_KERNEL, kernels.PREFILL_OVERLAP, kernels.DECODE_OVERLAP
-    try:
-        for decode in ("auto", "sdpa"):
-            for overlap in (True, False):
-                kernels.DECODE_KERNEL, kernels.PREFILL_OVERLAP, kernels.DECODE_OVERLAP = decode, overlap, overlap
-                model = _hybrid(0).to(device, dtype)
+    for decode in ("auto", "sdpa"):
+        for overlap in (True, False):
+            model = _hybrid(0).to(device, dtype)
+            with select.override(model, decode=decode, prefill_overlap=overlap, decode_overlap=overlap):
                 ids = _prompt(model.config.vocab_size, device)
                 kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-                plain = model.generate(ids, **cache_kwargs(HybridCache(model), model), output_scores=True, return_dict_in_generate=True, **kw)
+                plain = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), output_scores=True,
+                                       return_dict_in_generate=True, **kw)
                 top2 = [s.float().topk(2).values[0] for s in plain.scores]
                 margins = [float(v[0] - v[1]) for v in top2]
-                drafted = model.generate(ids, **cache_kwargs(HybridCache(model), model), prompt_lookup_num_tokens=3, **kw)
-                diff = (drafted[0] != plain.sequences[0]).nonzero()
-                first = int(diff[0]) - ids.shape[1] if len(diff) else None
-                rows.append({"dtype": str(dtype), "decode_kernel": decode, "overlap": overlap, "same": first is None,
-                             "first_divergence": first, "margin_there": None if first is None else margins[first],
-                             "min_margin": min(margins)})
-    finally:
-        kernels.DECODE_KERNEL, kernels.PREFILL_OVERLAP, kernels.DECODE_OVERLAP = saved
+                drafted = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), prompt_lookup_num_tokens=3, **kw)
+            diff = (drafted[0] != plain.sequences[0]).nonzero()
+            first = int(diff[0]) - ids.shape[1] if len(diff) else None
+            rows.append({"dtype": str(dtype), "decode_kernel": decode, "overlap": overlap, "same": first is None,
+                         "first_divergence": first, "margin_there": None if first is None else margins[first],
+                         "min_margin": min(margins)})
     return rows
 
 
@@ -84,23 +82,22 @@ def speed(device, dtype, context: int, new_tokens: int, profile: bool = False) -
     runs = [("plain", {}, "auto"), ("prompt_lookup", {"prompt_lookup_num_tokens": 4}, "auto"),
             ("prompt_lookup_sdpa_verify", {"prompt_lookup_num_tokens": 4}, "sdpa")]  # drafts verified by the SDPA pair
     for name, extra, decode in runs:
-        kernels.DECODE_KERNEL = decode
         kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
-        model.generate(ids, **cache_kwargs(HybridCache(model), model), **{**kw, "max_new_tokens": 8})  # warm-up: JIT at this length
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        forwards.clear()
-        t0 = time.perf_counter()
-        prof = torch.profiler.profile() if profile else contextlib.nullcontext()
-        with prof:
-            seq = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+        with select.override(model, decode=decode):
+            model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **{**kw, "max_new_tokens": 8})  # warm-up: JIT at this length
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            forwards.clear()
+            t0 = time.perf_counter()
+            prof = torch.profiler.profile() if profile else contextlib.nullcontext()
+            with prof:
+                seq = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **kw)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
         if profile:
             print(f"--- {name}: the ops with the most CPU time ---")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
         steps = forwards[1:]  # after the prefill
-        kernels.DECODE_KERNEL = "auto"
         out[name] = {"seconds": time.perf_counter() - t0, "tokens": seq[0, context:].tolist(), "forwards_after_prefill": len(steps),
                      "mean_queries_per_forward": sum(steps) / max(1, len(steps))}
     out["same_tokens"] = out["plain"]["tokens"] == out["prompt_lookup"]["tokens"] == out["prompt_lookup_sdpa_verify"]["tokens"]

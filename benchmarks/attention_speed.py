@@ -6,12 +6,12 @@ Three measurements, all in one run so they share the machine state:
    contexts 8K/32K/128K, windows 512/4096, FA shares 0.25/0.5: full causal SDPA vs the consa path
    (``consa_attention`` with a fixed plan: SDPA on the FA heads + the SWA prefill kernel on the SWA
    heads) vs ideal = full × (FA share + SWA share × window pairs / causal pairs). ``--swa-kernel``
-   times the hybrid once per SWA kernel (``kernels.SWA_PREFILL``: flex = FlexAttention with a cached
+   times the hybrid once per SWA kernel (``KernelConfig.swa_prefill``: flex = FlexAttention with a cached
    closed-form block mask, chunked = block-diagonal flash merged by LSE, flash = FlashAttention-2's
    local window, triton = the banded Triton kernel; fused / tfused = all heads in one FlexAttention /
-   banded Triton call, ``kernels.HYBRID_PREFILL``), and each kernel on the SWA heads alone;
-   ``--prefill-overlap`` adds the hybrid with the SWA heads on a side stream (``kernels.PREFILL_OVERLAP``)
-   with no stream priority, the FA heads first and the SWA heads first (``kernels.OVERLAP_PRIORITY``);
+   banded Triton call, ``KernelConfig.hybrid_prefill``), and each kernel on the SWA heads alone;
+   ``--prefill-overlap`` adds the hybrid with the SWA heads on a side stream (``prefill_overlap``)
+   with no stream priority, the FA heads first and the SWA heads first (``overlap_priority``);
    section ``prefill_sweep`` times the banded Triton kernel under each launch setting;
 2. **decode**: B = 8, one new token over caches of 32K/128K, full cache vs the split a HybridCache
    holds (FA heads T slots, SWA heads W); time per step and bandwidth on the bytes read (K, V, q, out);
@@ -35,13 +35,16 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from consa.attention.hybrid import LayerPlan, SplitKV, consa_attention
-from consa.attention.kernels import KeySlots
+from consa.attention import select
+from consa.attention.attend import attention
+from consa.attention.hybrid import consa_attention
+from consa.attention.plan import KernelConfig, KeySlots, LayerPlan, SplitKV
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 
@@ -132,10 +135,8 @@ def rel_err(a, b):
 
 def prefill_point(t, w, share, device, dtype, check, swa_kernels=("auto",), overlap=False):
     """Full vs hybrid at one (context, window, FA share); the hybrid once per SWA prefill kernel
-    (``kernels.SWA_PREFILL``), with the SWA heads' kernel alone and, with ``overlap``, the hybrid with
-    ``kernels.PREFILL_OVERLAP``. ``hybrid`` / ``rel_err_vs_masked_sdpa`` are the first kernel's."""
-    from consa.attention import kernels
-
+    (``KernelConfig.swa_prefill``), with the SWA heads' kernel alone and, with ``overlap``, the hybrid
+    with ``prefill_overlap``. ``hybrid`` / ``rel_err_vs_masked_sdpa`` are the first kernel's."""
     scale = HEAD_DIM**-0.5
     q, k, v = qkv(1, t, t, device, dtype, seed=t + w)
     n_fa = round(share * KV_HEADS)
@@ -146,7 +147,6 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("auto",), over
     hyb = lambda: consa_attention(hyb_mod, q, k, v, None, scale)  # noqa: E731
     qf, kf, vf = q[:, : n_fa * g], k[:, :n_fa], v[:, :n_fa]
     qs, ks, vs = q[:, n_fa * g :], k[:, n_fa:], v[:, n_fa:]  # the views the hybrid path attends over
-    swa_only = lambda: kernels.attention(qs, ks, vs, scale=scale, window=w)  # noqa: E731
     row = {"context": t, "window": w, "fa_share": share, "swa_kernel": swa_kernels[0]}
     if check:  # the fast path against SDPA with an explicit per-head mask (a few queries)
         idx = torch.linspace(0, t - 1, 64, device=device).long()
@@ -161,39 +161,32 @@ def prefill_point(t, w, share, device, dtype, check, swa_kernels=("auto",), over
     f = both(full, device)
     ratio = share + (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
     row.update(full=f, ideal_ms=f["ms"] * ratio, pair_ratio=ratio)
-    row["fa_only"] = both(lambda: kernels.attention(qf, kf, vf, scale=scale), device) if n_fa else None
+    row["fa_only"] = both(lambda: attention(qf, kf, vf, scale=scale), device) if n_fa else None
     if check and n_fa and device.type == "cuda":  # the FA heads alone on each causal kernel there is
         row["fa_only_by_kernel"] = fa_kernels(qf, kf, vf, scale, device)
     row["swa_ideal_ms"] = f["ms"] * (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2)
     row["by_kernel"] = {}
-    saved = kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL, kernels.OVERLAP_PRIORITY
-    try:
-        for kern in swa_kernels:
-            # "fused": one FlexAttention call over all heads, its "swa_only" the auto kernel's; "tfused":
-            # one launch of the banded Triton kernel over all heads, its "swa_only" that kernel's
-            kernels.SWA_PREFILL = {"fused": "auto", "tfused": "triton"}.get(kern, kern)
-            kernels.PREFILL_OVERLAP = saved[1]
-            kernels.HYBRID_PREFILL = {"fused": "fused", "tfused": "triton"}.get(kern, "split")
+    for kern in swa_kernels:
+        # "fused": one FlexAttention call over all heads, its "swa_only" the auto kernel's; "tfused":
+        # one launch of the banded Triton kernel over all heads, its "swa_only" that kernel's
+        cfg = KernelConfig(swa_prefill={"fused": "auto", "tfused": "triton"}.get(kern, kern),
+                           hybrid_prefill={"fused": "fused", "tfused": "triton"}.get(kern, "split"))
+        with select.override(hyb_mod.consa_plan, cfg):
             r = {}
             if check:
                 r["rel_err_vs_masked_sdpa"] = rel_err(hyb()[0][:, idx], ref)
             r["hybrid"] = both(hyb, device)
-            r["swa_only"] = both(swa_only, device)
-            if overlap:  # the default ("hybrid") against the side stream forced on and off
-                kernels.PREFILL_OVERLAP = True
-                try:  # no stream priorities, then the FA heads' or the SWA heads' stream first
-                    for first, key in ((None, "hybrid_overlap"), ("fa", "hybrid_overlap_fa_first"), ("swa", "hybrid_overlap_swa_first")):
-                        kernels.OVERLAP_PRIORITY = first
-                        r[key] = both(hyb, device)
-                finally:
-                    kernels.OVERLAP_PRIORITY = saved[3]
-                kernels.PREFILL_OVERLAP = False
+            r["swa_only"] = both(lambda: attention(qs, ks, vs, scale=scale, window=w, config=cfg), device)
+        if overlap:  # the default ("hybrid") against the side stream forced on and off: no stream
+            # priorities, then the FA heads' or the SWA heads' stream first
+            for first, key in ((None, "hybrid_overlap"), ("fa", "hybrid_overlap_fa_first"), ("swa", "hybrid_overlap_swa_first")):
+                with select.override(hyb_mod.consa_plan, replace(cfg, prefill_overlap=True, overlap_priority=first)):
+                    r[key] = both(hyb, device)
+            with select.override(hyb_mod.consa_plan, replace(cfg, prefill_overlap=False)):
                 r["hybrid_no_overlap"] = both(hyb, device)
-            r["hybrid_over_ideal"] = r["hybrid"]["ms"] / row["ideal_ms"]
-            r["swa_only_over_ideal"] = r["swa_only"]["ms"] / row["swa_ideal_ms"]
-            row["by_kernel"][kern] = r
-    finally:
-        kernels.SWA_PREFILL, kernels.PREFILL_OVERLAP, kernels.HYBRID_PREFILL, kernels.OVERLAP_PRIORITY = saved
+        r["hybrid_over_ideal"] = r["hybrid"]["ms"] / row["ideal_ms"]
+        r["swa_only_over_ideal"] = r["swa_only"]["ms"] / row["swa_ideal_ms"]
+        row["by_kernel"][kern] = r
     first = row["by_kernel"][swa_kernels[0]]
     row["hybrid"] = first["hybrid"]
     if check:
@@ -256,26 +249,21 @@ def decode_point(t, w, share, batch, device, dtype, bw):
     bytes_hyb = 2 * (kf.numel() + ks.numel()) * esz + io
     f = both(full, device)
     h = both(hyb, device)
-    from consa.attention import kernels
-
     # a left-padded batch: row 0 starts 1024 slots late (the kernel reads the padding mask per key)
     pad = torch.ones(batch, 1, 1, t + 1, dtype=torch.bool, device=device)
     pad[0, ..., :1024] = False
     h_masked = both(lambda: consa_attention(mod, q, split_k, split_v, pad, scale), device)
-    saved = kernels.DECODE_KERNEL, kernels.DECODE_OVERLAP
-    try:  # the SDPA pair (side stream, then serial) against the default one-launch Triton decode
-        kernels.DECODE_KERNEL = "sdpa"
+    # the SDPA pair (side stream, then serial) against the default one-launch Triton decode
+    with select.override(mod.consa_plan, decode="sdpa"):
         h_sdpa = both(hyb, device)
         err_sdpa = rel_err(hyb()[0], ref)
-        kernels.DECODE_OVERLAP = False
+    with select.override(mod.consa_plan, decode="sdpa", decode_overlap=False):
         h_serial = both(hyb, device)
-    finally:
-        kernels.DECODE_KERNEL, kernels.DECODE_OVERLAP = saved
     # the parts alone: where a gap to the bytes-ideal time comes from
-    fa_only = both(lambda: kernels.attention(q[:, : n_fa * g], kf, vf, scale=scale), device)
-    swa_only = both(lambda: kernels.attention(q[:, n_fa * g :], ks, vs, scale=scale, window=w, slots=slots), device)
+    fa_only = both(lambda: attention(q[:, : n_fa * g], kf, vf, scale=scale), device)
+    swa_only = both(lambda: attention(q[:, n_fa * g :], ks, vs, scale=scale, window=w, slots=slots), device)
     return {
-        "decode_kernel": kernels.DECODE_KERNEL, "hybrid_sdpa": h_sdpa, "rel_err_sdpa": err_sdpa, "hybrid_padded": h_masked,
+        "decode_kernel": mod.consa_plan.kernels.decode, "hybrid_sdpa": h_sdpa, "rel_err_sdpa": err_sdpa, "hybrid_padded": h_masked,
         "hybrid_sdpa_no_overlap": h_serial, "fa_only": fa_only, "swa_only": swa_only,
         "fa_only_TBps": (2 * kf.numel() * esz) / (fa_only["ms"] * 1e-3) / 1e12,
         "cache": t, "batch": batch, "window": w, "fa_share": share,
@@ -365,9 +353,8 @@ def prefill_sweep_point(t, w, share, device, dtype, configs=PREFILL_SWEEP):
 
 
 def breakdown_point(t, w, share, device, dtype):
-    """Where the hybrid prefill time goes: FA SDPA alone, SWA flex alone (kernel variants), merge."""
-    from consa.attention import kernels
-
+    """Where the hybrid prefill time goes: FA SDPA alone, SWA alone (the default kernel, and flex
+    under FlexAttention launch settings), merge."""
     scale = HEAD_DIM**-0.5
     q, k, v = qkv(1, t, t, device, dtype, seed=11)
     n_fa = round(share * KV_HEADS)
@@ -375,23 +362,21 @@ def breakdown_point(t, w, share, device, dtype):
     qf, kf, vf = q[:, : n_fa * g], k[:, :n_fa], v[:, :n_fa]
     qs, ks, vs = q[:, n_fa * g :], k[:, n_fa:], v[:, n_fa:]
     row = {"context": t, "window": w, "fa_share": share}
-    row["fa_sdpa"] = both(lambda: kernels.attention(qf, kf, vf, scale=scale), device)
-    row["swa_flex_default"] = both(lambda: kernels.attention(qs, ks, vs, scale=scale, window=w), device)
+    row["fa_sdpa"] = both(lambda: attention(qf, kf, vf, scale=scale), device)
+    row["swa_flex_default"] = both(lambda: attention(qs, ks, vs, scale=scale, window=w), device)
     qc, kc, vc = qs.contiguous(), ks.contiguous(), vs.contiguous()
-    row["swa_flex_contiguous_inputs"] = both(lambda: kernels.attention(qc, kc, vc, scale=scale, window=w), device)
-    a, b = kernels.attention(qf, kf, vf, scale=scale), kernels.attention(qs, ks, vs, scale=scale, window=w)
+    row["swa_flex_contiguous_inputs"] = both(lambda: attention(qc, kc, vc, scale=scale, window=w), device)
+    a, b = attention(qf, kf, vf, scale=scale), attention(qs, ks, vs, scale=scale, window=w)
     row["merge_cat_transpose"] = both(lambda: torch.cat([a, b], 1).transpose(1, 2).contiguous(), device)
     # what a merge straight into transformers' [B,T,H,D] output layout costs (one copy, no transpose)
     row["merge_bthd"] = both(lambda: torch.cat([a.transpose(1, 2), b.transpose(1, 2)], 2), device)
     for name, opts in (("bm128_bn64_w8_s3", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
                        ("bm128_bn128_w8_s2", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2})):
-        kernels.FLEX_KERNEL_OPTIONS = opts
+        cfg = KernelConfig(swa_prefill="flex", flex_options=tuple(opts.items()))
         try:
-            row["swa_flex_" + name] = both(lambda: kernels.attention(qs, ks, vs, scale=scale, window=w), device)
+            row["swa_flex_" + name] = both(lambda: attention(qs, ks, vs, scale=scale, window=w, config=cfg), device)
         except Exception as e:
             row["swa_flex_" + name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        finally:
-            kernels.FLEX_KERNEL_OPTIONS = None
     return row
 
 
@@ -448,32 +433,27 @@ def generate_point(context, new_tokens, window, share, device, dtype, smoke):
         peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
         return out, dt, kv, peak
 
-    from consa.attention import kernels
-
-    saved = kernels.DECODE_KERNEL
-    try:
-        for name, make in (
-            ("full", lambda: DynamicCache(config=model.config)),
-            ("hybrid", lambda: HybridCache(model)),
-            ("hybrid_sdpa", lambda: HybridCache(model)),  # decode on the SDPA pair instead of one Triton launch
-        ):
-            if name == "hybrid":
-                consa.apply_allocation(model, alloc)
-            kernels.DECODE_KERNEL = "sdpa" if name == "hybrid_sdpa" else saved
-            run(make, 2)  # warm-up (compiles the flex kernel for this shape)
-            _, t_prefill, _, _ = run(make, 1)
-            out, t_total, kv, peak = run(make, new_tokens)
-            results[name] = {
-                "prefill_s": t_prefill,
-                "total_s": t_total,
-                "decode_tokens_per_s": (new_tokens - 1) / max(t_total - t_prefill, 1e-9),
-                "tokens_per_s_overall": new_tokens / t_total,
-                "kv_bytes": kv,
-                "peak_mem_over_weights_bytes": peak,
-            }
-            results[name + "_tokens"] = out[0, context:].tolist()[:16]
-    finally:
-        kernels.DECODE_KERNEL = saved
+    for name, make in (
+        ("full", lambda: DynamicCache(config=model.config)),
+        ("hybrid", lambda: HybridCache(consa.plans_of(model))),
+        ("hybrid_sdpa", lambda: HybridCache(consa.plans_of(model))),  # decode on the SDPA pair instead of one Triton launch
+    ):
+        if name == "hybrid":
+            consa.apply_allocation(model, alloc)
+        if name == "hybrid_sdpa":
+            consa.apply_allocation(model, alloc, kernels=KernelConfig(decode="sdpa"))
+        run(make, 2)  # warm-up (compiles the flex kernel for this shape)
+        _, t_prefill, _, _ = run(make, 1)
+        out, t_total, kv, peak = run(make, new_tokens)
+        results[name] = {
+            "prefill_s": t_prefill,
+            "total_s": t_total,
+            "decode_tokens_per_s": (new_tokens - 1) / max(t_total - t_prefill, 1e-9),
+            "tokens_per_s_overall": new_tokens / t_total,
+            "kv_bytes": kv,
+            "peak_mem_over_weights_bytes": peak,
+        }
+        results[name + "_tokens"] = out[0, context:].tolist()[:16]
     results["kv_ratio"] = results["hybrid"]["kv_bytes"] / results["full"]["kv_bytes"]
     results["same_first_tokens"] = results["full_tokens"] == results["hybrid_tokens"]
     return results
@@ -501,12 +481,12 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,prefill_sweep,breakdown,decode,sweep,generate")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new points after this many seconds")
     p.add_argument("--swa-kernel", default="auto",
-                   help="comma list of SWA prefill kernels (kernels.SWA_PREFILL) the prefill section measures: "
+                   help="comma list of SWA prefill kernels (KernelConfig.swa_prefill) the prefill section measures: "
                    "flex,chunked,flash,triton,auto, and fused / tfused (all heads in one FlexAttention / banded Triton "
-                   "call, kernels.HYBRID_PREFILL)")
+                   "call, KernelConfig.hybrid_prefill)")
     p.add_argument("--triton-prefill", default="", help="launch settings of the banded Triton prefill: rows,block,warps,stages,split (1: three loops)")
     p.add_argument("--prefill-overlap", action="store_true",
-                   help="also time the hybrid prefill with kernels.PREFILL_OVERLAP forced on and off (SWA heads on a side stream)")
+                   help="also time the hybrid prefill with KernelConfig.prefill_overlap forced on and off (SWA heads on a side stream)")
     a = p.parse_args(argv)
     swa_kernels = tuple(x.strip() for x in a.swa_kernel.split(",") if x.strip())
     bad = set(swa_kernels) - {"flex", "chunked", "flash", "triton", "auto", "fused", "tfused"}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_speed import HEAD_DIM, KV_HEADS, both, consa_attention, module_with_plan, qkv, rel_err, window_pairs
-from consa.attention import split_causal
+from consa.attention import select, split_causal
 
 
 def heads_alone(t, hq, hk, depths, device, dtype):
@@ -41,14 +41,10 @@ def hybrid_layer(t, w, share, depths, device, dtype):
     mod = module_with_plan(n_fa, w)
     ideal = full * (share + (1 - share) * window_pairs(t, w) / (t * (t + 1) / 2))
     row = {"context": t, "window": w, "fa_share": share, "full_ms": full, "ideal_ms": ideal}
-    saved = split_causal.SPLIT_DEPTH
-    try:
-        for d in (0, *depths):
-            split_causal.SPLIT_DEPTH = d
+    for d in (0, *depths):
+        with select.override(mod.consa_plan, split_depth=d):
             ms = both(lambda: consa_attention(mod, q, k, v, None, scale), device)["ms"]
-            row[f"depth{d}_ms"], row[f"depth{d}_over_ideal"] = ms, ms / ideal
-    finally:
-        split_causal.SPLIT_DEPTH = saved
+        row[f"depth{d}_ms"], row[f"depth{d}_over_ideal"] = ms, ms / ideal
     return row
 
 

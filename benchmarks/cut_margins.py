@@ -24,6 +24,7 @@ def margins(root: Path) -> list[dict]:
     from safetensors.torch import load_file
 
     from consa.gates import BETA, cut_margin, prob_in_ramp, topk_swa
+    from consa.train.search_config import flatten
 
     rows = []
     for gates in sorted(root.glob("search/*/gates.safetensors")):
@@ -33,8 +34,8 @@ def margins(root: Path) -> list[dict]:
         la = load_file(str(gates))["log_alpha"].flatten()
         m = cut_margin(la, topk_swa(la, summ["num_swa"]))
         band = [x for x in la.tolist() if abs(x - m["cut_log_alpha"]) <= m["band"]] if m["cut_log_alpha"] is not None else []
-        beta = summ["config"].get("beta_final") or BETA
-        cfg = summ["config"]
+        cfg = flatten(summ["config"])  # the flat names: search.json of older runs has no config parts
+        beta = cfg.get("beta_final") or BETA
         duo = root / "alloc" / f"s{cfg['sparsity']:g}" / f"duo-{cfg['granularity']}-seed{cfg['seed'] // 1000}.json"
         alpha = json.loads(duo.read_text())["meta"].get("alpha") if duo.is_file() else None
         flat = [x for row in alpha for x in (row if isinstance(row, list) else [row])] if alpha else []

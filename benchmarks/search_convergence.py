@@ -124,7 +124,8 @@ def setup(a):
 
         return model, fn, a.window or 5, t, b * t, {"source": "smoke"}, fn_for
     from consa.data.shards import TokenShards
-    from consa.experiment import BankSource, ExperimentConfig, Workdir, search_batch_fn
+    from consa.experiment import ExperimentConfig, Workdir
+    from consa.experiment.batches import search_batch_fn, training_data
     from consa.models import load_model
 
     device = pick_device(a.device)
@@ -137,8 +138,7 @@ def setup(a):
             raise SystemExit(f"{a.workdir} has no finished base model")
         s = cfg.search
         b, t, w = a.batch_size or s.batch_size, a.seq_len or int(s.seq_len or cfg.context), a.window or cfg.W
-        shards = TokenShards.open(wd.corpus, "train")
-        bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
+        shards, bank = training_data(wd, s.retrieval_share)
         fn = search_batch_fn(shards, bank, b, t, s.retrieval_share, cfg.seed)  # the experiment's own batches
         desc = {"source": "workdir", "workdir": str(a.workdir), "config": str(a.config), "model": str(base)}
 
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     from consa.allocation import Allocation
     from consa.models import detach, model_shape, searchable_native
     from consa.train.baselines import attention_mass_allocation, duo_allocation
-    from consa.train.search import Search, SearchConfig
+    from consa.train.search import Search
+    from consa.train.search_config import GateConfig, SearchConfig
     from consa.gates import cut_margin, topk_swa
 
     model, batch_fn, window, seq_len, step_tokens, desc, fn_for = setup(a)
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     lengths = sorted(set(_ints(a.search_lengths)) | {seq_len})
     if any(n <= window for n in lengths):
         raise SystemExit(f"every search length must exceed the window {window}: {lengths}")
-    # refinement off unless a variant turns it on: every variant's unrefined cut is comparable, and "default"
+    # the flat option names of `consa search` (SearchConfig.from_flat), as the variants are written.
+    # Refinement off unless a variant turns it on: every variant's unrefined cut is comparable, and "default"
     # stays the search itself (since run 10 `consa search` refines by default: that is the "refine_default" row)
     base = dict(sparsity=a.sparsity, window=window, seq_len=seq_len, granularity=a.granularity,
                 checkpoint_every=0, refine_batches=a.eval_batches, refine_evals=0)
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
                      "variants": {v: VARIANTS[v] for v in variants}, "device": str(next(model.parameters()).device),
                      "search_lengths": lengths,
                      # the defaults the variants are relative to ("default" = {} meant log α 3, no anneal before issue 17)
-                     "search_defaults": {k: SearchConfig.__dataclass_fields__[k].default for k in ("init_log_alpha", "beta_final")}},
+                     "search_defaults": {k: getattr(GateConfig(), k) for k in ("init_log_alpha", "beta_final")}},
            "runs": [], "skipped": []}
     t_start = time.time()
     rate = None  # seconds per search step, measured on the last run
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
     def held_kl(seed: int, fa: list[bool]) -> float:
         """The binary allocation ``fa``'s held-out KL, through a never-run Search (the same batches for every
         run, apart from the ones a refinement chose its swaps on)."""
-        probe = Search(model, SearchConfig(**base, steps=1, seed=seed), score_fn, out.parent / "_probe", progress=False)
+        probe = Search(model, SearchConfig.from_flat({**base, "steps": 1, "seed": seed}), score_fn, out.parent / "_probe",
+                       progress=False)
         try:
             return probe.held_out_kl(fa)
         finally:
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
                            "mean_alpha": sum(alpha) / len(alpha), "fa": alloc.units, "tokens": steps * step_tokens}
                 else:
                     kw = {k: (max(1, steps // 5) if v == "steps/5" else v) for k, v in opts.items()}
-                    cfg = SearchConfig(**{**base, "seq_len": length, **kw}, steps=steps, seed=seed)
+                    cfg = SearchConfig.from_flat({**base, "seq_len": length, **kw, "steps": steps, "seed": seed})
                     run_dir = out.parent / f"{out.stem}-runs" / (f"{name}-s{steps}-seed{seed}" + ("" if length == seq_len else f"-T{length}"))
                     search = Search(model, cfg, run_fn, run_dir, progress=False)
                     fa = search.run().units

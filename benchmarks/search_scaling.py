@@ -168,10 +168,12 @@ def _trainer(a, model, cfg, dist):
 
     steps = a.warmup + a.steps + (1 if a.profile else 0)
     if a.job == "search":
-        from consa.train.search import Search, SearchConfig
+        from consa.train.search import Search
+        from consa.train.search_config import RefineConfig, ScheduleConfig, SearchConfig, TargetConfig
 
-        scfg = SearchConfig(sparsity=0.75, window=a.seq_len // 16, seq_len=a.seq_len, steps=steps, checkpoint_every=0,
-                            micro_batch=a.micro_batch, refine_evals=0)  # the search steps' rate only
+        scfg = SearchConfig(TargetConfig(sparsity=0.75, window=a.seq_len // 16), seq_len=a.seq_len,
+                            schedule=ScheduleConfig(steps=steps), checkpoint_every=0, micro_batch=a.micro_batch,
+                            refine=RefineConfig(evals=0))  # the search steps' rate only
         return Search(model, scfg, batches, a.workdir, progress=False, dist=dist)
     from consa.train.heal import Heal, HealConfig
 

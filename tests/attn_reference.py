@@ -25,13 +25,14 @@ def per_head_allowed(fa_q: list[bool], tq: int, tk: int, window: int, sinks: int
     return allowed
 
 
-def reference_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def reference_forward(module, query, key, value, attention_mask, scaling=None, softcap=None, s_aux=None, **kwargs):
+    """``softcap`` (Gemma2) and ``s_aux`` (gpt-oss sink logits) as the families' eager attention has them."""
     plan = module.consa_plan
     g = query.shape[1] // key.shape[1]
     fa_kv = set(plan.fa_kv)
     fa_q = [(h // g) in fa_kv for h in range(query.shape[1])]
     allowed = per_head_allowed(fa_q, query.shape[2], key.shape[2], plan.window, plan.sinks, attention_mask, query.device)
-    out = reference_attention(query, key, value, allowed, scaling)
+    out = reference_attention(query, key, value, allowed, scaling, softcap, s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 

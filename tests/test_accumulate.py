@@ -11,7 +11,8 @@ from consa.errors import ConsaError
 from consa.tiny import tiny_model
 from consa.train.accumulate import split_rows, term_counts
 from consa.train.heal import Heal, HealConfig
-from consa.train.search import Search, SearchConfig, task_terms
+from consa.train.search import Search, task_terms
+from consa.train.search_config import LossConfig, SearchConfig, TargetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, T = 5, 23  # odd rows (micro-batches of 2, 2, 1) and an odd length
@@ -29,14 +30,14 @@ def _batches(step):
 def _search(tmp_path, micro, **kw):
     kw = {"lm_weight": 0.5, "answer_weight": 2.0, **kw}
     kw = {"sparsity": 0.5, "window": 5, **kw}
-    cfg = SearchConfig(seq_len=T, steps=4, checkpoint_every=0, gate_lr=0.1, micro_batch=micro, **kw)
+    cfg = SearchConfig.from_flat({"seq_len": T, "steps": 4, "checkpoint_every": 0, "gate_lr": 0.1, "micro_batch": micro, **kw})
     return Search(tiny_model("qwen3", num_layers=3, num_kv_heads=2), cfg, _batches, tmp_path, progress=False)
 
 
 def test_term_counts_are_the_counts_task_terms_divide_by():
     batch = _batches(0)
     logits = torch.randn(B, T, 101)
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=T, lm_weight=0.5, answer_weight=2.0)
+    cfg = LossConfig(lm_weight=0.5, answer_weight=2.0)
     terms = task_terms(logits, logits + 0.1 * torch.randn_like(logits), batch, batch["loss_mask"], cfg)
     counts = term_counts(batch, batch["loss_mask"], cfg, has_teacher=True)
     assert len(terms) == len(counts) == 3
@@ -100,6 +101,6 @@ def test_heal_step_in_micro_batches_has_the_whole_batch_gradient(tmp_path):
 
 def test_bad_micro_batch_is_one_clear_error():
     with pytest.raises(ConsaError, match="micro_batch must be an integer >= 0"):
-        SearchConfig(sparsity=0.5, window=5, seq_len=T, micro_batch=-1).validate()
+        SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=T, micro_batch=-1)
     with pytest.raises(ConsaError, match="micro_batch must be an integer >= 0"):
         HealConfig(steps=1, seq_len=T, micro_batch=-2).validate()

@@ -17,7 +17,8 @@ from consa.errors import ConsaError
 from consa.gates import SpanGates
 from consa.models import apply_allocation, attach_gates, detach, model_shape
 from consa.tiny import tiny_model
-from consa.train.search import Search, SearchConfig, units_to_heads
+from consa.train.search import Search, units_to_heads
+from consa.train.search_config import GateConfig, ScheduleConfig, SearchConfig, TargetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,8 +180,8 @@ def test_one_hot_menu_weights_equal_the_fixed_allocation(kv, sinks):
 @pytest.mark.parametrize("granularity, kv_budget", [("kv_head", 0.3), ("kv_head", 0.15), ("layer", 0.4)])
 def test_span_search_settles_on_the_budget_and_the_assignment_keeps_it(tmp_path, granularity, kv_budget):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=None, window=None, seq_len=40, steps=50, checkpoint_every=0, gate_lr=0.1,
-                       granularity=granularity, kv_budget=kv_budget, spans="3,6,12,full")
+    cfg = SearchConfig(TargetConfig(granularity=granularity, kv_budget=kv_budget, spans="3,6,12,full"), seq_len=40,
+                       schedule=ScheduleConfig(steps=50), gates=GateConfig(lr=0.1), checkpoint_every=0)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     target = s.controller.cfg.target
@@ -207,7 +208,7 @@ def test_span_search_settles_on_the_budget_and_the_assignment_keeps_it(tmp_path,
 
 def test_single_window_budget_search_cuts_the_count_the_budget_allows(tmp_path):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=None, window=5, seq_len=40, steps=6, checkpoint_every=0, kv_budget=0.3)
+    cfg = SearchConfig(TargetConfig(window=5, kv_budget=0.3), seq_len=40, schedule=ScheduleConfig(steps=6), checkpoint_every=0)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     k = B.swa_units_for_budget(B.problem(s.shape, "kv_head", (5, None), 0.3, 40))
@@ -217,8 +218,8 @@ def test_single_window_budget_search_cuts_the_count_the_budget_allows(tmp_path):
 def test_span_search_resumes_bit_exactly(tmp_path):
     def run(out, steps_first=None):
         model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-        cfg = SearchConfig(sparsity=None, window=None, seq_len=40, steps=12, checkpoint_every=4, kv_budget=0.3,
-                           spans="3,6,full")
+        cfg = SearchConfig(TargetConfig(kv_budget=0.3, spans="3,6,full"), seq_len=40, schedule=ScheduleConfig(steps=12),
+                           checkpoint_every=4)
         s = Search(model, cfg, _batches, out, progress=False)
         if steps_first:
             for _ in range(steps_first):
@@ -249,12 +250,12 @@ def test_bad_budget_settings_are_one_error(kw, match):
     cfg = dict(sparsity=None, window=None if "spans" in kw else 5, seq_len=40, steps=5)
     cfg.update(kw)
     with pytest.raises(ConsaError, match=match):
-        SearchConfig(**cfg).validate()
+        SearchConfig.from_flat(cfg)
 
 
 def test_a_budget_that_leaves_no_fa_unit_at_the_window_is_one_error(tmp_path):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=None, window=12, seq_len=40, steps=3, checkpoint_every=0, kv_budget=0.29)
+    cfg = SearchConfig(TargetConfig(window=12, kv_budget=0.29), seq_len=40, schedule=ScheduleConfig(steps=3), checkpoint_every=0)
     with pytest.raises(ConsaError, match="no unit on full attention"):
         Search(model, cfg, _batches, tmp_path, progress=False)
 
@@ -362,7 +363,7 @@ def test_serving_benchmark_budget_allocations_and_bytes_read():
     head: FA every slot, SWA its W + S ring) is what the static cache allocates for them."""
     from benchmark_module import load
 
-    from consa.attention.static_cache import StaticHybridCache
+    from consa.serving.engine import static_cache
 
     bench = load("serving")
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2).to(torch.bfloat16)
@@ -370,7 +371,7 @@ def test_serving_benchmark_budget_allocations_and_bytes_read():
         alloc = bench.allocation(model, f"budget:0.3:{menu}", 40)
         assert alloc.kv_share(40) <= 0.3
         apply_allocation(model, alloc)
-        cache = StaticHybridCache(model, 40, batch=1)
+        cache = static_cache(model, 40, batch=1)
         assert cache.stored_bytes() == bench.kv_per_seq(model, alloc, 40)
         detach(model)
     assert len(bench.allocation(model, "budget:0.3:3/6/12/full", 40).spans()) > 1

@@ -11,8 +11,10 @@ import consa
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention import kernels
-from consa.attention.cache import HybridCache, HybridLayer, generate
-from consa.attention.hybrid import SplitKV
+from consa.attention.cache import HybridCache, HybridLayer
+from consa.attention.plan import KeySlots, SplitKV
+from consa.models import plans_of
+from consa.serving.generate import generate
 from consa.tiny import FAMILIES, tiny_model
 
 torch.set_default_dtype(torch.float32)
@@ -118,7 +120,7 @@ def test_cached_equals_uncached_equals_reference(family, kv, window, sinks, prom
     plain = _logits(model, ids, mask, pos)
     torch.testing.assert_close(plain[valid], ref[valid], atol=ATOL, rtol=0)
 
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     chunks = [prompt] if prompt < 6 else [4, prompt - 4]  # chunked prefill when the prompt is long
     cached, mem = _cached_logits(model, ids, mask, pos, chunks, cache)
     torch.testing.assert_close(cached[valid], ref[valid], atol=ATOL, rtol=0)
@@ -132,7 +134,7 @@ def test_prompt_longer_than_window_keeps_only_window():
     alloc = _allocation(model, window=4, sinks=1)
     consa.apply_allocation(model, alloc)
     ids, mask, pos = _inputs(model, 3, 17, pad=5)
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     ref = _logits(model, ids, mask, pos)
     got, mem = _cached_logits(model, ids, mask, pos, [17], cache)
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
@@ -158,7 +160,7 @@ def test_reordered_heads_same_logits_and_contiguous_split(family):
     torch.testing.assert_close(_logits(model, ids, mask, pos), base, atol=ATOL, rtol=0)  # same full model
     consa.apply_allocation(model, new)
     torch.testing.assert_close(_logits(model, ids, mask, pos), hybrid, atol=ATOL, rtol=0)  # same hybrid model
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     got, _ = _cached_logits(model, ids, mask, pos, [9], cache)
     torch.testing.assert_close(got[mask.bool()], hybrid[mask.bool()], atol=ATOL, rtol=0)
     assert all(isinstance(layer._fa_sel, slice) for layer in cache.layers)
@@ -170,7 +172,7 @@ def test_generate_greedy_matches_no_cache_and_sampling_runs():
     consa.apply_allocation(model, alloc)
     ids, mask, _ = _inputs(model, 2, 7, pad=2)
     kw = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     out = model.generate(ids, **cache_kwargs(cache, model), do_sample=False, **kw)
     assert cache.get_seq_length() == 7 + 8 - 1
     assert cache.layers[2].swa_keys.shape[-2] == 4 - 1 + 1  # all-SWA layer stays at W−1+S
@@ -184,7 +186,7 @@ def test_generate_greedy_matches_no_cache_and_sampling_runs():
     torch.manual_seed(3)
     s1 = generate(model, ids, do_sample=True, top_k=20, **kw)
     torch.manual_seed(3)
-    s2 = model.generate(ids, **cache_kwargs(HybridCache(model), model), do_sample=True, top_k=20, **kw)
+    s2 = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), do_sample=True, top_k=20, **kw)
     assert torch.equal(s1, s2) and s1.shape == (2, 15)
     assert torch.equal(generate(model, ids, do_sample=False, **kw), out)
 
@@ -194,13 +196,13 @@ def test_layer_kinds_and_split_output():
     k = torch.randn(2, 3, 6, 4)
     v = torch.randn(2, 3, 6, 4)
     ks, vs = layer.update(k, v)
-    assert isinstance(ks, SplitKV) and ks.swa_slots == kernels.KeySlots()
+    assert isinstance(ks, SplitKV) and ks.swa_slots == KeySlots()
     torch.testing.assert_close(ks.fa, k[:, 1:2])
     torch.testing.assert_close(ks.swa, k[:, [0, 2]])
-    assert layer.swa_slots == kernels.KeySlots(num_sinks=1, offset=4)
+    assert layer.swa_slots == KeySlots(num_sinks=1, offset=4)
     torch.testing.assert_close(layer.swa_keys, k[:, [0, 2]][:, :, [0, 4, 5]])
     ks, _ = layer.update(k[:, :, :1], v[:, :, :1])
-    assert ks.swa.shape[-2] == 4 and ks.swa_slots == kernels.KeySlots(1, 4)
+    assert ks.swa.shape[-2] == 4 and ks.swa_slots == KeySlots(1, 4)
     assert layer.get_mask_sizes(1) == (8, 0) and layer.get_seq_length() == 7
     fa_only = HybridLayer(num_kv_heads=2, fa_kv=[0, 1], window=3)
     kk, vv = fa_only.update(k[:, :2], v[:, :2])
@@ -210,4 +212,4 @@ def test_layer_kinds_and_split_output():
 def test_cache_needs_fixed_allocation():
     model = tiny_model("qwen3", num_layers=2)
     with pytest.raises(ValueError, match="apply_allocation"):
-        HybridCache(model)
+        HybridCache(plans_of(model))

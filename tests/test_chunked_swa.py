@@ -1,14 +1,17 @@
-"""Sliding-window prefill on flash kernels (``kernels.chunked_sliding`` and, on CUDA, ``flash_sliding``)
-against the float64 dense reference, and its dispatch through ``kernels.attention`` / the hybrid layer."""
+"""Sliding-window prefill on flash kernels (``chunked.chunked_sliding`` and, on CUDA, ``flash_sliding``)
+against the float64 dense reference, and its dispatch through ``attend.attention`` / the hybrid layer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from consa.attention import chunked, kernels, masks
-from consa.attention.hybrid import LayerPlan, consa_attention
-from consa.attention.kernels import attention, chunked_sliding, reference_attention
+from consa.attention import chunked, masks, select
+from consa.attention.attend import attention
+from consa.attention.chunked import chunked_sliding
+from consa.attention.hybrid import consa_attention
+from consa.attention.kernels import reference_attention
+from consa.attention.plan import KernelConfig, LayerPlan
 
 from attn_reference import per_head_allowed
 
@@ -91,62 +94,70 @@ def test_merge_of_partials(reverse):
     wa, wb = (lse - m).double().exp(), (l2 - m).double().exp()
     want = (out * wa[..., None] + o2 * wb[..., None]) / (wa + wb)[..., None]
     got = out.clone()
-    joint = chunked._merge(got, lse, ob, lb, reverse, True)
+    joint = chunked.merge(got, lse, ob, lb, reverse, True)
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(joint, torch.logaddexp(lse, l2))
-    assert chunked._merge(out.clone(), lse, ob, lb, reverse, False) is None
+    assert chunked.merge(out.clone(), lse, ob, lb, reverse, False) is None
 
 
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = kernels.chunked_sliding
+    real = chunked.chunked_sliding
 
     def wrapped(*a, **kw):
         calls.append(a[3:5])
         return real(*a, **kw)
 
-    monkeypatch.setattr(kernels, "chunked_sliding", wrapped)
+    monkeypatch.setattr(chunked, "chunked_sliding", wrapped)
     return calls
 
 
-@pytest.mark.parametrize("switch", ["chunked", "flash"])  # "flash" runs its CPU twin, the chunked kernel
+CHUNKED = KernelConfig(swa_prefill="chunked")
+
+
 @pytest.mark.parametrize("t,window,sinks", [(29, 6, 0), (29, 6, 2), (5, 8, 0)])
-def test_attention_dispatches_to_chunked(monkeypatch, spy, switch, t, window, sinks):
-    monkeypatch.setattr(kernels, "SWA_PREFILL", switch)
+def test_attention_dispatches_to_chunked(spy, t, window, sinks):
     q, k, v = _qkv(2, 6, 2, t, seed=11)
-    got = attention(q, k, v, scale=0.3, window=window, sinks=sinks)
+    got = attention(q, k, v, scale=0.3, window=window, sinks=sinks, config=CHUNKED)
     assert spy == [(window, sinks)]
     torch.testing.assert_close(got, _ref(q, k, v, window, sinks, 0.3), atol=1e-5, rtol=0)
 
 
-def test_dispatch_keeps_other_paths(monkeypatch, spy):
+def test_dispatch_keeps_other_paths(spy):
     q, k, v = _qkv(1, 4, 2, 21, seed=2)
     ref = _ref(q, k, v, 5, 1, 0.3)
-    for switch in ("flex", "auto"):  # default: on CPU the dense-mask SDPA, as before
-        monkeypatch.setattr(kernels, "SWA_PREFILL", switch)
-        torch.testing.assert_close(attention(q, k, v, scale=0.3, window=5, sinks=1), ref, atol=1e-5, rtol=0)
+    for cfg in (KernelConfig(), KernelConfig(swa_prefill="sdpa")):  # default: on CPU the dense-mask SDPA, as before
+        torch.testing.assert_close(attention(q, k, v, scale=0.3, window=5, sinks=1, config=cfg), ref, atol=1e-5, rtol=0)
     assert spy == []
-    monkeypatch.setattr(kernels, "SWA_PREFILL", "chunked")
-    attention(q, k, v, scale=0.3, window=5, sinks=1, backend="sdpa")  # sdpa backend: never a flash kernel
     pad = torch.ones(1, 1, 21, 21, dtype=torch.bool).tril()
-    attention(q, k, v, scale=0.3, window=5, sinks=1, mask=pad)  # a padding mask: dense SDPA
-    attention(q[:, :, -3:], k, v, scale=0.3, window=5, sinks=1)  # Tq < Tk: dense SDPA
+    attention(q, k, v, scale=0.3, window=5, sinks=1, mask=pad, config=CHUNKED)  # a padding mask: dense SDPA
+    attention(q[:, :, -3:], k, v, scale=0.3, window=5, sinks=1, config=CHUNKED)  # Tq < Tk: dense SDPA
     qg = q.clone().requires_grad_()
-    out = attention(qg, k, v, scale=0.3, window=5, sinks=1)  # gradients: LSE merges would drop them
+    out = attention(qg, k, v, scale=0.3, window=5, sinks=1)  # gradients ("auto"): never the LSE merges
     out.sum().backward()
     assert qg.grad is not None and spy == []
-    attention(q, k, v, scale=0.3, window=5, sinks=1, backend="chunked")
+    attention(q, k, v, scale=0.3, window=5, sinks=1, config=CHUNKED)
     assert spy == [(5, 1)]
 
 
-def test_hybrid_layer_with_chunked(monkeypatch, spy):
+@pytest.mark.parametrize("name,why", [("chunked", "no gradient"), ("flash", "CUDA fp16/bf16"), ("flex", "CUDA")])
+def test_a_forced_kernel_that_cannot_run_says_why(spy, name, why):
+    """A named kernel is forced: where it cannot run the call (here: gradients, or CPU tensors), one
+    clear error naming the setting and the reason, never another kernel in its place."""
+    q, k, v = _qkv(1, 4, 2, 21, seed=2)
+    qg = q.clone().requires_grad_()
+    with pytest.raises(select.KernelUnavailable, match=f"swa_prefill='{name}'.*{why}"):
+        attention(qg, k, v, scale=0.3, window=5, sinks=1, config=KernelConfig(swa_prefill=name))
+    assert spy == []
+
+
+def test_hybrid_layer_with_chunked(spy):
     """The fixed-plan hybrid layer (FA heads causal, SWA heads on the chunked kernel) equals the
     per-head dense reference."""
-    monkeypatch.setattr(kernels, "SWA_PREFILL", "chunked")
     t, window, sinks = 45, 7, 2
     q, k, v = _qkv(2, 8, 4, t, seed=9, layout="bthd")
-    plan = LayerPlan(0, 4, window, sinks, "fixed", fa_kv=[0, 2])
+    plan = LayerPlan(0, 4, window, sinks, "fixed", fa_kv=[0, 2], kernels=CHUNKED)
     mod = torch.nn.Module()
     mod.consa_plan = plan
     mod.eval()
@@ -167,10 +178,10 @@ def test_swa_kernels_on_gpu(t, window, sinks):
     ref = _ref(q.double(), k.double(), v.double(), window, sinks, scale)
     outs = {
         "chunked": chunked_sliding(q, k, v, window, sinks, scale),
-        "flex": attention(q, k, v, scale=scale, window=window, sinks=sinks, backend="flex"),
+        "flex": attention(q, k, v, scale=scale, window=window, sinks=sinks, config=KernelConfig(swa_prefill="flex")),
     }
-    if kernels._flash_window_op() is not None:
-        outs["flash"] = kernels.flash_sliding(q, k, v, window, sinks, scale)
+    if chunked.flash_window_op() is not None:
+        outs["flash"] = chunked.flash_sliding(q, k, v, window, sinks, scale)
     errs = {}
     for name, out in outs.items():
         assert out.dtype == torch.bfloat16 and out.shape == q.shape, name

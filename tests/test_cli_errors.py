@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -54,6 +53,20 @@ def env(tmp_path_factory) -> dict[str, Path]:
     assert main(["rules", "--model", str(e["m"]), "--sparsity", "0.5", "--window", "4", "--rule", "fa_top",
                  "--out", str(root / "rules")]) == 0
     e["alloc"] = root / "rules" / "fa_top.json"
+    # damaged copies: a corpus whose meta.json files are binary, one whose token ids were overwritten (0xffff:
+    # past any small vocabulary), one whose offsets file is not an array, and a model whose weights were cut short
+    for name, damage in (("binmeta", {"meta.json": bytes(range(128, 256))}),
+                         ("garbled", {"tokens.bin": None}), ("badoffsets", {"doc_offsets.npy": b"\x93NUMPY garbage"})):
+        shutil.copytree(e["corpus"], root / name)
+        for split in ("train", "validation"):
+            for fname, data in damage.items():
+                f = root / name / split / fname
+                f.write_bytes(b"\xff" * f.stat().st_size if data is None else data)
+        e[name] = root / name
+    e["trunc"] = root / "trunc"
+    shutil.copytree(e["m"], e["trunc"])
+    weights = e["trunc"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     e["evalrun"] = root / "evalrun"
     assert main(["eval", "--model", str(e["m"]), *_EVAL_DATA.format(**e).split(), "--out", str(e["evalrun"])]) == 0
     e["cfg"].write_text(json.dumps({
@@ -122,6 +135,24 @@ ROWS = [
     ("search: corpus vocabulary larger than the model's",
      "search --model {small} --corpus {corpus} --sparsity 0.5 --window 4 --seq-len 16 --out {out}",
      "vocabulary of 300 tokens", "new"),
+    # damaged corpus files (was: a UnicodeDecodeError traceback for a binary meta.json, an IndexError deep in the
+    # embedding for overwritten token ids)
+    ("search: corpus meta.json not UTF-8", "search --model {m} --corpus {binmeta} --sparsity 0.5 --window 4 --seq-len 16 "
+     "--out {out}", "not valid JSON (not UTF-8", "new"),
+    ("eval: corpus meta.json not UTF-8", "eval --model {m} " + _EVAL_DATA.replace("--corpus {corpus}", "--corpus {binmeta}")
+     + " --out {out}", "not valid JSON (not UTF-8", "new"),
+    ("search: corpus token ids overwritten", "search --model {m} --corpus {garbled} --sparsity 0.5 --window 4 "
+     "--seq-len 16 --out {out}", "past the corpus vocabulary", "new"),
+    ("eval: corpus token ids overwritten", "eval --model {m} " + _EVAL_DATA.replace("--corpus {corpus}", "--corpus {garbled}")
+     + " --out {out}", "past the corpus vocabulary", "new"),
+    ("search: corpus offsets not an array", "search --model {m} --corpus {badoffsets} --sparsity 0.5 --window 4 "
+     "--seq-len 16 --out {out}", "doc_offsets.npy is not a plain numpy array", "new"),
+    # a weights file cut short (was: a SafetensorError traceback)
+    ("search: truncated weights", "search --model {trunc} --sparsity 0.5 --window 4 --seq-len 16 --out {out}",
+     "truncated or corrupt .safetensors", "new"),
+    ("export: truncated weights", "export --model {trunc} --allocation {alloc} --out {out}",
+     "truncated or corrupt .safetensors", "new"),
+    ("eval: truncated weights", _EVAL.replace("{m}", "{trunc}") + " --out {out}", "truncated or corrupt .safetensors", "new"),
     # a NaN loss after the run directory was made: no half-written run left
     ("search: NaN loss mid-run", "search --model {nan} --sparsity 0.5 --window 4 --seq-len 16 --batch-size 2 "
      "--steps 3 --checkpoint-every 0 --no-progress --out {out}", "loss became nan", "new"),
@@ -171,29 +202,42 @@ def test_the_real_entry_point_prints_one_line_for_a_malformed_config(env, tmp_pa
     assert not out.exists()
 
 
-def test_ctrl_c_keeps_a_resumable_search_and_resume_finishes_it(env, tmp_path, capsys):
+# Ctrl-C at a fixed moment (consa.interrupts sends the process a real SIGINT there): in the seconds of imports
+# before consa's main runs (was: a KeyboardInterrupt traceback through torch's import; nothing may be written
+# then), and during the work (a search keeps its run for --resume, never an allocation)
+CTRL_C_ROWS = [
+    ("search: during the imports", "startup", _SEARCH + " --out {out}"),
+    ("eval: during the imports", "startup", _EVAL + " --out {out}"),
+    ("export: during the imports", "startup", "export --model {m} --allocation {alloc} --out {out}"),
+    ("search: at step 1", "step 1", _SEARCH + " --checkpoint-every 0 --out {out}"),
+]
+
+
+@pytest.mark.parametrize("point,argv", [r[1:] for r in CTRL_C_ROWS], ids=[r[0] for r in CTRL_C_ROWS])
+def test_ctrl_c_at_any_moment_is_one_line_exit_130(env, tmp_path, point, argv):
     out = tmp_path / "run"
-    argv = shlex.split(_SEARCH.format(**env)) + ["--steps", "60", "--checkpoint-every", "2", "--out", str(out)]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-m", "consa", *shlex.split(argv.format(out=out, **env))], capture_output=True,
+                       env={**os.environ, "PYTHONPATH": src, "CONSA_INTERRUPT_AT": point}, text=True, timeout=600)
+    assert r.returncode == 130 and r.stderr == "consa: interrupted\n", r.stderr
+    if point == "startup":
+        assert not out.exists()
+    assert not (out / "allocation.json").exists()
+
+
+def test_ctrl_c_keeps_a_resumable_search_and_resume_finishes_it(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = shlex.split(_SEARCH.format(**env)) + ["--steps", "8", "--checkpoint-every", "2", "--out", str(out)]
     state = out / "checkpoint" / "state.json"
-
-    def interrupt_once_checkpointed(signum, frame):
-        if state.is_file():
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, interrupt_once_checkpointed)
-    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
-    try:
-        rc = main(argv)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    if rc == 0:
-        pytest.skip("the search finished before it could be interrupted")
-    assert rc == 130 and state.is_file() and not (out / "allocation.json").exists()
+    # a real SIGINT to this process before step 5 (consa.interrupts), after the checkpoint of step 4
+    monkeypatch.setenv("CONSA_INTERRUPT_AT", "step 5")
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "consa: interrupted"
+    assert json.loads(state.read_text())["step"] == 4 and not (out / "allocation.json").exists()
+    monkeypatch.delenv("CONSA_INTERRUPT_AT")
     assert main(argv) == 2 and "--resume" in capsys.readouterr().err  # refuses to clobber it
     assert main(argv + ["--resume"]) == 0
-    assert json.loads((out / "search.json").read_text())["steps_done"] == 60
+    assert json.loads((out / "search.json").read_text())["steps_done"] == 8
 
 
 def _assert_ordinary_modes(root: Path, umask: int) -> list[str]:

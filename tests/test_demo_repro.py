@@ -35,7 +35,20 @@ def test_pin_cpu_numerics_keeps_a_user_setting(monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     monkeypatch.delenv("MKL_CBWR", raising=False)
     pin_cpu_numerics()
-    assert os.environ["ATEN_CPU_CAPABILITY"] == "default" and os.environ["MKL_CBWR"] == "AVX2,STRICT"
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "default" and os.environ["MKL_CBWR"] == "COMPATIBLE,STRICT"
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
+def test_mkl_runs_its_vendor_independent_branch():
+    """MKL keeps its reproducible branches other than COMPATIBLE for Intel CPUs: the earlier pin, AVX2, ran as
+    MKL's own choice on AMD EPYC (its log: CNR:AUTO), which trained other weights than an Intel Xeon. What MKL
+    reports it runs, in a fresh process as the demo pins it, must be the branch both vendors run alike."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    code = "import consa.demo as d; d.pin_cpu_numerics(); import torch; torch.ones(64, 64) @ torch.ones(64, 64)"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MKL_VERBOSE": "1"}, capture_output=True, text=True,
+                         check=True).stdout
+    branches = {w for line in out.splitlines() if "GEMM" in line for w in line.split() if w.startswith("CNR:")}
+    assert branches == {"CNR:COMPATIBLE,STRICT"}, out[-2000:]
 
 
 @pytest.mark.skipif("avx2" not in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""),
@@ -71,7 +84,7 @@ print(d.train_base(d.tiny_recall_model(cfg.layers, cfg.seed), RecallTask(seq_len
                     reason="the pin is for x86-64 CPUs with AVX2")
 def test_training_is_bitwise_reproducible_across_thread_counts():
     """The demo's process pins its kernels first (`pin_cpu_numerics`, read by MKL at its first call), so this
-    runs where the demo does: a fresh process. Unpinned, or with MKL's plain AVX2 mode, 40 steps on 1 and on 2
+    runs where the demo does: a fresh process. Unpinned, or with MKL's non-strict mode, 40 steps on 1 and on 2
     threads gave different weights on an Intel Xeon (MKL splits GEMMs by thread count)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     digests = [subprocess.run([sys.executable, "-c", _TRAIN, str(n)], env=env, capture_output=True, text=True,

@@ -109,7 +109,7 @@ def test_digits_reach_the_bank_and_the_eval(finished):
     assert keys and all(len(k) == 3 for k in keys)
     # every item's answer tokens are recorded, and the batch source marks exactly them
     from consa.data.shards import TokenShards
-    from consa.experiment import BankSource
+    from consa.data.bank import BankSource
 
     corpus = next(p.parent for p in work.rglob("tokenizer.json"))
     rows = BankSource(next(work.rglob("bank.npz")), TokenShards.open(corpus, "train"))(4, 128, np.random.default_rng(0))
@@ -126,8 +126,8 @@ def test_bank_length_curriculum(finished):
     import numpy as np
 
     from consa.data.shards import TokenShards
-    from consa.experiment import BankSource
-    from consa.train.batches import MixedSource, corpus_source
+    from consa.data.bank import BankSource
+    from consa.data.batches import MixedSource, corpus_source
 
     _, work, _ = finished
     corpus = next(p.parent for p in work.rglob("tokenizer.json"))
@@ -216,7 +216,7 @@ def test_pretrain_source_mixes_corpus_bank_and_dense_rows(finished):
     import numpy as np
 
     from consa.data.tokenizer import load_tokenizer
-    from consa.experiment import pretrain_source
+    from consa.experiment.batches import pretrain_source
 
     cfg_path, work, _ = finished
     d = json.loads(cfg_path.read_text())
@@ -317,7 +317,8 @@ def test_base_from_runs_a_variant_on_the_same_base_model(finished, tmp_path, cap
 def test_search_batches_mark_the_answers_of_retrieval_rows(finished):
     """search_batch_fn's answer_mask (for search.answer_weight): the bank rows' answers, nothing in corpus rows."""
     from consa.data.shards import TokenShards
-    from consa.experiment import BankSource, search_batch_fn
+    from consa.data.bank import BankSource
+    from consa.experiment.batches import search_batch_fn
 
     cfg_path, work, _ = finished
     shards = TokenShards.open(work / "corpus", "train")
@@ -335,7 +336,8 @@ def test_budget_stage_compares_methods_at_equal_measured_kv_bytes(finished, tmp_
     """The budget stage (issue 16): every method's allocation holds at most the budget, the bytes the
     cache really holds equal what the allocation says, and the report has the equal-bytes table."""
     from consa.allocation import Allocation
-    from consa.experiment_budget import BUDGET_METHODS, budget_rows
+    from consa.experiment.config import BUDGET_METHODS
+    from consa.experiment.stages.budget import budget_rows
 
     cfg_path, work, _ = finished
     d = json.loads(cfg_path.read_text())
@@ -543,10 +545,51 @@ def test_device_session_script_packs_the_workdir_without_weights(finished, tmp_p
 def test_compare_shows_claim_differences_the_rounded_means_hide():
     """A claim can hold at a difference below 0.0005 (run 10: refined vs Duo-style at t = 0.75, +0.0003 over a
     spread of 0.0003); at 3 decimals the table said '+0.000 | 0.000 | yes', which reads as a bug."""
-    from consa.experiment_compare import format_compare
+    from consa.experiment.compare import format_compare
     c = {"sparsity": 0.75, "a": "consa_refined-kv_head", "b": "duo-kv_head", "b_is_best_rule": False,
          "a_long": 1.02190, "b_long": 1.02221, "difference": 0.00031, "spread": 0.00027, "holds": True,
          "winner": "consa_refined-kv_head", "paired_runs": 3, "paired_a_lower": 2}
     md = format_compare([{"root": "w", "seed": 0}], {}, [c])
     row = next(line for line in md.splitlines() if line.startswith("| 0.75 | consa_refined"))
     assert "| +0.0003 | 0.0003 |" in row and "**yes**" in row and "2/3" in row
+
+
+def _experiment_imports(text: str, module: str) -> list[tuple[str, str]]:
+    """(imported consa.experiment module, imported name) of every ``from ... import`` in a file's text."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = module.split(".")[: len(module.split(".")) - node.level] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod.startswith("consa.experiment"):
+                out += [(mod, a.name) for a in node.names]
+    return out
+
+
+def _experiment_rule_breaks(files: dict[str, str]) -> list[str]:
+    """A stage importing another stage, or a private name imported from another file of the package."""
+    bad = []
+    for module, text in files.items():
+        for mod, name in _experiment_imports(text, module):
+            target = f"{mod}.{name}" if f"{mod}.{name}" in files else mod
+            if name.startswith("_"):
+                bad.append(f"{module} imports the private {mod}.{name}")
+            if ".stages." in module and target.startswith("consa.experiment.stages.") and target != module:
+                bad.append(f"{module} imports the stage {target}")
+    return bad
+
+
+def test_the_driver_package_has_no_stage_to_stage_and_no_private_imports():
+    src = Path(__file__).resolve().parents[1] / "src"
+    files = {".".join(p.relative_to(src).with_suffix("").parts): p.read_text()
+             for p in sorted((src / "consa" / "experiment").rglob("*.py"))}
+    assert "consa.experiment.stages.search" in files and len(files) >= 12
+    assert _experiment_rule_breaks(files) == []
+    # the check can fail: a planted stage-to-stage import and a planted private import
+    planted = {**files, "consa.experiment.stages.heal": files["consa.experiment.stages.heal"]
+               + "\nfrom .search import run as search_run\nfrom ..workdir import _hidden\n"}
+    assert _experiment_rule_breaks(planted) == [
+        "consa.experiment.stages.heal imports the stage consa.experiment.stages.search",
+        "consa.experiment.stages.heal imports the private consa.experiment.workdir._hidden"]

@@ -15,6 +15,7 @@ import consa
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache
+from consa.models import plans_of
 from consa.cli import main as cli_main
 from consa.export import ExportError, export, load, read_export
 from consa.tiny import tiny_model
@@ -46,7 +47,7 @@ def _consa_path(model, alloc, ids, mask):
     consa.apply_allocation(model, alloc)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-        gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=8,
+        gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(plans_of(model)), model), max_new_tokens=8,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
     return logits, gen
 
@@ -127,7 +128,7 @@ def test_headwise_export_round_trips(tmp_path, family, sinks):
     assert loaded.config._attn_implementation == "consa"
     with torch.no_grad():
         got = loaded(input_ids=ids, attention_mask=mask).logits
-        gen2 = consa.attention.cache.generate(loaded, ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        gen2 = consa.generate(loaded, ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     valid = mask.bool()
     torch.testing.assert_close(got[valid], logits[valid], atol=2e-5, rtol=0)
     assert torch.equal(gen2, gen)
@@ -211,3 +212,38 @@ def test_cli_export(tmp_path, capsys):
     assert cli_main(["export", "--model", str(tmp_path / "base"), "--allocation", str(bad), "--out", str(tmp_path / "o2")]) == 2
     assert "4 layers" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["alloc.json", "bad.json", "base", "out"]
+
+
+def test_vision_language_checkpoint_exports_whole(tmp_path):
+    """A Qwen3.5 vision-language checkpoint: the allocation is its text decoder's (attention layers only,
+    beside the linear-attention ones), the vision tower is written back unchanged, and the export loads
+    as the same class with consa's hybrid (consa.load) and with the shipped code (auto_map)."""
+    from safetensors.torch import load_file
+
+    from consa import families
+
+    if "qwen3_5" not in families.causal_lm_families():
+        pytest.skip("this transformers has no Qwen3.5")
+    model = families.tiny_model("qwen3_5", vision=True)
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"
+    shape = consa.model_shape(model)
+    alloc = Allocation.from_units([True, False] * shape.num_layers, "kv_head", shape, W)
+    ids, mask = _ids(families.VOCAB)
+    consa.apply_allocation(model, alloc)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    consa.detach(model)
+    assert export(model, alloc, tmp_path / "out")["mode"] == "heads"
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "consa_qwen3_5" and cfg["text_config"]["consa"] == cfg["consa"]
+    assert cfg["consa"]["layers"] == consa.models.attention_layers(model)  # rows: the attention layers
+    assert {"AutoConfig", "AutoModelForCausalLM", "AutoModelForImageTextToText"} <= set(cfg["auto_map"])
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    vision = {n: p for n, p in model.state_dict().items() if ".visual." in f".{n}"}
+    assert vision and all(torch.equal(saved[n], p) for n, p in vision.items())
+    loaded = load(tmp_path / "out")
+    assert type(loaded).__name__ == "ConsaQwen3_5ForConditionalGeneration"
+    assert loaded.config.vision_config._attn_implementation != "consa"
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], logits[mask.bool()], atol=2e-5, rtol=0)

@@ -18,6 +18,7 @@ import consa
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache
+from consa.models import plans_of
 from consa.export import export
 from consa.export_code import modeling_consa
 from consa.models import native_windows
@@ -117,7 +118,7 @@ def test_headwise_exports_serve_without_consa(tmp_path):
         consa.apply_allocation(model, alloc)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
-            gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=NEW,
+            gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(plans_of(model)), model), max_new_tokens=NEW,
                                  do_sample=False, pad_token_id=0, eos_token_id=None)
         expected[name] = (logits, gen, mask.bool(), alloc, model.config.head_dim)
         jobs[name] = {"dir": str(out), "ids": ids.tolist(), "mask": mask.tolist(), "new": NEW}
@@ -187,7 +188,7 @@ def test_consa_loads_the_shipped_model_type_and_keeps_its_attention(tmp_path):
     consa.apply_allocation(model, alloc)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        want_gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=NEW,
+        want_gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(plans_of(model)), model), max_new_tokens=NEW,
                                   do_sample=False, pad_token_id=0, eos_token_id=None)
     with pytest.warns(UserWarning, match="mixes full and sliding-window heads"):
         other = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="sdpa").eval()

@@ -176,7 +176,8 @@ def test_library_export_and_search_outputs_are_readable_by_others(tmp_path, umas
     from consa.export import export
     from consa.models import model_shape
     from consa.tiny import tiny_model
-    from consa.train.search import Search, SearchConfig
+    from consa.train.search import Search
+    from consa.train.search_config import ScheduleConfig, SearchConfig, TargetConfig
 
     model = tiny_model("qwen3", num_layers=2, num_kv_heads=2)
     alloc = Allocation.from_units([True, False, False, True], "kv_head", model_shape(model), 4)
@@ -184,6 +185,6 @@ def test_library_export_and_search_outputs_are_readable_by_others(tmp_path, umas
     assert _mode(tmp_path / "exp") == 0o777 & ~umask
     assert {_mode(p) for p in (tmp_path / "exp").iterdir()} == {0o666 & ~umask}
 
-    cfg = SearchConfig(sparsity=0.5, window=4, seq_len=12, steps=1, checkpoint_every=0)
+    cfg = SearchConfig(TargetConfig(sparsity=0.5, window=4), seq_len=12, schedule=ScheduleConfig(steps=1), checkpoint_every=0)
     Search(model, cfg, lambda s: {"input_ids": torch.randint(3, 50, (1, 12))}, tmp_path / "s", progress=False).run()
     assert _mode(tmp_path / "s" / "gates.safetensors") == 0o666 & ~umask

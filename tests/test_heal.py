@@ -256,7 +256,7 @@ def test_experiment_heal_stage_heals_every_allocation_with_the_same_tokens(tmp_p
 
 def test_gap_closed_by_healing_is_the_share_of_the_remaining_long_range_gap(tmp_path):
     from consa.experiment import ExperimentConfig, Workdir
-    from consa.experiment_heal import format_heal, heal_rows
+    from consa.experiment.stages.heal import format_heal, heal_rows
 
     cfg = ExperimentConfig.from_dict({"search": {"sparsities": [0.75], "methods": ["fa_top-layer", "fa_middle-layer"]},
                                       "heal": {}})
@@ -287,7 +287,7 @@ def test_best_rules_adds_the_rules_with_the_lowest_long_range_ppl_per_sparsity(t
     join heal.methods, ties broken by retrieval; a learned method is not a rule; without the eval runs
     only heal.methods are healed."""
     from consa.experiment import ExperimentConfig, Workdir
-    from consa.experiment_heal import heal_targets
+    from consa.experiment.stages.heal import heal_targets
 
     methods = ["consa-kv_head", "fa_top-layer", "fa_middle-layer", "interleaved-layer", "interleaved-kv_head", "random-kv_head"]
     cfg = ExperimentConfig.from_dict({"search": {"sparsities": [0.5, 0.75], "methods": methods, "random_seeds": [0]},
@@ -341,7 +341,7 @@ def test_experiment_heal_stage_heals_with_several_token_budgets(tmp_path):
     import time
 
     from consa.experiment import Workdir, run_all, run_stage
-    from consa.experiment_heal import format_heal
+    from consa.experiment.stages.heal import format_heal
 
     cfg = _heal_experiment(tmp_path, {"tokens": [1000, 256]})
     work = tmp_path / "work"
@@ -369,7 +369,7 @@ def test_experiment_heal_stage_heals_with_several_token_budgets(tmp_path):
 
 
 def test_token_labels():
-    from consa.experiment_heal import token_label
+    from consa.experiment.stages.heal import token_label
 
     assert [token_label(n) for n in (2_000_000, 10_000_000, 500_000, 1_000, 1_234_567, 3_000_000_000)] == \
         ["2M", "10M", "500K", "1K", "1234567", "3B"]

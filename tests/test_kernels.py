@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 
-from consa.attention import kernels, masks
-from consa.attention.kernels import KeySlots, attention, reference_attention, sliding_block_mask
+from consa.attention import kernels, masks, select
+from consa.attention.attend import attention
+from consa.attention.kernels import reference_attention, sliding_block_mask
+from consa.attention.plan import KernelConfig, KeySlots
 
 
 def _qkv(b, hq, hk, tq, tk, d=16, seed=0, device="cpu", dtype=torch.float32):
@@ -80,55 +82,61 @@ def test_select_mask_columns():
 @pytest.mark.parametrize("t,window,sinks", [(2048, 512, 0), (3001, 128, 4)])
 def test_flex_sliding_on_gpu(t, window, sinks):
     q, k, v = _qkv(1, 16, 8, t, t, d=128, device="cuda", dtype=torch.bfloat16)
-    out = attention(q, k, v, scale=128**-0.5, window=window, sinks=sinks, backend="flex")
+    out = attention(q, k, v, scale=128**-0.5, window=window, sinks=sinks, config=KernelConfig(swa_prefill="flex"))
     pos = torch.arange(t, device="cuda")
     ref = reference_attention(q.float(), k.float(), v.float(), _allowed(pos, pos, window, sinks)[None, None], 128**-0.5)
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 1e-2
 
 
-def test_prefill_overlap_setting(monkeypatch):
-    """``PREFILL_OVERLAP``: "auto" overlaps prefills up to AUTO_OVERLAP_MAX_TOKENS queries, never decode."""
-    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", "auto")
-    limit = kernels.AUTO_OVERLAP_MAX_TOKENS
-    assert [kernels.overlap_wanted(n) for n in (1, 2, limit, limit + 1)] == [False, True, True, False]
-    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", True)
-    assert kernels.overlap_wanted(limit + 1) and not kernels.overlap_wanted(1)
-    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", False)
-    assert not kernels.overlap_wanted(2)
-    assert not kernels.overlap_prefill(torch.randn(1, 2, 8, 4))  # CPU tensors never take a side stream
+def test_prefill_overlap_setting():
+    """``prefill_overlap``: "auto" overlaps prefills up to ``overlap_max_tokens`` queries, never decode."""
+    auto = KernelConfig(prefill_overlap="auto")
+    limit = auto.overlap_max_tokens
+    assert [select.overlap_wanted(auto, n) for n in (1, 2, limit, limit + 1)] == [False, True, True, False]
+    assert select.overlap_wanted(KernelConfig(prefill_overlap=True), limit + 1) and not select.overlap_wanted(KernelConfig(), 1)
+    assert not select.overlap_wanted(KernelConfig(prefill_overlap=False), 2)
+    assert not select.overlap_prefill(KernelConfig(), torch.randn(1, 2, 8, 4))  # CPU tensors never take a side stream
 
 
-def test_overlap_priority_goes_to_the_longer_group(monkeypatch):
+def test_overlap_priority_goes_to_the_longer_group():
     """"auto" puts the group with more (cost-weighted) visible pairs first; a fixed setting is kept."""
-    monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", "auto")
-    assert kernels.overlap_priority(4, 12, 8192, 512) == "fa"  # 4 causal heads outweigh 12 narrow bands
-    assert kernels.overlap_priority(4, 12, 8192, 4096) == "swa"  # wide bands on 3x the heads
-    assert kernels.overlap_priority(8, 8, 32768, 4096) == "fa"
-    assert kernels.overlap_priority(1, 15, 2048, 4096) == "swa"  # window past the sequence: causal pairs
-    monkeypatch.setattr(kernels, "SWA_PAIR_COST", {"triton": 100.0, "chunked": 1.25})
-    assert kernels.overlap_priority(4, 12, 8192, 512) == "swa"  # the estimate, not a constant, decides
+    auto = KernelConfig()
+    assert select.overlap_priority(auto, 4, 12, 8192, 512) == "fa"  # 4 causal heads outweigh 12 narrow bands
+    assert select.overlap_priority(auto, 4, 12, 8192, 4096) == "swa"  # wide bands on 3x the heads
+    assert select.overlap_priority(auto, 8, 8, 32768, 4096) == "fa"
+    assert select.overlap_priority(auto, 1, 15, 2048, 4096) == "swa"  # window past the sequence: causal pairs
+    costly = KernelConfig(triton_pair_cost=100.0, chunked_pair_cost=1.25)
+    assert select.overlap_priority(costly, 4, 12, 8192, 512) == "swa"  # the estimate, not a constant, decides
     for fixed in ("fa", "swa", None):
-        monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", fixed)
-        assert kernels.overlap_priority(4, 12, 8192, 512) == fixed
+        assert select.overlap_priority(KernelConfig(overlap_priority=fixed), 4, 12, 8192, 512) == fixed
+
+
+def test_kernel_config_refuses_unknown_names():
+    for bad in (dict(swa_prefill="flesh"), dict(hybrid_prefill="auto"), dict(decode="triton"), dict(split_depth=-1),
+                dict(overlap_priority="both"), dict(prefill_overlap="sometimes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            KernelConfig(**bad)
+    assert KernelConfig.from_backend("sdpa") == KernelConfig(swa_prefill="sdpa")
+    assert KernelConfig(split_depth=2).changed() == {"split_depth": 2}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("priority", [None, "fa", "swa"])
-def test_overlapped_prefill_equals_serial_on_gpu(monkeypatch, priority):
+def test_overlapped_prefill_equals_serial_on_gpu(priority):
     """The hybrid prefill with its SWA heads on a side stream (and either group's stream at a high
     priority) gives the serial path's output, eagerly and replayed from a CUDA graph."""
     from types import SimpleNamespace
 
-    from consa.attention.hybrid import LayerPlan, consa_attention
+    from consa.attention.hybrid import consa_attention
+    from consa.attention.plan import LayerPlan
 
     q, k, v = _qkv(1, 16, 8, 4096, 4096, d=128, seed=3, device="cuda", dtype=torch.bfloat16)
-    mod = SimpleNamespace(training=False, consa_plan=LayerPlan(0, 8, 512, 0, "fixed", fa_kv=[0, 1]))
-    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", False)
+    plan = LayerPlan(0, 8, 512, 0, "fixed", fa_kv=[0, 1], kernels=KernelConfig(prefill_overlap=False))
+    mod = SimpleNamespace(training=False, consa_plan=plan)
     serial = consa_attention(mod, q, k, v, None, 128**-0.5)[0]
-    monkeypatch.setattr(kernels, "PREFILL_OVERLAP", True)
-    monkeypatch.setattr(kernels, "OVERLAP_PRIORITY", priority)
+    plan.kernels = KernelConfig(prefill_overlap=True, overlap_priority=priority)
     torch.testing.assert_close(consa_attention(mod, q, k, v, None, 128**-0.5)[0], serial, atol=0, rtol=0)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -13,10 +13,12 @@ import consa
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation, AllocationError, swa_count
 from consa.attention.cache import HybridCache
+from consa.models import plans_of
 from consa.cli import main as cli_main
 from consa.export import export, load, read_export
 from consa.models import native_windows
-from consa.train.search import Search, SearchConfig
+from consa.train.search import Search
+from consa.train.search_config import ScheduleConfig, SearchConfig, TargetConfig
 
 NATIVE_W, W, VOCAB = 6, 3, 101
 GEMMA_5_1 = ["sliding_attention"] * 5 + ["full_attention"]
@@ -62,7 +64,7 @@ def _logits(model, ids, mask):
 
 
 def _search(model, tmp_path, **cfg):
-    cfg = SearchConfig(**{"sparsity": 0.5, "window": W, "seq_len": 20, "steps": 3, "checkpoint_every": 0, **cfg})
+    cfg = SearchConfig.from_flat({"sparsity": 0.5, "window": W, "seq_len": 20, "steps": 3, "checkpoint_every": 0, **cfg})
     search = Search(model, cfg, _batches, tmp_path, progress=False)
     return search, search.run()
 
@@ -124,13 +126,13 @@ def test_gemma3_search_export_load_round_trip(tmp_path):
     consa.detach(model)
     ids, mask = _ids()
     summary = export(model, alloc, tmp_path / "out")
-    assert summary["mode"] == "heads" and "RoPE" in summary["why"]
+    assert summary["mode"] == "heads" and "differs from consa's" in summary["why"]  # native window 6, consa's 3
     cfg, section, stored = read_export(tmp_path / "out")
     assert cfg["layer_types"] == GEMMA_5_1 and cfg["sliding_window"] == NATIVE_W  # RoPE per layer as trained
     assert cfg["model_type"] == "consa_gemma3_text" and stored.native == alloc.native and stored.num_swa == alloc.num_swa
     consa.apply_allocation(model, alloc)
     want = _logits(model, ids, mask)
-    want_gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(model), model), max_new_tokens=6,
+    want_gen = model.generate(ids, attention_mask=mask, **cache_kwargs(HybridCache(plans_of(model)), model), max_new_tokens=6,
                               do_sample=False, pad_token_id=0, eos_token_id=None)
     loaded = load(tmp_path / "out")
     torch.testing.assert_close(_logits(loaded, ids, mask)[mask.bool()], want[mask.bool()], atol=2e-5, rtol=0)
@@ -142,7 +144,8 @@ def test_reopen_native_searches_every_unit_against_the_trained_model(tmp_path):
     model = _model("gemma3_text")
     ids, mask = _ids(length=20)
     stock = _logits(model, ids, mask)
-    cfg = SearchConfig(sparsity=0.75, window=W, seq_len=20, steps=2, checkpoint_every=0, reopen_native=True)
+    cfg = SearchConfig(TargetConfig(sparsity=0.75, window=W, reopen_native=True), seq_len=20, schedule=ScheduleConfig(steps=2),
+                       checkpoint_every=0)
     search = Search(model, cfg, _batches, tmp_path, progress=False)
     # the teacher is the model as trained: its native layers at their own window
     teacher = search._teacher_logits({"input_ids": ids, "attention_mask": mask})
@@ -156,7 +159,8 @@ def test_reopen_native_searches_every_unit_against_the_trained_model(tmp_path):
 def test_all_sliding_model_needs_reopen(tmp_path, capsys):
     model = _model("mistral")
     with pytest.raises(consa.UnsupportedModelError, match="nothing is left to search"):
-        Search(model, SearchConfig(sparsity=0.5, window=W, seq_len=20, steps=1), _batches, tmp_path, progress=False)
+        Search(model, SearchConfig(TargetConfig(sparsity=0.5, window=W), seq_len=20, schedule=ScheduleConfig(steps=1)), _batches,
+               tmp_path, progress=False)
     model.save_pretrained(tmp_path / "m")
     capsys.readouterr()  # drop save_pretrained's progress bar
     base = ["search", "--model", str(tmp_path / "m"), "--sparsity", "0.5", "--window", str(W), "--seq-len", "16",
@@ -205,10 +209,14 @@ def test_allocation_keeping_a_window_the_model_lacks_is_refused():
         consa.apply_allocation(model, alloc)
 
 
-def test_soft_capped_attention_is_refused():
-    model = _model("gemma2", query_pre_attn_scalar=12, layer_types=["full_attention"] * 6, sliding_window=NATIVE_W)
-    with pytest.raises(consa.UnsupportedModelError, match="soft-capping"):
-        consa.attach_gates(model, window=W)
+def test_soft_capped_attention_is_computed():
+    """Gemma2's logit soft cap is computed, not refused (every path: tests/test_softcap_sinks.py)."""
+    model = _model("gemma2", query_pre_attn_scalar=12, layer_types=["full_attention"] * 6, sliding_window=NATIVE_W,
+                   attn_logit_softcapping=2.0)
+    ids, mask = _ids()
+    want = _logits(model, ids, mask)
+    consa.attach_gates(model, window=W)  # z = None: the teacher pass, full attention
+    torch.testing.assert_close(_logits(model, ids, mask)[mask.bool()], want[mask.bool()], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("granularity", ["kv_head", "layer"])

@@ -14,7 +14,7 @@ import torch
 from consa.cli import main
 from consa.errors import ConsaError
 from consa.presets import PRESETS, get_preset, preset_config, preset_window
-from consa.train.batches import MixedSource, RetrievalSource, corpus_source, open_shards
+from consa.data.batches import MixedSource, RetrievalSource, corpus_source, open_shards
 from consa.train.pretrain import CHECKPOINT, LOG_FILE, PretrainConfig, lr_at, pretrain, resolve
 
 # small and fast: 2 layers of the tiny preset's width would differ from the preset, so the tests use
@@ -334,7 +334,7 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
                 key, val = line.split("The magic number for ")[-1].rstrip(".").split(" is ")
                 assert text.count(f"The magic number for {key} is {val}") == 2
     try:  # the eval harness's generator, when it is there
-        from consa.train.batches import TasksSource
+        from consa.data.batches import TasksSource
 
         ts = TasksSource(shards, tok, tasks=("multikey",))
     except ImportError:
@@ -349,7 +349,7 @@ def test_retrieval_rows_hold_recallable_pairs(corpus):
         assert tok.decode(row[0][got["answer_mask"][0]].tolist()) == f" {answer}"
         assert torch.equal(row, ts(1, 512, np.random.default_rng(0))["input_ids"])
     # pairs, questions and digits as asked (through the factory the CLI uses)
-    from consa.train.batches import retrieval_source
+    from consa.data.batches import retrieval_source
 
     dense, kind = retrieval_source(shards, tok, "builtin", pairs=6, queries=3, digits=2)
     got = dense(3, 512, np.random.default_rng(9))

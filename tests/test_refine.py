@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from consa.allocation import Allocation
+from consa.errors import ConsaError
 from consa.gates import cut_margin, topk_swa
 from consa.models import apply_allocation, detach
 from consa.tiny import tiny_model
 from consa.train.refine import refine_cut
-from consa.train.search import Search, SearchConfig, forward_logits, kl_loss
+from consa.train.search import Search, forward_logits, kl_loss
+from consa.train.search_config import RefineConfig, ScheduleConfig, SearchConfig, TargetConfig
 
 
 def _hamming_objective(best: list[bool]):
@@ -104,7 +106,8 @@ def test_flip_estimate_is_the_gradient_of_the_held_out_kl_at_the_binary_allocati
     """−∂KL/∂z for FA units and +∂KL/∂z for SWA units, checked against central differences of the held-out
     KL in z (the mixing is linear in z, so z slightly outside [0, 1] is well defined)."""
     model = tiny_model("qwen3", num_layers=3, num_kv_heads=2, attn_implementation="consa")
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=1, checkpoint_every=0, refine_batches=2)
+    cfg = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=1),
+                       refine=RefineConfig(batches=2), checkpoint_every=0)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     s.model.eval()
     fa = [True, False, False, True, False, True]
@@ -128,7 +131,8 @@ def _batches(step):
 def test_held_out_kl_is_the_kl_of_the_fixed_hybrid_model(tmp_path):
     """z ∈ {0, 1} through the gated attention must be exactly the hybrid that apply_allocation serves."""
     model = tiny_model("qwen3", num_layers=3, num_kv_heads=2, attn_implementation="consa")
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=1, checkpoint_every=0, refine_batches=2)
+    cfg = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=1),
+                       refine=RefineConfig(batches=2), checkpoint_every=0)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     fa = [True, False, False, True, False, True]
     got = s.held_out_kl(fa)
@@ -150,8 +154,8 @@ def test_held_out_kl_is_the_kl_of_the_fixed_hybrid_model(tmp_path):
 @pytest.mark.parametrize("order", ["score", "measured", "gradient"])
 def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(tmp_path, order):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=4, checkpoint_every=0, refine_evals=6, refine_candidates=2,
-                       refine_order=order)
+    cfg = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=4), checkpoint_every=0,
+                       refine=RefineConfig(evals=6, candidates=2, order=order))
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     summ = json.loads((tmp_path / "search.json").read_text())["refine"]
@@ -162,7 +166,7 @@ def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(t
     assert sum(a != b for a, b in zip(cut, alloc.units)) == summ["units_changed"]
     assert Allocation.load(tmp_path / "allocation.json").meta["refine"]["evals"] == summ["evals"]
     full = json.loads((tmp_path / "search.json").read_text())
-    assert full["config"]["refine_order"] == order
+    assert full["config"]["refine"]["order"] == order
     # the margin of the search's own top-k cut (before refinement) is recorded beside it
     margin = full["cut_margin"]
     assert margin["fa_clear"] + margin["fa_near_cut"] == 4 and 0 <= margin["swa_near_cut"] <= 4
@@ -170,27 +174,25 @@ def test_search_with_refinement_writes_the_refined_allocation_and_its_evidence(t
 
 
 def test_refine_settings_are_checked():
-    with pytest.raises(Exception, match="refine"):
-        SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=-1).validate()
-    with pytest.raises(Exception, match="refine_order"):
-        SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=4, refine_order="nearest").validate()
+    with pytest.raises(ConsaError, match="refine_evals"):
+        RefineConfig(evals=-1)
+    with pytest.raises(ConsaError, match="refine_order"):
+        RefineConfig(evals=4, order="nearest")
 
 
 
 def test_refinement_is_on_by_default_for_a_share_and_off_under_a_kv_budget():
-    """Run 10 kept the refinement (docs/RESULTS.md): a search at a share of units refines its cut unless told
-    not to; a KV-budget search assigns spans, not a top-k cut, so its default is off (an explicit value is
-    still checked: a span menu refuses it)."""
-    from consa.train.search import AUTO_REFINE_EVALS
+    """A search at a share of units refines its cut unless told not to; a KV-budget search assigns spans, not
+    a top-k cut, so its default is off (an explicit value is still checked: a span menu refuses it)."""
+    from consa.train.search_config import AUTO_REFINE_EVALS
 
-    share = SearchConfig(sparsity=0.5, window=5, seq_len=40)
-    share.validate()
-    assert share.refine_evals == AUTO_REFINE_EVALS > 0 and share.refine_order == "gradient"
-    off = SearchConfig(sparsity=0.5, window=5, seq_len=40, refine_evals=0)
-    off.validate()
-    assert off.refine_evals == 0
-    budget = SearchConfig(sparsity=None, kv_budget=0.3, window=5, seq_len=40)
-    budget.validate()
-    assert budget.refine_evals == 0
-    with pytest.raises(Exception, match="single window only"):
-        SearchConfig(sparsity=None, kv_budget=0.3, spans="3,6,full", window=None, seq_len=40, refine_evals=4).validate()
+    share = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40)
+    assert share.refine.evals == AUTO_REFINE_EVALS > 0 and share.refine.order == "gradient"
+    share.validate()  # idempotent once resolved
+    assert share.refine.evals == AUTO_REFINE_EVALS
+    off = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, refine=RefineConfig(evals=0))
+    assert off.refine.evals == 0
+    budget = SearchConfig(TargetConfig(kv_budget=0.3, window=5), seq_len=40)
+    assert budget.refine.evals == 0
+    with pytest.raises(ConsaError, match="single window only"):
+        SearchConfig(TargetConfig(kv_budget=0.3, spans="3,6,full"), seq_len=40, refine=RefineConfig(evals=4))

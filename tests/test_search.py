@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from consa.allocation import Allocation
 from consa.cli import main
 from consa.errors import ConsaError
 from consa.tiny import tiny_model
-from consa.train.search import Search, SearchConfig
+from consa.train.search import Search
+from consa.train.search_config import GateConfig, ScheduleConfig, SearchConfig, TargetConfig
 
 # a tiny model's search steps: one thread is ~10x faster than two on a 2-core machine (conftest)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("t", [0.5, 0.75, 0.875])
 def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)  # 8 KV-head units
-    cfg = SearchConfig(sparsity=t, window=5, seq_len=40, steps=50, checkpoint_every=0, gate_lr=0.1)
+    cfg = SearchConfig(TargetConfig(sparsity=t, window=5), seq_len=40, schedule=ScheduleConfig(steps=50),
+                       gates=GateConfig(lr=0.1), checkpoint_every=0)
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     alloc = s.run()
     tail = s.history[int(0.8 * len(s.history)):]
@@ -56,7 +57,8 @@ def test_expected_sparsity_settles_on_target_in_a_real_search(tmp_path, t):
 def test_an_unfinished_search_warns_that_the_gates_have_not_separated(tmp_path, capsys):
     """Two steps leave every gate open (init log α = 3), so a 6-of-8 SWA cut disagrees with 6 gates."""
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)
-    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=2, checkpoint_every=0, init_log_alpha=3.0)
+    cfg = SearchConfig(TargetConfig(sparsity=0.75, window=5), seq_len=40, schedule=ScheduleConfig(steps=2),
+                       gates=GateConfig(init_log_alpha=3.0), checkpoint_every=0)
     Search(model, cfg, _batches, tmp_path, progress=False).run()
     assert json.loads((tmp_path / "search.json").read_text())["cut_agreement"] == 0.25
     assert "only 25% of the gates agree with the top-k cut" in capsys.readouterr().err
@@ -86,7 +88,7 @@ class _Crash(Exception):
 
 def test_killed_and_resumed_search_ends_at_the_same_allocation(tmp_path):
     cfg = dict(sparsity=0.75, window=5, seq_len=40, steps=30, checkpoint_every=10, gate_lr=0.1, seed=3)
-    unbroken = Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), _batches, tmp_path / "a", progress=False)
+    unbroken = Search(tiny_model("qwen3", num_layers=4), SearchConfig.from_flat(cfg), _batches, tmp_path / "a", progress=False)
     a = unbroken.run()
 
     def crashing(step):
@@ -95,9 +97,9 @@ def test_killed_and_resumed_search_ends_at_the_same_allocation(tmp_path):
         return _batches(step)
 
     with pytest.raises(_Crash):
-        Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), crashing, tmp_path / "b", progress=False).run()
+        Search(tiny_model("qwen3", num_layers=4), SearchConfig.from_flat(cfg), crashing, tmp_path / "b", progress=False).run()
     assert not (tmp_path / "b" / "allocation.json").exists()
-    resumed = Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), _batches, tmp_path / "b", progress=False)
+    resumed = Search(tiny_model("qwen3", num_layers=4), SearchConfig.from_flat(cfg), _batches, tmp_path / "b", progress=False)
     b = resumed.run(resume=True)
     assert a == b
     assert torch.equal(unbroken.gates.log_alpha, resumed.gates.log_alpha)
@@ -114,12 +116,12 @@ def test_resume_refuses_other_settings(tmp_path):
         return _batches(step)
 
     with pytest.raises(_Crash):
-        Search(tiny_model("qwen3", num_layers=4), SearchConfig(**cfg), crashing, tmp_path, progress=False).run()
-    other = SearchConfig(**{**cfg, "sparsity": 0.5})
+        Search(tiny_model("qwen3", num_layers=4), SearchConfig.from_flat(cfg), crashing, tmp_path, progress=False).run()
+    other = SearchConfig.from_flat({**cfg, "sparsity": 0.5})
     with pytest.raises(ConsaError, match="sparsity"):
         Search(tiny_model("qwen3", num_layers=4), other, _batches, tmp_path, progress=False).run(resume=True)
     with pytest.raises(ConsaError, match="shape"):
-        Search(tiny_model("qwen3", num_layers=3), SearchConfig(**cfg), _batches, tmp_path, progress=False).run(resume=True)
+        Search(tiny_model("qwen3", num_layers=3), SearchConfig.from_flat(cfg), _batches, tmp_path, progress=False).run(resume=True)
 
 
 def test_cli_search_end_to_end_writes_exact_allocation(model_dir, tmp_path, capsys):
@@ -140,8 +142,8 @@ def test_cli_search_end_to_end_writes_exact_allocation(model_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, want", [
-    ([], (0.2, 0.5)),  # the defaults since issue 17: β annealed to 0.2, log α 0.5 at step 0
-    (["--beta-final", "off", "--init-log-alpha", "3"], (None, 3.0)),  # the search of runs 1-6
+    ([], (0.2, 0.5)),  # the defaults: β annealed to 0.2, log α 0.5 at step 0
+    (["--beta-final", "off", "--init-log-alpha", "3"], (None, 3.0)),  # the search of the first reference runs
 ])
 def test_cli_search_records_the_gate_schedule_it_ran(model_dir, tmp_path, extra, want):
     out = tmp_path / "run"
@@ -149,7 +151,7 @@ def test_cli_search_records_the_gate_schedule_it_ran(model_dir, tmp_path, extra,
                "--batch-size", "2", "--steps", "3", "--no-progress", "--out", str(out), *extra])
     assert rc == 0
     summary = json.loads((out / "search.json").read_text())
-    assert (summary["config"]["beta_final"], summary["config"]["init_log_alpha"]) == want
+    assert (summary["config"]["gates"]["beta_final"], summary["config"]["gates"]["init_log_alpha"]) == want
     betas = [json.loads(line).get("beta") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert betas[-1] == (pytest.approx(0.2) if want[0] else None)
 
@@ -158,7 +160,8 @@ def test_cut_flips_count_the_units_each_update_moves_across_the_top_k_cut(tmp_pa
     from consa.gates import topk_swa
 
     s = Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2),
-               SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=12, checkpoint_every=0, gate_lr=0.2), _batches,
+               SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=12),
+                            gates=GateConfig(lr=0.2), checkpoint_every=0), _batches,
                tmp_path, progress=False)
     seen = []
     for _ in range(12):
@@ -175,8 +178,8 @@ def test_cut_flips_count_the_units_each_update_moves_across_the_top_k_cut(tmp_pa
 def test_a_settled_cut_with_undecided_gates_says_so(tmp_path, capsys):
     """Gates ranked at the start (attention mass) and barely moving: the cut never changes, yet the
     gates sit on the FA side; the warning names the settled ranking instead of asking for more steps."""
-    cfg = SearchConfig(sparsity=0.75, window=5, seq_len=40, steps=6, checkpoint_every=0, gate_lr=1e-9,
-                       init="attention_mass", init_steps=1, beta_final=None)
+    cfg = SearchConfig(TargetConfig(sparsity=0.75, window=5), seq_len=40, schedule=ScheduleConfig(steps=6), checkpoint_every=0,
+                       gates=GateConfig(lr=1e-9, init="attention_mass", init_steps=1, beta_final=None))
     Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2), cfg, _batches, tmp_path, progress=False).run()
     summary = json.loads((tmp_path / "search.json").read_text())
     assert summary["cut_flips_last_fifth"] == 0 and summary["cut_last_changed_step"] == 0
@@ -195,15 +198,13 @@ def test_cli_sigkill_and_resume_matches_unbroken(model_dir, tmp_path):
             "--steps", "16", "--checkpoint-every", "3", "--no-progress"]
     cmd = [sys.executable, "-m", "consa", "search", *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, env=_env(), capture_output=True)
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "b" / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if (tmp_path / "b" / "allocation.json").exists():
-        pytest.skip("the search finished before it could be killed")
+    # the run SIGKILLs itself before step 8 (consa.interrupts): after its checkpoint of step 6, with 2 steps
+    # done past it, whatever the machine's speed
+    kill = {"CONSA_INTERRUPT_AT": "step 8", "CONSA_INTERRUPT_SIGNAL": "KILL"}
+    killed = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env={**_env(), **kill}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert not (tmp_path / "b" / "allocation.json").exists()
     r = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env=_env(), capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr  # refuses to clobber an unfinished run
     subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, env=_env(), capture_output=True)
@@ -213,6 +214,8 @@ def test_cli_sigkill_and_resume_matches_unbroken(model_dir, tmp_path):
     ga = load_file(str(tmp_path / "a" / "gates.safetensors"))["log_alpha"]
     gb = load_file(str(tmp_path / "b" / "gates.safetensors"))["log_alpha"]
     assert torch.allclose(ga, gb, atol=1e-6)
+    # steps 6 and 7, logged before the kill, were redone once each
+    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == list(range(16))
 
 
 @pytest.mark.parametrize(
@@ -269,7 +272,7 @@ def test_nan_loss_stops_with_a_clear_error_and_no_allocation(tmp_path):
     model = tiny_model("qwen3", num_layers=2)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
-    cfg = SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=5, checkpoint_every=0)
+    cfg = SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=5), checkpoint_every=0)
     with pytest.raises(ConsaError, match="loss became nan"):
         Search(model, cfg, _batches, tmp_path / "run", progress=False).run()
     assert not (tmp_path / "run" / "allocation.json").exists()
@@ -325,7 +328,7 @@ def test_chunked_kl_equals_unchunked_value_and_gradient():
 
 def _search(tmp_path, init=None, **kw):
     model = tiny_model("qwen3", num_layers=4, num_kv_heads=2)  # 8 KV-head units
-    cfg = SearchConfig(**{"sparsity": 0.75, "window": 5, "seq_len": 40, "checkpoint_every": 0, **kw})
+    cfg = SearchConfig.from_flat({"sparsity": 0.75, "window": 5, "seq_len": 40, "checkpoint_every": 0, **kw})
     s = Search(model, cfg, _batches, tmp_path, progress=False)
     if init is not None:
         with torch.no_grad():
@@ -354,4 +357,21 @@ def test_until_agreement_stops_as_soon_as_the_gates_agree(tmp_path):
 def test_until_agreement_settings_are_checked():
     for bad in ({"until_agreement": 1.5}, {"until_agreement": -0.1}, {"max_steps": 2}):
         with pytest.raises(ConsaError, match="until_agreement|max_steps"):
-            SearchConfig(sparsity=0.5, window=5, seq_len=40, steps=3, **bad).validate()
+            SearchConfig(TargetConfig(sparsity=0.5, window=5), seq_len=40, schedule=ScheduleConfig(steps=3, **bad))
+
+
+def test_the_bars_show_the_cut_the_user_gets_and_the_refinement(tmp_path, capsys):
+    """The search's bar ends on what allocation.json will hold (6 of 8 units SWA) and how many gates agree with
+    it, not on the gates' own hard decisions (1.000 once the constraint has pushed every P(z > 0) below 1/2);
+    the refinement after it, as long as a short search, has a bar of its own."""
+    cfg = SearchConfig.from_flat(dict(sparsity=0.75, window=5, seq_len=40, steps=12, checkpoint_every=0, gate_lr=0.1,
+                                      refine_evals=5, refine_order="score"))
+    s = Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2), cfg, _batches, tmp_path, progress=True)
+    alloc = s.run()
+    bars = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if "%|" in x]  # tqdm's lines
+    search = [x for x in bars if x.startswith("consa search")][-1]
+    assert alloc.num_swa == 6 and "swa=6/8" in search and "s_hard" not in search
+    assert f"agree={s.cut_agreement():.2f}" in search
+    refine = [x for x in bars if x.startswith("consa refine")][-1]
+    n = s.refined.evals
+    assert f"{n}/{n}" in refine and f"kl={s.refined.kl_after:.4g}" in refine

@@ -1,5 +1,5 @@
-"""Issue 17's search options (train/schedules.py): each does what it says, all off is today's search,
-bad values are one line, and the convergence benchmark's smoke run covers every variant."""
+"""The gate options of the search (GateConfig, train/schedules.py): each does what it says, all off is the
+plain search, bad values are one line, and the convergence benchmark's smoke run covers every variant."""
 
 import json
 import math
@@ -13,7 +13,8 @@ from consa.errors import ConsaError
 from consa.gates import BETA, HardConcreteGates
 from consa.tiny import tiny_model
 from consa.train import schedules
-from consa.train.search import Search, SearchConfig
+from consa.train.search import Search
+from consa.train.search_config import LossConfig, SearchConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,7 @@ def _batches(step):
 
 def _search(tmp_path, **kw):
     kw = {"sparsity": 0.75, "window": 5, "seq_len": 40, "steps": 10, "checkpoint_every": 0, "gate_lr": 0.1, **kw}
-    return Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2), SearchConfig(**kw), _batches, tmp_path, progress=False)
+    return Search(tiny_model("qwen3", num_layers=4, num_kv_heads=2), SearchConfig.from_flat(kw), _batches, tmp_path, progress=False)
 
 
 def _p_formula(log_alpha, beta):
@@ -126,7 +127,7 @@ def test_decide_penalty_applies_only_in_the_last_share_of_the_steps(tmp_path):
 
 
 def test_all_options_off_is_the_plain_search_bit_for_bit(tmp_path):
-    """β annealing is on by default (issue 17); with it off, the other options' off values change nothing."""
+    """β annealing is on by default; with it off, the other options' off values change nothing."""
     a = _search(tmp_path / "a", beta_final=None)
     a.run()
     b = _search(tmp_path / "b", beta_final=None, gate_lr_final=None, init="constant", init_steps=0, init_spread=2.0,
@@ -221,7 +222,7 @@ def test_benchmark_smoke_run_writes_every_variant(tmp_path, capsys):
 
 
 def test_benchmark_searches_short_and_scores_at_the_full_length(tmp_path):
-    """--search-lengths (issue 17, item 3): a search at T/2 uses the same tokens per step, its cut is scored
+    """--search-lengths: a search at T/2 uses the same tokens per step, its cut is scored
     at T like the full-length one, and its FA overlap with the full-length cut is reported."""
     bench = _bench()
     out = tmp_path / "len.json"
@@ -288,7 +289,7 @@ def test_answer_weight_adds_the_kl_over_positions_predicting_answers():
                                 None, cfg, Dist(device=torch.device("cpu")))
     assert float(loss0) == pytest.approx(float(kl.mean()), rel=1e-6)
     with pytest.raises(ConsaError, match="answer_weight"):
-        SearchConfig(sparsity=0.5, window=4, seq_len=16, answer_weight=-1.0).validate()
+        LossConfig(answer_weight=-1.0)
 
 
 def test_cut_margins_table_reads_the_gates_files_of_a_workdir(tmp_path, capsys):

@@ -9,8 +9,8 @@ import torch
 
 import consa
 from consa.allocation import Allocation
-from consa.attention import triton_decode
-from consa.attention.cache import generate
+from consa.attention import select, triton_decode
+from consa.serving.generate import generate
 from consa.serving import DecodeEngine, generate_many, generate_static
 from consa.tiny import tiny_model
 
@@ -68,9 +68,9 @@ def test_static_kernel_path_in_the_interpreter(monkeypatch, one_thread):
     want = generate(model, ids, static=False, attention_mask=mask, **kw)
     calls = []
     real = triton_decode.hybrid_decode
-    monkeypatch.setattr(triton_decode, "ON_CPU", True)
     monkeypatch.setattr(triton_decode, "hybrid_decode", lambda *a, **k: calls.append(k.get("length")) or real(*a, **k))
-    got = generate(model, ids, static=True, attention_mask=mask, **kw)
+    with select.override(model, triton_on_cpu=True):
+        got = generate(model, ids, static=True, attention_mask=mask, **kw)
     assert torch.equal(got, want)
     assert len(calls) == 2 * 3 and all(c is not None for c in calls)  # 2 layers × 3 decode steps, static mode
 
@@ -138,10 +138,10 @@ def test_cuda_graph_decode_equals_eager_paths(rows):
     engine = DecodeEngine(model, 3, 30, pad=0)
     assert engine.graphs
     got = generate_static(model, ids, engine=engine, attention_mask=mask, **KW)
-    graph = engine._graph
+    graph = engine._graphs["greedy"]
     again = generate_static(model, ids, engine=engine, attention_mask=mask, **KW)
     assert torch.equal(eager, want) and torch.equal(got, want) and torch.equal(again, want)
-    assert engine._graph is graph
+    assert engine._graphs["greedy"] is graph
 
 
 @pytest.mark.parametrize("graphs", [False, True])

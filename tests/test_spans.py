@@ -17,8 +17,9 @@ import consa
 from consa.allocation import Allocation, AllocationError, ModelShape
 from consa.attention import kernels, triton_prefill
 from consa.attention.cache import HybridCache, SpanGroupsLayer
-from consa.attention.hybrid import GroupedKV, LayerPlan
+from consa.attention.plan import GroupedKV, KernelConfig, LayerPlan
 from consa.compat import cache_kwargs
+from consa.models import plans_of
 from consa.tiny import tiny_model
 
 ATOL = 2e-4
@@ -152,7 +153,7 @@ def test_logits_and_cached_generation_equal_the_per_head_reference(family, kv, g
     assert (_logits(model, ids, mask, pos)[valid] - ref[valid]).abs().max() > 1e-3
     consa.apply_allocation(model, alloc)
 
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     assert isinstance(cache.layers[0], SpanGroupsLayer)
     out, start, d = [], 0, model.config.head_dim
     for n in [prompt] + [1] * 6:
@@ -171,7 +172,7 @@ def test_greedy_generate_matches_uncached_on_the_eager_and_the_static_path():
     consa.apply_allocation(model, alloc)
     ids, mask, _ = _inputs(model.config.vocab_size, 2, 7, pad=2)
     kw = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None, do_sample=False)
-    cache = HybridCache(model)
+    cache = HybridCache(plans_of(model))
     out = model.generate(ids, **cache_kwargs(cache, model), **kw)
     fmask = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], 1)
     logits = _logits(model, out, fmask, (fmask.cumsum(-1) - 1).clamp(min=0))
@@ -194,8 +195,7 @@ def test_static_cache_with_several_spans_equals_the_reference(chunks, family, kv
     """One ring per span group: prefill (one chunk, two, or token by token), then decode past every ring's
     wrap; the logits of every real position equal the float64 per-head reference, and each group holds
     exactly S + W (+ rollback) slots per SWA head."""
-    from consa.attention.static_cache import StaticHybridCache
-    from consa.attention.static_spans import StaticSpanGroupsLayer
+    from consa.attention.static_cache import StaticHybridCache, StaticSpanGroupsLayer
 
     model, alloc = _spans_model(family, kv, g, sinks, spans)
     ids, mask, pos = _inputs(model.config.vocab_size, 2, 19, pad=3)
@@ -203,7 +203,7 @@ def test_static_cache_with_several_spans_equals_the_reference(chunks, family, kv
     model.set_attn_implementation("consa_spans_ref")
     want = _logits(model, ids, mask, pos)
     consa.apply_allocation(model, alloc)
-    cache = StaticHybridCache(model, 24, rollback=1)
+    cache = StaticHybridCache(plans_of(model), 24, rollback=1)
     got, start = [], 0
     for n in chunks + [1] * (ids.shape[1] - sum(chunks)):
         end = start + n
@@ -259,7 +259,7 @@ def test_single_span_plan_is_todays_plan_and_bit_identical():
     a = _logits(model, ids, mask, pos)
     consa.apply_allocation(model, one)
     assert torch.equal(_logits(model, ids, mask, pos), a)
-    assert not any(isinstance(layer, SpanGroupsLayer) for layer in HybridCache(model).layers)
+    assert not any(isinstance(layer, SpanGroupsLayer) for layer in HybridCache(plans_of(model)).layers)
 
 
 # ---- the one-launch Triton prefill with per-head windows ------------------------------------------
@@ -269,8 +269,6 @@ def test_triton_prefill_runs_mixed_spans_in_one_launch(monkeypatch):
 
     from consa.attention.hybrid import consa_attention
 
-    monkeypatch.setattr(triton_prefill, "ON_CPU", True)
-    monkeypatch.setattr(kernels, "HYBRID_PREFILL", "triton")
     calls = []
     real = triton_prefill.banded_attention
     monkeypatch.setattr(triton_prefill, "banded_attention", lambda q, k, v, wins, *a, **kw: calls.append(wins) or real(q, k, v, wins, *a, **kw))
@@ -278,7 +276,8 @@ def test_triton_prefill_runs_mixed_spans_in_one_launch(monkeypatch):
     windows = (4, None, 9)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, t, h, d, generator=gen).transpose(1, 2) for h in (hk * g, hk, hk))
-    plan = LayerPlan(0, hk, 9, sinks, "fixed", fa_kv=[1], windows=windows)
+    plan = LayerPlan(0, hk, 9, sinks, "fixed", fa_kv=[1], windows=windows,
+                     kernels=KernelConfig(hybrid_prefill="triton", triton_on_cpu=True))
     out = consa_attention(SimpleNamespace(training=False, consa_plan=plan), q, k, v, None, 0.3)[0]
     assert calls == [(4, t, 9)]
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
@@ -286,7 +285,7 @@ def test_triton_prefill_runs_mixed_spans_in_one_launch(monkeypatch):
                            for h in range(hk * g)])[None]
     want = kernels.reference_attention(q, k, v, allowed, 0.3).transpose(1, 2)
     torch.testing.assert_close(out.double(), want.double(), atol=1e-5, rtol=0)
-    monkeypatch.setattr(kernels, "HYBRID_PREFILL", "split")  # the grouped path agrees
+    plan.kernels = KernelConfig()  # the grouped path ("split") agrees
     torch.testing.assert_close(consa_attention(SimpleNamespace(training=False, consa_plan=plan), q, k, v, None, 0.3)[0],
                                out, atol=1e-5, rtol=0)
 
@@ -374,6 +373,6 @@ def test_static_spans_decode_captures_one_graph_with_the_eager_tokens():
     ids, mask, _ = _inputs(model.config.vocab_size, 2, 21, pad=2)
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=None, do_sample=False)
-    eager = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+    eager = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **kw)
     graphed = serving.generate_static(model, ids, cuda_graphs=True, **kw)
     assert torch.equal(graphed[:, 21:], eager[:, 21:])

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from consa.attention import kernels, split_causal
+from consa.attention import select, split_causal
+from consa.attention.attend import attention
 from consa.attention.kernels import reference_attention
+from consa.attention.plan import KernelConfig
 
 
 def _qkv(b, hq, hk, t, d, seed, layout, device="cpu", dtype=torch.float32):
@@ -43,22 +45,23 @@ def test_split_causal_needs_an_even_split():
 
 
 def test_attention_takes_the_split_only_on_cuda_half_precision(monkeypatch):
-    monkeypatch.setattr(split_causal, "SPLIT_DEPTH", 2)
+    split = KernelConfig(split_depth=2)
     q, k, v = _qkv(1, 4, 2, 16, 8, 1, "bthd")
-    assert not kernels._split_ok(q, k)  # CPU: one causal SDPA call as before
+    assert select.choose(split, "causal_prefill", q, k, v) is None  # CPU: one causal SDPA call as before
+    assert "CUDA" in split_causal.why_not(q, k, 2)
     calls = []
-    monkeypatch.setattr(split_causal, "split_causal", lambda *a: calls.append(a) or None)
-    kernels.attention(q, k, v, scale=0.3)
+    monkeypatch.setattr(split_causal, "split_causal", lambda *a, **kw: calls.append(a) or None)
+    attention(q, k, v, scale=0.3, config=split)
     assert not calls
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_split_causal_on_gpu_through_kernels_attention(monkeypatch):
-    monkeypatch.setattr(split_causal, "SPLIT_DEPTH", 2)
+def test_split_causal_on_gpu_through_kernels_attention():
+    split = KernelConfig(split_depth=2)
     q, k, v = _qkv(1, 4, 2, 8192 + 4 * 37, 128, 3, "bthd", device="cuda", dtype=torch.bfloat16)
-    assert kernels._split_ok(q, k)
-    got = kernels.attention(q, k, v, scale=128**-0.5)
+    assert select.choose(split, "causal_prefill", q, k, v) is not None
+    got = attention(q, k, v, scale=128**-0.5, config=split)
     want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
                                           is_causal=True, scale=128**-0.5)
     err = (got.float() - want).norm() / want.norm()

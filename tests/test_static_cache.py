@@ -10,8 +10,10 @@ import consa
 from consa import compat
 from consa.allocation import Allocation
 from consa.attention import kernels, triton_decode
-from consa.attention.hybrid import LayerPlan, RingKV
-from consa.attention.static_cache import StaticHybridCache, StaticHybridLayer, _dense_ring, ring_slots
+from consa.attention.cached import dense_ring, ring_slots
+from consa.attention.plan import KernelConfig, LayerPlan, RingKV
+from consa.attention.static_cache import StaticHybridCache, StaticHybridLayer
+from consa.models import plans_of
 from consa.tiny import tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +76,7 @@ def test_ring_decode_equals_reference(fa_kv, n_kv, hq, window, sinks, rollback, 
         got = triton_decode.hybrid_decode(q, k.fa, v.fa, k.swa, v.swa, heads, 0.3, mask=pad[:, None, None, :],
                                           swa_sinks=sinks, window=window, sinks=sinks, length=k.length, ring=k.ring, splits=3)
     else:
-        got = _dense_ring(plan, q, k, v, pad[:, None, None, :], 0.3)
+        got = dense_ring(plan, q, k, v, pad[:, None, None, :], 0.3)
     torch.testing.assert_close(got.transpose(1, 2).double(), want, atol=1e-5, rtol=0)
 
 
@@ -117,7 +119,7 @@ def test_cached_logits_equal_uncached(chunks, one_thread):
     ids, mask, pos = _batch()
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        cache = StaticHybridCache(model, 16)
+        cache = StaticHybridCache(plans_of(model), 16)
         got, start = [], 0
         for n in chunks + [1] * (ids.shape[1] - sum(chunks)):
             end = start + n
@@ -141,7 +143,7 @@ def test_crop_rolls_back_within_the_ring_and_refuses_beyond():
     k_ref, v_ref = ref.update(k_all[:, :, 17:18], v_all[:, :, 17:18])
     q = torch.randn(2, 4, 1, 16, device=DEV)
     plan = LayerPlan(0, 2, 4, 0, "fixed", fa_kv=[0])
-    torch.testing.assert_close(_dense_ring(plan, q, k, v, None, 0.5), _dense_ring(plan, q, k_ref, v_ref, None, 0.5))
+    torch.testing.assert_close(dense_ring(plan, q, k, v, None, 0.5), dense_ring(plan, q, k_ref, v_ref, None, 0.5))
     tight, *_ = _filled_layer([0], 2, window=4, sinks=0, max_len=30, total=20, rollback=0)
     with pytest.raises(RuntimeError, match="roll back 1"):
         tight.crop(-2)
@@ -192,11 +194,10 @@ def test_write_kernel_equals_torch_write(fa_kv, n_kv, sinks, window, steps, monk
     ks, vs = kv[..., :n_kv, :].transpose(1, 2), kv[..., n_kv:, :].transpose(1, 2)  # strided, like the model's
     layers = []
     for use_kernel in (True, False):
-        layer = StaticHybridLayer(n_kv, fa_kv, window, 16, sinks)
+        layer = StaticHybridLayer(n_kv, fa_kv, window, 16, sinks, kernels=KernelConfig(triton_on_cpu=True))
         layer.allocate(2, 20, torch.float32, DEV)
-        monkeypatch.setattr(triton_decode, "ON_CPU", use_kernel or torch.cuda.is_available())
         if not use_kernel:
-            monkeypatch.setattr(triton_decode, "usable", lambda *a: False)
+            monkeypatch.setattr(triton_decode, "why_not", lambda *a, **kw: "switched off by the test")
         for t in range(steps):
             layer.update(ks[:, :, t : t + 1], vs[:, :, t : t + 1])
         layers.append(layer)

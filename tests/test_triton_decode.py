@@ -11,10 +11,11 @@ import torch
 
 import consa
 from consa.allocation import Allocation
-from consa.attention import kernels, triton_decode
+from consa.attention import kernels, select, triton_decode
 from consa.attention.cache import HybridCache
-from consa.attention.kernels import KeySlots
+from consa.attention.plan import KeySlots
 from consa.compat import cache_kwargs
+from consa.models import plans_of
 from consa.tiny import tiny_model
 
 def _old_interpreter() -> bool:
@@ -25,10 +26,19 @@ def _old_interpreter() -> bool:
     return triton_decode.interpreted() and version(triton_decode.triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 4)
 
 
-pytestmark = pytest.mark.skipif(
-    not triton_decode.available() or not (torch.cuda.is_available() or triton_decode.interpreted()) or _old_interpreter(),
-    reason="needs triton: CUDA, or its interpreter (TRITON_INTERPRET=1 before import; pip install '.[triton-interpreter]')",
-)
+def triton_missing() -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
+    if not triton_decode.available():
+        return "needs triton (pip install '.[triton-interpreter]' on a machine without CUDA)"
+    if not (torch.cuda.is_available() or triton_decode.interpreted()):
+        return "needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
+    if _old_interpreter():
+        return "Triton's interpreter before 3.9 breaks on numpy 2.4+"
+    return None
+
+
+# per test, so that the pure-Python helpers (head tables, split counts, which keys a query sees) run everywhere
+requires_triton = pytest.mark.skipif(triton_missing() is not None, reason=triton_missing() or "")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -74,6 +84,7 @@ CASES = [
 ]
 
 
+@requires_triton
 @pytest.mark.parametrize("dtype,block", [(torch.float32, 16), (torch.float32, 128), (torch.float16, 64)])
 @pytest.mark.parametrize("b,hq,fa_kv,n_kv,t,m,d,splits", CASES)
 def test_kernel_equals_reference(monkeypatch, dtype, block, b, hq, fa_kv, n_kv, t, m, d, splits):
@@ -93,6 +104,7 @@ def test_kernel_equals_reference(monkeypatch, dtype, block, b, hq, fa_kv, n_kv, 
     assert (bad.double() - ref).abs().max() > 10 * tol
 
 
+@requires_triton
 @pytest.mark.parametrize("block", [16, 128])
 def test_kernel_with_padding_mask_and_sinks(monkeypatch, block):
     """A left-padded batch (row 0 padded past several whole splits, row 2 with holes, row 3 with no
@@ -158,6 +170,7 @@ MULTI_CASES = [
 ]
 
 
+@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,hq,fa_kv,n_kv,t,tq,window,sinks,held,splits", MULTI_CASES)
 def test_several_queries_equal_reference(monkeypatch, dtype, b, hq, fa_kv, n_kv, t, tq, window, sinks, held, splits):
@@ -183,6 +196,7 @@ def test_several_queries_equal_reference(monkeypatch, dtype, b, hq, fa_kv, n_kv,
     assert (out.double() - every_key).abs().max() > 10 * tol  # the one-query rule: every held key seen
 
 
+@requires_triton
 def test_several_queries_with_padding_mask():
     """A left-padded batch verifying 3 drafts: transformers' [B, 1, Tq, T] mask, whose last row is the
     padding; one row sees nothing at all."""
@@ -205,6 +219,7 @@ def test_several_queries_with_padding_mask():
     assert (unpadded - ref)[0].abs().max() > 1e-3
 
 
+@requires_triton
 def test_several_queries_need_the_window():
     q, k_fa, v_fa, k_sw, v_sw = _inputs(1, 4, [0], 2, 10, 3, 16, torch.float32)
     heads = triton_decode.head_tables(2, (0,), q.device)
@@ -230,21 +245,21 @@ def _tiny(window, sinks):
     model = tiny_model("qwen3", num_layers=2, num_heads=6, num_kv_heads=3, hidden_size=72)
     shape = consa.model_shape(model)
     alloc = Allocation.from_units([False, True, False, True, False, False], "kv_head", shape, window, sinks)
-    consa.apply_allocation(model, alloc)
+    consa.apply_allocation(model, alloc, kernels=consa.KernelConfig(triton_on_cpu=True))  # the interpreter on CPU
     return model
 
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    """Let the model path take the kernel on CPU (the interpreter) and count its calls."""
+    """Count the kernel's calls (the models of these tests let it take CPU tensors: ``_tiny``)."""
     calls = []
     real = triton_decode.hybrid_decode
-    monkeypatch.setattr(triton_decode, "ON_CPU", True)
     monkeypatch.setattr(triton_decode, "hybrid_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
-interpreter_only = pytest.mark.skipif(not triton_decode.interpreted(), reason="the model tests run the kernel on CPU tensors")
+interpreter_only = pytest.mark.skipif(triton_missing() is not None or not triton_decode.interpreted(),
+                                      reason=triton_missing() or "the model tests run the kernel on CPU tensors (interpreter)")
 
 
 @interpreter_only
@@ -256,7 +271,7 @@ def test_model_decode_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
     ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(5))
 
     def run():
-        cache, out, x = HybridCache(model), [], ids
+        cache, out, x = HybridCache(plans_of(model)), [], ids
         with torch.no_grad():
             for _ in range(4):
                 logits = model(input_ids=x, **cache_kwargs(cache, model), use_cache=True).logits[:, -1]
@@ -266,8 +281,8 @@ def test_model_decode_equals_sdpa_path(on_cpu, monkeypatch, window, sinks):
 
     got = run()
     assert len(on_cpu) == 2 * 4  # 2 layers x (the 9-token prompt + 3 decode steps)
-    monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
-    want = run()
+    with select.override(model, decode="sdpa"):
+        want = run()
     assert len(on_cpu) == 8
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
@@ -286,10 +301,10 @@ def test_left_padded_generate_equals_sdpa_path(on_cpu, monkeypatch, window, sink
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
               output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        got = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+        got = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **kw)
         assert len(on_cpu) == 2 * 4  # 2 layers x (the 8-token prompt + 3 decode steps)
-        monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
-        want = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+        with select.override(model, decode="sdpa"):
+            want = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **kw)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=0)
 
@@ -305,7 +320,7 @@ def test_verification_forwards_take_the_kernel(on_cpu, monkeypatch, window, sink
     mask[1, :4] = 0  # left padding
 
     def run(record):
-        cache = HybridCache(model)
+        cache = HybridCache(plans_of(model))
         if record:
             for layer in cache.layers:
                 layer.activate_past_recording()
@@ -319,9 +334,9 @@ def test_verification_forwards_take_the_kernel(on_cpu, monkeypatch, window, sink
         on_cpu.clear()
         got = run(record)
         assert len(on_cpu) == 2 * 4  # 2 layers x 4 forwards (the first, 6 tokens, is short enough too)
-        monkeypatch.setattr(kernels, "DECODE_KERNEL", "sdpa")
-        want = run(record)
-        monkeypatch.setattr(kernels, "DECODE_KERNEL", "auto")
+        with select.override(model, decode="sdpa"):
+            want = run(record)
+        assert len(on_cpu) == 2 * 4  # the SDPA pair: no more kernel calls
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -332,9 +347,9 @@ def test_prompt_lookup_with_the_kernel_equals_greedy(on_cpu):
     ids = torch.cat([pattern, pattern, pattern[:, :3]], 1)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        want = model.generate(ids, **cache_kwargs(HybridCache(model), model), **kw)
+        want = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), **kw)
         on_cpu.clear()
-        got = model.generate(ids, **cache_kwargs(HybridCache(model), model), prompt_lookup_num_tokens=3, **kw)
+        got = model.generate(ids, **cache_kwargs(HybridCache(plans_of(model)), model), prompt_lookup_num_tokens=3, **kw)
     assert torch.equal(got, want)
     assert len(on_cpu) > 0
 
@@ -358,6 +373,7 @@ def test_several_queries_need_every_key_they_see_held():
     assert not kernels.window_held(7, KeySlots(1, 4), window=4, sinks=2, total=10, tq=3)  # a sink is missing
 
 
+@requires_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("t,m,b", [(32768, 511, 8), (4099, 4095, 1), (129, 3, 3)])
@@ -384,6 +400,7 @@ def test_kernel_on_gpu_bf16(t, m, b):
     assert all(torch.equal(o, out) for o in outs)
 
 
+@requires_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_several_queries_on_gpu_bf16():

@@ -11,24 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from consa.attention import kernels, triton_decode, triton_prefill
-from consa.attention.hybrid import LayerPlan, consa_attention
+from consa.attention import select, triton_decode, triton_prefill
+from consa.attention.attend import attention
+from consa.attention.hybrid import consa_attention
 from consa.attention.kernels import reference_attention
+from consa.attention.plan import KernelConfig, LayerPlan
 
 from attn_reference import per_head_allowed
-from test_triton_decode import _old_interpreter
+from test_triton_decode import requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not triton_prefill.available() or not (torch.cuda.is_available() or triton_decode.interpreted()) or _old_interpreter(),
-    reason="needs triton: CUDA, or its interpreter (TRITON_INTERPRET=1 before import; pip install '.[triton-interpreter]')",
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def on_cpu(monkeypatch):
-    """Let the model paths take the kernel on CPU tensors (under the interpreter)."""
-    monkeypatch.setattr(triton_prefill, "ON_CPU", True)
+SWA_TRITON = KernelConfig(swa_prefill="triton", triton_on_cpu=True)  # the kernel on CPU tensors: the interpreter
+HYBRID_TRITON = KernelConfig(hybrid_prefill="triton", triton_on_cpu=True)
 
 
 def _qkv(b, hq, hk, t, d, dtype=torch.float32, seed=0):
@@ -59,6 +53,7 @@ CASES = [
 ]
 
 
+@requires_triton
 @pytest.mark.parametrize("dtype,rows,block", [(torch.float32, 32, 16), (torch.float32, 128, 64), (torch.float16, 64, 32)])
 @pytest.mark.parametrize("b,hq,hk,t,d,wins,sinks", CASES)
 def test_kernel_equals_reference(monkeypatch, dtype, rows, block, b, hq, hk, t, d, wins, sinks):
@@ -77,6 +72,7 @@ def test_kernel_equals_reference(monkeypatch, dtype, rows, block, b, hq, hk, t, 
         assert (out.double() - wider.double()).abs().max() > 10 * tol
 
 
+@requires_triton
 @pytest.mark.parametrize("b,hq,hk,t,d,wins,sinks", CASES)
 def test_one_masked_loop_equals_reference(monkeypatch, b, hq, hk, t, d, wins, sinks):
     """``SPLIT_LOOPS = False``: every key block through the masked loop gives the same attention."""
@@ -88,6 +84,7 @@ def test_one_masked_loop_equals_reference(monkeypatch, b, hq, hk, t, d, wins, si
     torch.testing.assert_close(out.double(), _reference(q, k, v, wins, sinks, d**-0.5).double(), atol=1e-5, rtol=0)
 
 
+@requires_triton
 def test_writes_into_a_view_and_nothing_else():
     """``out=`` some heads of a larger [B, T, H, D] buffer: those heads are written, the others kept."""
     q, k, v = _qkv(1, 4, 2, 45, 16, seed=5)
@@ -114,39 +111,41 @@ def test_bad_windows_are_one_clear_error():
         triton_prefill.banded_attention(q, k, v, (4, 4, 4), 0, 0.25)
 
 
+@requires_triton
 @pytest.mark.parametrize("t,window,sinks", [(29, 6, 0), (29, 6, 2), (5, 8, 0)])
-def test_attention_dispatches_to_triton(monkeypatch, on_cpu, t, window, sinks):
-    monkeypatch.setattr(kernels, "SWA_PREFILL", "triton")
+def test_attention_dispatches_to_triton(monkeypatch, t, window, sinks):
     calls = []
     real = triton_prefill.sliding
     monkeypatch.setattr(triton_prefill, "sliding", lambda *a: calls.append(a[3:5]) or real(*a))
     q, k, v = _qkv(2, 6, 2, t, 16, seed=11)
-    got = kernels.attention(q, k, v, scale=0.3, window=window, sinks=sinks)
+    got = attention(q, k, v, scale=0.3, window=window, sinks=sinks, config=SWA_TRITON)
     assert calls == [(window, sinks)]
     torch.testing.assert_close(got.double(), _reference(q, k, v, (window,) * 2, sinks, 0.3).double(), atol=1e-5, rtol=0)
-    # never for a padding mask, fewer queries than keys, or gradients (the kernel has no backward)
+    # never for a padding mask or fewer queries than keys (not a plain prefill: the dense path runs)
     pad = torch.ones(2, 1, t, t, dtype=torch.bool, device=DEV).tril()
-    kernels.attention(q, k, v, scale=0.3, window=window, sinks=sinks, mask=pad)
-    kernels.attention(q[:, :, -3:], k, v, scale=0.3, window=window, sinks=sinks)
+    attention(q, k, v, scale=0.3, window=window, sinks=sinks, mask=pad, config=SWA_TRITON)
+    attention(q[:, :, -3:], k, v, scale=0.3, window=window, sinks=sinks, config=SWA_TRITON)
+    assert len(calls) == 1
+    # forced, it cannot take gradients (the kernel has no backward): one clear error, not another kernel
     qg = q.detach().clone().requires_grad_()
-    kernels.attention(qg, k, v, scale=0.3, window=window, sinks=sinks).sum().backward()
-    assert len(calls) == 1 and qg.grad is not None
+    with pytest.raises(select.KernelUnavailable, match="no gradient"):
+        attention(qg, k, v, scale=0.3, window=window, sinks=sinks, config=SWA_TRITON)
+    # without the interpreter switch on CPU tensors it is unavailable, and says so
+    if DEV == "cpu":
+        with pytest.raises(select.KernelUnavailable, match="triton_on_cpu"):
+            attention(q, k, v, scale=0.3, window=window, sinks=sinks, config=KernelConfig(swa_prefill="triton"))
 
 
-@pytest.fixture
-def triton_hybrid(monkeypatch):
-    """``HYBRID_PREFILL = "triton"``, restored afterwards (also when a test switches it meanwhile)."""
-    monkeypatch.setattr(kernels, "HYBRID_PREFILL", "triton")
-
-
+@requires_triton
 @pytest.mark.parametrize("hq,hk,fa_kv,t,window,sinks", [
     (6, 3, [0, 2], 257, 40, 0),  # GQA, FA heads not contiguous, odd length
     (6, 3, [1], 131, 200, 2),  # window longer than the sequence, sinks
     (4, 4, [3], 100, 17, 3),  # MHA
 ])
-def test_one_launch_hybrid_layer_equals_reference_and_split_path(on_cpu, triton_hybrid, monkeypatch, hq, hk, fa_kv, t, window, sinks):
+def test_one_launch_hybrid_layer_equals_reference_and_split_path(monkeypatch, hq, hk, fa_kv, t, window, sinks):
     q, k, v = _qkv(2, hq, hk, t, 16, seed=t)
-    mod = SimpleNamespace(training=False, consa_plan=LayerPlan(0, hk, window, sinks, "fixed", fa_kv=fa_kv))
+    plan = LayerPlan(0, hk, window, sinks, "fixed", fa_kv=fa_kv, kernels=HYBRID_TRITON)
+    mod = SimpleNamespace(training=False, consa_plan=plan)
     calls = []
     real = triton_prefill.hybrid
     monkeypatch.setattr(triton_prefill, "hybrid", lambda *a: calls.append(1) or real(*a))
@@ -155,27 +154,29 @@ def test_one_launch_hybrid_layer_equals_reference_and_split_path(on_cpu, triton_
     g = hq // hk
     allowed = per_head_allowed([(h // g) in fa_kv for h in range(hq)], t, t, window, sinks, None, DEV)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, allowed, 0.3).transpose(1, 2).double(), atol=1e-5, rtol=0)
-    kernels.HYBRID_PREFILL = "split"
-    torch.testing.assert_close(out, consa_attention(mod, q, k, v, None, 0.3)[0], atol=1e-5, rtol=0)
+    with select.override(plan, hybrid_prefill="split"):
+        torch.testing.assert_close(out, consa_attention(mod, q, k, v, None, 0.3)[0], atol=1e-5, rtol=0)
+    assert len(calls) == 1  # the split path took no one-launch call
     # the FA heads really are causal: making a different head FA changes the output
-    kernels.HYBRID_PREFILL = "triton"
     other = [h for h in range(hk) if h not in fa_kv][:1]
     if window < t:
-        alt = consa_attention(SimpleNamespace(training=False, consa_plan=LayerPlan(0, hk, window, sinks, "fixed", fa_kv=other)), q, k, v, None, 0.3)[0]
+        alt_plan = LayerPlan(0, hk, window, sinks, "fixed", fa_kv=other, kernels=HYBRID_TRITON)
+        alt = consa_attention(SimpleNamespace(training=False, consa_plan=alt_plan), q, k, v, None, 0.3)[0]
         assert (alt - out).abs().max() > 1e-3
 
 
-def test_one_launch_hybrid_is_skipped_for_padding_decode_gradients_and_other_backends(on_cpu, triton_hybrid, monkeypatch):
+def test_one_launch_hybrid_is_skipped_for_padding_decode_gradients_and_other_backends(monkeypatch):
     monkeypatch.setattr(triton_prefill, "hybrid", lambda *a, **kw: pytest.fail("one-launch path taken"))
     q, k, v = _qkv(2, 4, 2, 33, 16)
-    mod = SimpleNamespace(training=False, consa_plan=LayerPlan(0, 2, 8, 0, "fixed", fa_kv=[0]))
+    mod = SimpleNamespace(training=False, consa_plan=LayerPlan(0, 2, 8, 0, "fixed", fa_kv=[0], kernels=HYBRID_TRITON))
     consa_attention(mod, q, k, v, torch.ones(2, 1, 33, 33, dtype=torch.bool, device=DEV).tril(), 0.3)
     consa_attention(mod, q[:, :, -1:], k, v, None, 0.3)
     consa_attention(mod, q.detach().clone().requires_grad_(), k, v, None, 0.3)
-    sdpa = LayerPlan(0, 2, 8, 0, "fixed", fa_kv=[0], backend="sdpa")
-    consa_attention(SimpleNamespace(training=False, consa_plan=sdpa), q, k, v, None, 0.3)
+    with pytest.raises(ValueError, match="swa_prefill"):  # the one launch runs the SWA heads on triton: no other kernel
+        KernelConfig(hybrid_prefill="triton", swa_prefill="sdpa")
 
 
+@requires_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("t,wins,sinks", [(4096, (512,) * 6, 0), (3001, (3001, 128, 128, 3001, 128, 128), 4), (8192, (4096,) * 6, 0)])

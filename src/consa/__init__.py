@@ -3,9 +3,17 @@
 Importing consa registers the ``consa`` attention and mask functions with transformers.
 """
 
+from .interrupts import interrupt_point as _interrupt_point, quiet_ctrl_c as _quiet_ctrl_c
+
+_quiet_ctrl_c()  # first: in the consa command, a Ctrl-C during the seconds of imports below is one line
+_interrupt_point("startup")
+
 from .allocation import Allocation, AllocationError, ModelShape
 from .attention import hybrid as _hybrid  # noqa: F401  (registers attn_implementation="consa")
-from .models import UnsupportedModelError, apply_allocation, attach_gates, detach, model_shape, reorder_heads
+from .attention.plan import KernelConfig
+from .models import (UnsupportedModelError, apply_allocation, attach_gates, detach, hybrid_cache, model_shape, plans_of,
+                     reorder_heads)
+from .serving.generate import generate
 
 
 def load(path, **kwargs):
@@ -22,18 +30,11 @@ def heal(model, allocation, batches, out, **kwargs):
     return _heal(model, allocation, batches, out, **kwargs)
 
 
-def generate(model, input_ids, **kwargs):
-    """Generate with the hybrid KV cache: on CUDA a static cache + CUDA-graph decode, else
-    ``model.generate`` with a fresh ``HybridCache`` (``static=False`` forces that); a list of prompts
-    gives a list of new-token lists. See :func:`consa.attention.cache.generate`."""
-    from .attention.cache import generate as _generate
-
-    return _generate(model, input_ids, **kwargs)
-
 __version__ = "0.1.0"
 __all__ = [
     "Allocation",
     "AllocationError",
+    "KernelConfig",
     "ModelShape",
     "UnsupportedModelError",
     "apply_allocation",
@@ -41,7 +42,9 @@ __all__ = [
     "detach",
     "generate",
     "heal",
+    "hybrid_cache",
     "load",
     "model_shape",
+    "plans_of",
     "reorder_heads",
 ]

@@ -10,7 +10,7 @@ shared by the query heads of its GQA group). Internally the bits are always expa
 Each unit also records what it keeps: ``span`` (the keys it sees back, self included; None = full
 attention) and ``fixed`` (kept as the model has it, e.g. a native sliding layer of Gemma3 or
 Mistral: never searched and not counted by the sparsity target). Format version 2 stores both per KV
-head; searched SWA units may each have their own span (issue 16: "spans as the unit's choice"; for
+head; searched SWA units may each have their own span (the span is the unit's own choice; for
 ``granularity="layer"`` the heads of a layer share one). ``window`` is then the *largest* searched span
 (what an old consumer that knows one window would have to hold for every SWA unit to stay correct);
 with one span it is that span, as always. Version-1 files (no spans, nothing fixed) load unchanged.
@@ -304,8 +304,8 @@ class Allocation:
 
     def kv_slots(self, context: int) -> int:
         """KV slots (per batch row, per head dim, keys or values) held at ``context`` tokens, over all
-        KV heads: an FA head holds ``context``, an SWA head min(context, span − 1 + sinks): the cost model
-        of issue 16 (the hybrid cache holds exactly this)."""
+        KV heads: an FA head holds ``context``, an SWA head min(context, span − 1 + sinks): the cost
+        model the hybrid cache holds exactly."""
         if not _is_int(context) or context < 0:
             raise AllocationError(f"context must be an integer >= 0, got {context!r}")
         return sum(context if hw is None else min(context, hw[0] - 1 + hw[1])

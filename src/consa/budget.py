@@ -1,4 +1,4 @@
-"""KV budgets in the user's terms (issue 16): what each unit holds, and an exact assignment under a budget.
+"""KV budgets in the user's terms: what each unit holds, and an exact assignment under a budget.
 
 A user says "the KV cache at 128K must fit in 25% of full attention's". A unit's cost is the KV slots
 it holds at that *budget context* C: an FA head holds C, an SWA head of span w holds min(C, w − 1 + S)

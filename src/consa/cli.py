@@ -8,8 +8,10 @@ import importlib
 import sys
 
 from .errors import ConsaError
+from .interrupts import ctrl_c_raises, quiet_ctrl_c
 
-COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment", "heal", "compare")
+COMMANDS = ("demo", "search", "rules", "plot", "data", "eval", "report", "export", "pretrain", "experiment", "heal", "compare",
+            "serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        ctrl_c_raises()  # until now (imports) a Ctrl-C ended the command at once; now it may need cleaning up
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("consa: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        quiet_ctrl_c()  # the interpreter's exit (library clean-up) can take a moment too
+
+
+def _run(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # library chatter would break the one-line error contract
@@ -57,9 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         what = (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
         print(f"consa: error: {where}{what}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("consa: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

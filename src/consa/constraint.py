@@ -3,7 +3,7 @@
 Two controllers share one interface (``penalty`` inside the loss, ``after_step`` after the optimiser):
 
 * ``lagrangian`` (default): the augmented Lagrangian λ1(ŝ − t) + λ2(ŝ − t)², with λ2 fixed and λ1
-  updated by a damped method-of-multipliers step. A prototype (GUIDE §7) showed the two ways this
+  updated by a damped method-of-multipliers step. There are two ways this
   goes wrong when gates move by Adam, which takes fixed-size steps whatever the gradient's scale:
   an undamped λ overshoots (ŝ → 0.91 for t = 0.75, most gates pinned at the floor) or oscillates.
   Here the multiplier update is damped (small dual step, leaky integral) and, as a last guard, a

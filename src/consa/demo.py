@@ -6,9 +6,9 @@
 3. Apply the learned allocation and every rule with the same SWA count; measure task accuracy.
 4. Write allocation.json, heatmap.png, report.md and print the table — whatever the numbers are.
 
-Reproducible for a seed on any x86-64 CPU: every random draw is seeded (data from explicit
+Reproducible for a seed on any x86-64 CPU, Intel or AMD: every random draw is seeded (data from explicit
 ``torch.Generator``s, the model's init without touching the global RNG) and the float kernels are
-pinned to one instruction set and MKL's strict mode, so the thread count does not matter either
+pinned to code paths that do not depend on the CPU's vendor, instruction sets or thread count
 (``pin_cpu_numerics``).
 """
 
@@ -43,8 +43,8 @@ class DemoConfig:
     seq_len: int = 128
     layers: int = 4
     eval_items: int = 256
-    # 1, not 0: under the strict pin (``pin_cpu_numerics``) seed 0's 400 steps stay on the recall task's
-    # chance plateau (loss ln 64); seeds 1, 2 and 3 learn it under either pin
+    # 1, not 0: seed 0's 400 steps stayed on the recall task's chance plateau (loss ln 64) under an earlier pin
+    # (MKL's AVX2 branch); seed 1 learns under this one and under that
     seed: int = 1
     threads: int | None = None
 
@@ -52,17 +52,23 @@ class DemoConfig:
 def pin_cpu_numerics() -> str:
     """Make training give the same model on every x86-64 CPU; returns the ATen capability in effect.
 
-    ATen picks its vector kernels per CPU (AVX-512 sums in another order than AVX2) and MKL its code
-    path per vendor; 400 training steps amplify those last-bit differences into a different model:
-    another layer-0 head becomes the retrieval head, which moved the random rule from 0.03 to 0.31.
-    Pinning both to AVX2 (every x86-64 CPU since 2013 has it) removes that. MKL's plain AVX2 mode is
-    reproducible only at a fixed thread count (an Intel Xeon trained another model on 1 thread than on
-    2); STRICT makes its GEMMs independent of the thread count too, at no measurable cost. Both settings
-    are read at the first kernel call, so this must run before the process's first tensor op; a value
-    the user set in the environment is kept.
+    Two libraries choose their code per CPU, and 400 training steps amplify last-bit differences into another
+    model (another layer-0 head becomes the retrieval head, which once moved the random rule from 0.03 to 0.31):
+
+    * ATen picks its vector kernels by instruction set (AVX-512 sums in another order than AVX2). Pinned to
+      AVX2, which every x86-64 CPU since 2013 has, the same kernels run everywhere.
+    * MKL, which does every matrix product here (attention's too), picks its path by vendor as well, and its
+      reproducible branches are Intel-only except COMPATIBLE: ``MKL_CBWR=AVX2`` falls back to MKL's own
+      choice on AMD (``MKL_VERBOSE=1`` prints ``CNR:AUTO``), and an AMD EPYC trained other weights than an
+      Intel Xeon. COMPATIBLE (SSE2, no approximate reciprocals) is the branch MKL runs alike on both vendors;
+      STRICT makes its products independent of the thread count (on 1 or 2 threads: the same weights).
+      Its products are slower than AVX2's, which the demo's tiny matrices barely feel.
+
+    Both settings are read at the first kernel call, so this must run before the process's first tensor
+    op; a value the user set in the environment is kept.
     """
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-    os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE,STRICT")
     return torch.backends.cpu.get_cpu_capability()
 
 
@@ -121,7 +127,7 @@ def train_base(model, task: RecallTask, cfg: DemoConfig, log=print) -> dict:
 
 def random_allocations(shape, k: int, window: int, exact_up_to: int = 64) -> list[Allocation]:
     """The random rule's draws: every one of the C(N, N-k) allocations when there are few (28 in the
-    demo), so the mean is the exact expectation; otherwise 3 seeded draws (GUIDE: mean of >= 3 seeds).
+    demo), so the mean is the exact expectation; otherwise 3 seeded draws (a random rule is judged by its mean over >= 3 seeds).
 
     Exact matters here: one unit decides the task, so 3 draws score 0.03 or 0.34 depending only on
     which head of a layer training happened to pick.
@@ -136,7 +142,8 @@ def random_allocations(shape, k: int, window: int, exact_up_to: int = 64) -> lis
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from .heatmap import plot_allocation
     from .train.baselines import attention_mass_allocation, duo_allocation
-    from .train.search import SearchConfig, run_search
+    from .train.search import run_search
+    from .train.search_config import GateConfig, RefineConfig, ScheduleConfig, SearchConfig, TargetConfig
 
     capability = pin_cpu_numerics()
     if cfg.threads:
@@ -169,9 +176,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"all-SWA {acc(all_swa):.3f}")
 
     log(f"[2/4] ConSA search: t={cfg.sparsity} over {n_units} KV-head units -> exactly {k} SWA")
-    scfg = SearchConfig(sparsity=cfg.sparsity, window=cfg.window, seq_len=cfg.seq_len, granularity="kv_head",
-                        steps=cfg.search_steps, checkpoint_every=0, seed=cfg.seed, gate_lr=0.1,
-                        refine_evals=0)  # the plain top-k cut: it already keeps the task's two heads FA
+    scfg = SearchConfig(TargetConfig(sparsity=cfg.sparsity, window=cfg.window, granularity="kv_head"), seq_len=cfg.seq_len,
+                        gates=GateConfig(lr=0.1), schedule=ScheduleConfig(steps=cfg.search_steps), checkpoint_every=0,
+                        seed=cfg.seed, refine=RefineConfig(evals=0))  # the plain top-k cut: it already keeps the task's two heads FA
     batch_fn = task.batch_fn(model, 8, cfg.seed + 1)
     learned = run_search(model, scfg, batch_fn, out / "search")
     detach(model)

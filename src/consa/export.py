@@ -2,18 +2,24 @@
 
 Two formats, chosen per allocation and family (``mode="auto"``):
 
-* **native**: every layer is all-FA or all-SWA, no sinks, and the family has per-layer sliding
-  windows in stock transformers (Qwen3, Qwen2, Ministral; Llama and Mistral weights load as
-  ``ministral``). config.json gets ``layer_types`` + ``sliding_window`` (+ ``use_sliding_window`` for
-  Qwen), so plain ``AutoModelForCausalLM.from_pretrained`` serves it without consa.
+* **native**: every layer is all-FA or all-SWA at one window, no sinks, and stock transformers serves
+  the family's per-layer windows from its config: ``layer_types`` + ``sliding_window`` (+ the flags
+  that switch them on, e.g. Qwen's ``use_sliding_window``), so plain ``from_pretrained`` serves it
+  without consa. Which families qualify is asked of transformers (``export_native``), never listed:
+  Gemma3, for one, also picks RoPE by layer type, so relabelling a layer would change its positions.
+  Llama and Mistral weights load as ``ministral``.
 * **heads**: anything else (head-wise allocations, sinks, a consa window other than the model's
-  native one, Gemma3). Heads are reordered so FA heads come first, and the (reordered) allocation is
-  stored in config.json under the key ``consa``; ``layer_types`` stay as trained. Gemma3 picks each
-  layer's RoPE base by its layer type, so a full layer relabelled ``sliding_attention`` would silently
-  change its positions: the allocation, not ``layer_types``, says which layers slide. The model type
-  becomes ``consa_<family>`` and the export ships ``modeling_consa.py`` (``auto_map``): stock
-  transformers loads it with ``trust_remote_code=True`` and refuses it without, instead of quietly
-  running full attention; after ``import consa`` (or with :func:`load`) consa's own kernels serve it.
+  native one, families without per-layer windows). Heads are reordered so FA heads come first, and
+  the (reordered) allocation is stored in config.json under the key ``consa``; ``layer_types`` stay
+  as trained. The model type becomes ``consa_<family>`` and the export ships ``modeling_consa.py``
+  (``auto_map``), which wraps the family's own classes, whatever the family: stock transformers loads
+  it with ``trust_remote_code=True`` and refuses it without, instead of quietly running full
+  attention; after ``import consa`` (or with :func:`load`) consa's own kernels serve it.
+
+Decoders that mix attention with other layers (linear attention, convolutions) carry an allocation
+over their attention layers only; the record's ``layers`` names the decoder layer of each row. A
+vision-language checkpoint is exported whole: the allocation is its text decoder's, every other
+weight is written back unchanged.
 
 Weights are safetensors only. The export is written to a temporary folder beside ``out`` and moved
 into place at the end, so a failure never leaves a half-written export.
@@ -32,14 +38,16 @@ import torch
 from .allocation import Allocation, AllocationError
 from .errors import ConsaError
 from .files import ordinary_modes, read_json
+from .lora_weights import is_unmerged, load_unmerged
+from .models import model_class
 
 KEY = "consa"
 FORMAT = "consa.export"
 VERSION = 2  # 2: head-wise exports carry their own model type and modeling code
 READABLE_VERSIONS = (1, 2)
 CODE_FILE = "modeling_consa.py"
-NATIVE_FAMILIES = ("qwen3", "qwen2", "ministral", "llama", "mistral")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "generation_config.json")
 
 
 class ExportError(ConsaError, ValueError):
@@ -47,16 +55,21 @@ class ExportError(ConsaError, ValueError):
 
 
 # ---- export ---------------------------------------------------------------------------------------
-def native_blocker(model_or_config, allocation: Allocation) -> str | None:
-    """Why this allocation cannot become native layer_types for this family (None when it can)."""
-    from .models import base_family, text_config
+def layer_kinds(model_or_config) -> list[str]:
+    """Per decoder layer: its kind in the text config (``layer_types``), or ``full_attention``."""
+    from .models import text_config
 
     cfg = text_config(model_or_config)
-    family = base_family(cfg)
-    if family == "gemma3_text":
-        return "Gemma3 picks a layer's RoPE by its layer type, so layer_types must stay as trained"
-    if family not in NATIVE_FAMILIES:
-        return f"family {family!r} has no native per-layer sliding window consa can target"
+    kinds = getattr(cfg, "layer_types", None)
+    return list(kinds) if kinds else ["full_attention"] * cfg.num_hidden_layers
+
+
+def native_blocker(model, allocation: Allocation, rows: list[int] | None = None) -> str | None:
+    """Why this allocation cannot become native layer_types for this model (None when it can).
+    ``rows``: the decoder layer of each allocation row (default: the model's attention layers)."""
+    from .export_native import native_problem
+    from .models import attention_layers, text_config
+
     other = sorted({w for w in allocation.native if w is not None and w != allocation.window})
     if other:
         return f"the model's native sliding window {other} differs from consa's {allocation.window} (one sliding_window per config)"
@@ -68,25 +81,40 @@ def native_blocker(model_or_config, allocation: Allocation) -> str | None:
     mixed = [i for i, row in enumerate(allocation.fa) if len(set(row)) > 1]
     if mixed:
         return f"layers {mixed[:5]} mix FA and SWA heads"
-    if family in ("llama", "mistral") and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
-        return "Ministral (the native target for Llama/Mistral) has no attention/MLP biases"
-    return None
+    rows = attention_layers(model) if rows is None else rows
+    kinds = layer_kinds(model)
+    if any(kinds[i] not in ("full_attention", "sliding_attention") for i in rows):
+        return f"its attention layers are of kinds {sorted({kinds[i] for i in rows})}, not full/sliding attention"
+    problem = native_problem(text_config(model), kinds)
+    return None if problem is None else f"family {text_config(model).model_type!r}: {problem}"
 
 
-def _native_config(cfg_dict: dict, allocation: Allocation) -> dict:
+def _native_config(cfg_dict: dict, allocation: Allocation, rows: list[int], text_key: str | None) -> dict:
+    from .export_native import relabelled
+
     d = dict(cfg_dict)
-    d["layer_types"] = ["full_attention" if row[0] else "sliding_attention" for row in allocation.fa]
-    d["sliding_window"] = allocation.window
-    family = d.get("model_type")
-    if family in ("qwen3", "qwen2"):
-        d["use_sliding_window"] = True
-        d["max_window_layers"] = allocation.shape.num_layers  # unused once layer_types is explicit
-    elif family in ("llama", "mistral"):
-        d["model_type"] = "ministral"
-        d["architectures"] = ["MinistralForCausalLM"]
-        for k in ("attention_bias", "mlp_bias", "pretraining_tp"):
-            d.pop(k, None)
-    return d
+    text = dict(d[text_key]) if text_key else d
+    kinds = list(text.get("layer_types") or ["full_attention"] * text["num_hidden_layers"])
+    for row, layer in enumerate(rows):
+        kinds[layer] = "full_attention" if allocation.fa[row][0] else "sliding_attention"
+    text = relabelled(text, kinds, allocation.window)
+    if text_key:
+        d[text_key] = text
+        return d
+    return text
+
+
+def _text_key(model) -> str | None:
+    """The config.json key of the text decoder's config (None: the model is a text decoder)."""
+    from .models import text_config
+
+    cfg, text = model.config, text_config(model)
+    if text is cfg:
+        return None
+    for key in getattr(cfg, "sub_configs", {}) or {}:
+        if getattr(cfg, key, None) is text:
+            return key
+    raise ExportError(f"cannot find the text decoder's config in {type(cfg).__name__}")
 
 
 def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str = "auto", source_dir: str | os.PathLike | None = None) -> dict:
@@ -95,9 +123,7 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
     ``model`` is a loaded HF causal LM (full attention) or the path of one. The model passed in is
     left unchanged (head reordering happens on a copy).
     """
-    import copy
-
-    from .models import load_model, model_shape, reorder_heads
+    from .models import attention_layers, load_model, model_shape, reorder_heads
 
     if isinstance(model, (str, os.PathLike)):
         source_dir = model
@@ -105,10 +131,12 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
     allocation.check_matches(model_shape(model))
     if mode not in ("auto", "native", "heads"):
         raise ExportError(f"unknown export mode {mode!r}; choose auto, native or heads")
-    blocker = native_blocker(model, allocation)
+    rows = attention_layers(model)
+    blocker = native_blocker(model, allocation, rows)
     if mode == "native" and blocker:
         raise ExportError(f"cannot export natively: {blocker}")
     chosen = "heads" if (mode == "heads" or (mode == "auto" and blocker)) else "native"
+    text_key = _text_key(model)
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -118,29 +146,33 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
     try:
         target, stored = model, allocation
         if chosen == "heads":
-            target = copy.deepcopy(model)
-            _strip_consa(target)
+            target = _copy_without_plans(model)
             stored = reorder_heads(target, allocation)
         target.save_pretrained(tmp, safe_serialization=True)
         _check_weights(tmp)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg.pop("_attn_implementation", None)
-        cfg.pop("attn_implementation", None)
+        for d in (cfg, cfg.get(text_key) if text_key else None):
+            if isinstance(d, dict):
+                d.pop("_attn_implementation", None)
+                d.pop("attn_implementation", None)
         if chosen == "native":
-            cfg = _native_config(cfg, allocation)
+            cfg = _native_config(cfg, allocation, rows, text_key)
         else:
-            _ship_code(cfg, tmp)
-        cfg[KEY] = {"format": FORMAT, "version": VERSION, "mode": chosen, "allocation": stored.to_dict()}
-        if chosen == "native":
-            cfg[KEY]["reason"] = "layer-wise allocation: stock transformers serves it"
-        else:
-            cfg[KEY]["reason"] = blocker or "head-wise export requested"
+            _ship_code(cfg, tmp, type(model).__name__, type(model.config).__name__)
+        record = {"format": FORMAT, "version": VERSION, "mode": chosen, "allocation": stored.to_dict()}
+        if rows != list(range(len(rows))) or len(rows) != len(layer_kinds(model)):
+            record["layers"] = rows  # the decoder layer of each allocation row
+        record["reason"] = "layer-wise allocation: stock transformers serves it" if chosen == "native" else (
+            blocker or "head-wise export requested")
+        cfg[KEY] = record
+        if text_key and chosen == "heads":
+            cfg[text_key][KEY] = record  # the text decoder's attention reads it from its own config
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if source_dir is not None:
-            for name in TOKENIZER_FILES:
+            for name in TOKENIZER_FILES + PROCESSOR_FILES:
                 src = Path(source_dir) / name
-                if src.is_file():
+                if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
         ordinary_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock other users out
         if out.exists():
@@ -149,30 +181,35 @@ def export(model, allocation: Allocation, out: str | os.PathLike, *, mode: str =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "mode": chosen, "why": cfg[KEY]["reason"], "swa_units": allocation.num_swa, "units": allocation.num_units}
+    return {"out": str(out), "mode": chosen, "why": record["reason"], "swa_units": allocation.num_swa, "units": allocation.num_units}
 
 
-def _ship_code(cfg: dict, folder: Path) -> None:
+def _ship_code(cfg: dict, folder: Path, model_class_name: str, config_class_name: str) -> None:
     """Head-wise: a model type of its own + the modeling file that serves it (see the module docstring)."""
     from .export_code import modeling_consa
 
-    family = cfg.get("model_type", "?")
-    family = family[len(modeling_consa.PREFIX):] if family.startswith(modeling_consa.PREFIX) else family
-    if family not in modeling_consa.CLASSES:
-        raise ExportError(f"family {family!r} has no head-wise export code (supported: {', '.join(modeling_consa.FAMILIES)})")
-    config_cls, model_cls = modeling_consa.CLASSES[family]
+    model_class_name = modeling_consa.stock_class_name(model_class_name)
+    config_class_name = modeling_consa.stock_class_name(config_class_name)
+    config_cls, model_cls = modeling_consa.classes(model_class_name, config_class_name)
     cfg["model_type"] = config_cls.model_type
     cfg["architectures"] = [model_cls.__name__]
-    cfg["auto_map"] = modeling_consa.auto_map(family)
+    cfg["auto_map"] = modeling_consa.auto_map(model_class_name, config_class_name)
     shutil.copyfile(Path(modeling_consa.__file__), folder / CODE_FILE)
 
 
-def _strip_consa(model) -> None:
+def _copy_without_plans(model):
+    """A deep copy of ``model`` without consa's plans (a search's gate plans hold tensors of its graph,
+    which cannot be copied); the model keeps its plans."""
+    import copy
+
     from .models import attention_modules
 
-    for mod in attention_modules(model):
-        if hasattr(mod, "consa_plan"):
-            del mod.consa_plan
+    saved = [(m, m.__dict__.pop("consa_plan")) for m in attention_modules(model) if "consa_plan" in m.__dict__]
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, plan in saved:
+            m.consa_plan = plan
 
 
 def _check_weights(folder: Path) -> None:
@@ -208,9 +245,15 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict | None, Allocation 
         alloc = Allocation.from_dict(section.get("allocation"))
     except AllocationError as e:
         raise ExportError(f"{cfg_path}: stored allocation is invalid: {e}") from None
+    rows = section.get("layers", list(range(alloc.shape.num_layers)))
+    if not isinstance(rows, list) or len(rows) != alloc.shape.num_layers or not all(isinstance(r, int) for r in rows):
+        raise ExportError(f"{cfg_path}: the record's 'layers' does not name one decoder layer per allocation row")
     if section["mode"] == "native":
+        text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg  # a vision-language checkpoint's decoder
+        types = text.get("layer_types") or []
+        got = [types[r] if 0 <= r < len(types) else None for r in rows]
         want = ["full_attention" if row[0] else "sliding_attention" for row in alloc.fa]
-        if cfg.get("layer_types") != want or cfg.get("sliding_window") != alloc.window:
+        if got != want or text.get("sliding_window") != alloc.window:
             raise ExportError(f"{cfg_path}: layer_types/sliding_window do not match the stored allocation")
     return cfg, section, alloc
 
@@ -219,23 +262,19 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
     """Load an export (either format) or a plain model folder, ready to serve.
 
     A head-wise export gets its allocation applied (``attn_implementation="consa"``); serve it with
-    ``consa.attention.cache.generate`` or ``model.generate(..., past_key_values=HybridCache(model))``.
+    ``consa.generate`` or ``model.generate(..., past_key_values=HybridCache(plans_of(model)))``.
     A native export loads as stock transformers would load it. The output of a LoRA heal without merge
     (``consa heal --lora R --no-merge``) loads as its base model + allocation + adapter (PEFT).
     """
-    from transformers import AutoModelForCausalLM
-
     from .models import apply_allocation, model_shape
 
     p = Path(path)
-    if not (p / "config.json").is_file() and any((d / "adapter_config.json").is_file() for d in (p / "adapter", p)):
-        from .train.heal import load_unmerged
-
-        return load_unmerged(p, dtype=dtype, device=device, backend=backend)
+    if is_unmerged(p):
+        return load_unmerged(p, load, dtype=dtype, device=device, backend=backend)
     cfg, section, alloc = read_export(path)
     kwargs = {"local_files_only": True, "output_loading_info": True, "dtype": dtype}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model, info = model_class(cfg).from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load {path}: {first}") from None

@@ -199,16 +199,24 @@ def _rmdirs(dirs: list[Path]) -> None:
             return
 
 
-def read_json(path: str | os.PathLike, what: str = "file", error: type[ConsaError] = ConsaError):
-    """Parse a JSON file; a missing, unreadable or malformed file is one ``error`` line."""
+def read_json(path: str | os.PathLike, what: str = "file", error: type[ConsaError] = ConsaError, *,
+              expect: type | None = None):
+    """Parse a JSON file; a missing, unreadable, binary or malformed file is one ``error`` line, and so is
+    one whose top-level value is not an ``expect`` (``dict``: the caller reads keys from it)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:  # a binary or corrupt file: JSON is UTF-8 text
+        raise error(f"{what} {path} is not valid JSON (not UTF-8 text: byte {e.start})") from None
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = "an object" if expect is dict else f"a {expect.__name__}"
+        raise error(f"{what} {path} is not valid: its JSON is {type(value).__name__}, not {kind}")
+    return value

@@ -174,8 +174,8 @@ def cut_agreement(prob_nonzero: torch.Tensor, fa: list[bool]) -> float:
     """Share of units whose own gate (P(z ≠ 0) ≥ 0.5 means FA) agrees with the global top-k cut ``fa``.
 
     Near 1 the cut only confirms what the gates decided. Well below 1 it ranks gates that are still
-    undecided (all near closed, say), so more search steps can change the allocation: run 4 of
-    docs/RESULTS.md saw 0.78 after 150 steps and a different, better allocation after 600.
+    undecided (all near closed, say), so more search steps can change the allocation (an agreement
+    near 0.78 after 150 steps has been seen to give a different, better allocation after 600).
     """
     p = prob_nonzero.detach().double().cpu().flatten().tolist()
     if len(p) != len(fa):

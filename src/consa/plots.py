@@ -121,3 +121,29 @@ def plot_comparison(results: list[dict], path, title: str | None = None) -> Path
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def draw_run(result: dict, out) -> list[str]:
+    """The pictures of one eval run into the folder ``out``: a retrieval heatmap per task
+    (retrieval_<task>.png) and allocation.png for a run with an allocation. Returns their file names,
+    for ``consa.eval.runner.write_run`` to link. A failed allocation picture is reported and skipped:
+    the numbers must never be lost for a picture."""
+    import sys
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for task, grid in (result.get("retrieval") or {}).items():
+        name = f"retrieval_{task}.png"
+        plot_retrieval_heatmap(grid, out / name, title=f"{task} — {result['label']}")
+        names.append(name)
+    if result.get("allocation") is not None:
+        from .allocation import Allocation
+        from .heatmap import plot_allocation
+
+        try:
+            plot_allocation(Allocation.from_dict(result["allocation"]), out / "allocation.png", title=result["label"])
+            names.append("allocation.png")
+        except Exception as e:  # the picture is a nicety
+            print(f"consa eval: allocation picture skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    return names

@@ -1,7 +1,7 @@
 """Qwen3-architecture presets for the base models consa trains itself (no pretrained weights here).
 
 Every preset is a full-attention Qwen3 with grouped-query attention. ``context`` is the training
-sequence length and ``window`` (= context / 16, GUIDE §6) the sliding window that searches and
+sequence length and ``window`` (= context / 16: long range then spans 16 windows) the sliding window that searches and
 rules use on that model. Parameter counts below are for a 16K vocabulary (tied embeddings).
 
 ============  ======  ======  =========  ========  =======  ======  =====================
@@ -57,14 +57,14 @@ PRESETS: dict[str, Preset] = {
                description="CPU-sized: tests and the CPU demo"),
         Preset("small-gpu", num_layers=16, hidden_size=384, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1024,
                context=4096, batch_size=16, lr=1.5e-3, tokens=60_000_000,
-               description="one H200 in a few minutes (GUIDE §7 prototype size)"),
+               description="one H200 in a few minutes (the prototype size)"),
         Preset("base-gpu", num_layers=24, hidden_size=512, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
                context=4096, batch_size=16, lr=1e-3, tokens=100_000_000,
-               description="the reference experiment's base model (GUIDE §6)"),
+               description="the reference experiment's base model (16+ layers, GQA, context >= 4096)"),
         Preset("paper-layout", num_layers=28, hidden_size=256, num_heads=16, num_kv_heads=8, head_dim=32,
                intermediate_size=768, context=2048, batch_size=16, lr=1.5e-3, tokens=60_000_000,
                description="the paper's unit layout (Qwen3-0.6B: 28 layers x 8 KV heads = 224 units), narrower and "
-                           "at 2048 tokens so that a base trains in one 10-minute H200 call like small-gpu (issue 17)"),
+                           "at 2048 tokens so that a base trains in one 10-minute H200 call like small-gpu"),
     )
 }
 

@@ -1,4 +1,4 @@
-"""A synthetic recall task where retrieval past the window matters (the CPU demo's task, GUIDE §8).
+"""A synthetic recall task where retrieval past the window matters (the CPU demo's task).
 
 Each sequence starts with ``pairs`` key–value facts, one position each, whose input embedding is
 E[key] + E[value]; then random filler; then ``queries`` of the keys (a subset, so the last answer

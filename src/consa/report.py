@@ -95,7 +95,7 @@ def _f(v, digits=3) -> str:
 
 
 def _spans_cell(r: dict) -> str:
-    """The window, or the SWA spans of an allocation with several (per-unit spans, issue 16)."""
+    """The window, or the SWA spans of an allocation with several (per-unit spans)."""
     spans = (r.get("allocation_stats") or {}).get("spans") or []
     return ",".join(map(str, spans)) if len(spans) > 1 else str(r.get("window", "–"))
 

@@ -11,7 +11,8 @@ import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_mod
 from consa.tiny import tiny_model
 from consa.train import search as search_mod
 from consa.train.distributed import init_from_env, shutdown
-from consa.train.search import Search, SearchConfig
+from consa.train.search import Search
+from consa.train.search_config import ScheduleConfig, SearchConfig, TargetConfig
 
 calls = {"n": 0}
 real = group_mod.foreach_all_gather
@@ -31,8 +32,8 @@ def batches(step):
     return {"input_ids": torch.randint(3, 101, (2, 32), generator=g)}
 
 
-s = Search(tiny_model("qwen3", num_layers=4), SearchConfig(sparsity=0.5, window=4, seq_len=32, steps=4, checkpoint_every=0),
-           batches, sys.argv[1], progress=False, dist=d)
+cfg = SearchConfig(TargetConfig(sparsity=0.5, window=4), seq_len=32, schedule=ScheduleConfig(steps=4), checkpoint_every=0)
+s = Search(tiny_model("qwen3", num_layers=4), cfg, batches, sys.argv[1], progress=False, dist=d)
 s.train_step()  # warm-up
 calls["n"] = 0
 s.train_step()

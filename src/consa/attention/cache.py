@@ -2,9 +2,10 @@
 
 A :class:`HybridCache` is a plain transformers :class:`~transformers.Cache` whose layers are
 :class:`HybridLayer` objects (one per decoder layer, built from the layer's
-:class:`~consa.attention.hybrid.LayerPlan`). ``update`` returns :class:`~consa.attention.hybrid.SplitKV`
+:class:`~consa.attention.plan.LayerPlan`). ``update`` returns :class:`~consa.attention.plan.SplitKV`
 objects for keys and values; the registered ``consa`` attention function runs FA heads over ``.fa``
-and SWA heads over ``.swa`` at the slots ``.swa_slots`` names.
+and SWA heads over ``.swa`` at the slots ``.swa_slots`` names. The cache knows plans and tensors only,
+no model: ``HybridCache(plans_of(model))`` (``consa.models.plans_of``) builds it for a model.
 
 What a layer holds after it has seen T slots (elements, keys and values together)::
 
@@ -18,7 +19,7 @@ the full length, offset 0), and the attention kernels pick the columns of the ke
 A layer whose SWA heads differ in span (per-unit spans) is a :class:`SpanGroupsLayer`: one inner layer
 per span group, each trimming to its own W − 1 + S, so the formula becomes a sum over groups.
 
-Use it with ``model.generate(..., past_key_values=HybridCache(model))`` or :func:`generate`.
+Use it with ``model.generate(..., past_key_values=HybridCache(plans_of(model)))`` or ``consa.generate``.
 Assisted and prompt-lookup decoding work too: with past recording on (transformers turns it on), the
 SWA heads keep their keys untrimmed until ``crop`` rolls rejected drafts back and trims them again.
 """
@@ -28,17 +29,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .hybrid import GroupedKV, LayerPlan, SplitKV, _take
-from .kernels import KeySlots
-
-
-def _selector(idx: list[int], n: int):
-    """A slice for contiguous head lists (a view, no copy), else an index tensor."""
-    if not idx:
-        return slice(0, 0)
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return slice(idx[0], idx[0] + len(idx))
-    return torch.tensor(idx)
+from .plan import GroupedKV, KeySlots, LayerPlan, SplitKV, kv_selector, take
 
 
 class _SpansEverySlot:
@@ -71,8 +62,8 @@ class HybridLayer(_SpansEverySlot, CacheLayerMixin):
         self.swa_kv = [h for h in range(num_kv_heads) if h not in set(self.fa_kv)]
         self.window = window
         self.sinks = sinks
-        self._fa_sel = _selector(self.fa_kv, num_kv_heads)
-        self._swa_sel = _selector(self.swa_kv, num_kv_heads)
+        self._fa_sel = kv_selector(self.fa_kv)
+        self._swa_sel = kv_selector(self.swa_kv)
         self.cumulative_length = 0
         self.swa_slots = KeySlots()
         self.fa_keys = self.fa_values = self.swa_keys = self.swa_values = None
@@ -109,12 +100,12 @@ class HybridLayer(_SpansEverySlot, CacheLayerMixin):
         new = key_states.shape[-2]
         self.cumulative_length += new
         if self.fa_kv:
-            self.fa_keys = torch.cat([self.fa_keys, _take(key_states, self._fa_sel)], dim=-2)
-            self.fa_values = torch.cat([self.fa_values, _take(value_states, self._fa_sel)], dim=-2)
+            self.fa_keys = torch.cat([self.fa_keys, take(key_states, self._fa_sel)], dim=-2)
+            self.fa_values = torch.cat([self.fa_values, take(value_states, self._fa_sel)], dim=-2)
         if not self.swa_kv:  # a pure FA layer behaves like a DynamicLayer
             return self.fa_keys, self.fa_values
-        k_all = torch.cat([self.swa_keys, _take(key_states, self._swa_sel)], dim=-2)
-        v_all = torch.cat([self.swa_values, _take(value_states, self._swa_sel)], dim=-2)
+        k_all = torch.cat([self.swa_keys, take(key_states, self._swa_sel)], dim=-2)
+        v_all = torch.cat([self.swa_values, take(value_states, self._swa_sel)], dim=-2)
         slots = self.swa_slots  # the slots of k_all: [0, S) ∪ [offset, total) or all of [0, total)
         if self.record_past:  # keep everything until the next crop, which may roll these tokens back
             self.swa_keys, self.swa_values = k_all, v_all
@@ -141,7 +132,7 @@ class HybridLayer(_SpansEverySlot, CacheLayerMixin):
         return tail.clone()  # a copy, so the larger concatenation is freed
 
     # ---- rollback (assisted / prompt-lookup decoding) -------------------------------------------
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """Hold the SWA heads' keys untrimmed after each update until :meth:`crop` (transformers calls
         this before assisted decoding), so that draft tokens can be rolled back."""
         self.record_past = True
@@ -235,7 +226,7 @@ class HybridLayer(_SpansEverySlot, CacheLayerMixin):
 class SpanGroupsLayer(_SpansEverySlot, CacheLayerMixin):
     """One decoder layer's cache when its SWA heads differ in span: an all-FA :class:`HybridLayer` for
     the FA heads and an all-SWA one per span group (``LayerPlan.span_groups``), each holding exactly its
-    own W − 1 + S slots. ``update`` returns :class:`~consa.attention.hybrid.GroupedKV`."""
+    own W − 1 + S slots. ``update`` returns :class:`~consa.attention.plan.GroupedKV`."""
 
     is_sliding = False
     is_croppable = True
@@ -245,10 +236,10 @@ class SpanGroupsLayer(_SpansEverySlot, CacheLayerMixin):
         super().__init__()
         self.num_kv_heads = plan.num_kv_heads
         self.fa_kv = list(plan.fa_kv)
-        self.groups = [(_selector(heads, plan.num_kv_heads), HybridLayer(len(heads), [], w, plan.sinks))
+        self.groups = [(kv_selector(heads), HybridLayer(len(heads), [], w, plan.sinks))
                        for w, heads in plan.span_groups]
         self.fa = HybridLayer(len(self.fa_kv), list(range(len(self.fa_kv))), plan.window) if self.fa_kv else None
-        self._fa_sel = _selector(self.fa_kv, plan.num_kv_heads)
+        self._fa_sel = kv_selector(self.fa_kv)
         self.cumulative_length = 0
 
     def _layers(self):
@@ -263,19 +254,19 @@ class SpanGroupsLayer(_SpansEverySlot, CacheLayerMixin):
         self.is_initialized = True
         self.cumulative_length += key_states.shape[-2]
         if self.fa is not None:
-            fa_k, fa_v = self.fa.update(_take(key_states, self._fa_sel), _take(value_states, self._fa_sel))
+            fa_k, fa_v = self.fa.update(take(key_states, self._fa_sel), take(value_states, self._fa_sel))
         else:
             fa_k = fa_v = key_states[:, :0]
         kg, vg = [], []
         for sel, layer in self.groups:
-            k, v = layer.update(_take(key_states, sel), _take(value_states, sel))
+            k, v = layer.update(take(key_states, sel), take(value_states, sel))
             kg.append((k.swa, k.swa_slots))
             vg.append((v.swa, v.swa_slots))
         return GroupedKV(fa_k, kg), GroupedKV(fa_v, vg)
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         for layer in self._layers():
-            layer.activate_past_recording()
+            layer.activate_past_recording(**kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Every group crops as a :class:`HybridLayer` does (same rules, same errors)."""
@@ -321,73 +312,30 @@ class SpanGroupsLayer(_SpansEverySlot, CacheLayerMixin):
 
 
 class HybridCache(Cache):
-    """A transformers Cache with one :class:`HybridLayer` per decoder layer.
-
-    Build it from a model that has a fixed allocation applied (``consa.apply_allocation``), e.g.
-    ``model.generate(ids, past_key_values=HybridCache(model))``, or from explicit plans.
+    """A transformers Cache with one :class:`HybridLayer` per decoder layer, built from the layers' fixed
+    plans: ``HybridCache(plans_of(model))`` for a model with an allocation applied
+    (``consa.apply_allocation``), e.g. ``model.generate(ids, past_key_values=HybridCache(plans_of(model)))``.
     """
 
-    def __init__(self, model=None, *, plans: list[LayerPlan] | None = None, offloading: bool = False):
-        if (model is None) == (plans is None):
-            raise ValueError("give HybridCache exactly one of a model (with consa applied) or a list of plans")
-        if plans is None:
-            plans = plans_of(model)
-        super().__init__(layers=[HybridLayer.from_plan(p) for p in plans], offloading=offloading)
+    def __init__(self, plans: list[LayerPlan], *, offloading: bool = False, others: dict | None = None):
+        """``others``: the cache layers of a decoder's layers that are not attention (linear attention,
+        convolutions), by decoder layer index (``consa.models.hybrid_cache`` takes them from
+        transformers' own cache); the plans fill the other positions, in order."""
+        plans = list(plans) if isinstance(plans, (list, tuple)) else []
+        if not plans or not all(isinstance(p, LayerPlan) for p in plans):
+            raise TypeError("HybridCache takes the layers' LayerPlans (consa.models.plans_of(model) gives a model's)")
+        hybrid = iter([HybridLayer.from_plan(p) for p in plans])
+        others = others or {}
+        layers = [others[i] if i in others else next(hybrid) for i in range(len(plans) + len(others))]
+        super().__init__(layers=layers, offloading=offloading)
 
     @classmethod
     def from_allocation(cls, allocation, **kwargs) -> "HybridCache":
         """One layer per plan of ``allocation`` (native sliding layers at their own window)."""
-        return cls(plans=[LayerPlan.from_allocation(allocation, i) for i in range(allocation.shape.num_layers)], **kwargs)
+        return cls([LayerPlan.from_allocation(allocation, i) for i in range(allocation.shape.num_layers)], **kwargs)
 
-    def stored_elements(self) -> int:
-        return sum(layer.stored_elements() for layer in self.layers)
+    def stored_elements(self) -> int:  # keys and values; other layers' constant state not counted
+        return sum(layer.stored_elements() for layer in self.layers if hasattr(layer, "stored_elements"))
 
     def stored_bytes(self) -> int:
-        return sum(layer.stored_bytes() for layer in self.layers)
-
-
-def plans_of(model) -> list[LayerPlan]:
-    """The fixed LayerPlans consa put on a model's attention modules, in layer order."""
-    from ..models import attention_modules
-
-    plans = []
-    for mod in attention_modules(model):
-        plan = getattr(mod, "consa_plan", None)
-        if plan is None or plan.mode != "fixed":
-            raise ValueError(
-                "HybridCache needs a model with a fixed consa allocation on every layer "
-                "(call consa.apply_allocation(model, allocation) first)"
-            )
-        plans.append(plan)
-    return plans
-
-
-@torch.no_grad()
-def generate(model, input_ids, *, static: bool | None = None, cuda_graphs: bool | None = None, **kwargs):
-    """Generate with the hybrid model's KV savings.
-
-    ``input_ids`` a [B, T] tensor (left-padded, with ``attention_mask``): returns what
-    ``model.generate`` returns. A list of prompts: returns a list of new-token lists
-    (``consa.serving.generate_many``, ``batch_size`` per batch).
-
-    ``static``: None picks the static cache + captured-graph path (``consa.serving``) on CUDA when it
-    serves the call (greedy or plain sampling), else ``model.generate`` with a fresh
-    :class:`HybridCache`; False forces the eager path, True the static one (graphs on CUDA unless
-    ``cuda_graphs=False``). A model without a consa allocation falls back to transformers' default cache.
-    """
-    from ..serving import generate as serving
-
-    if isinstance(input_ids, (list, tuple)):
-        return serving.generate_many(model, input_ids, cuda_graphs=cuda_graphs if static is not False else False, **kwargs)
-    if static is None:
-        static = next(model.parameters()).is_cuda and serving.static_supported(model, kwargs) is None
-    if static:
-        return serving.generate_static(model, input_ids, cuda_graphs=cuda_graphs, **kwargs)
-    from .. import compat
-
-    if "past_key_values" not in kwargs and "cache" not in kwargs:
-        try:
-            kwargs.update(compat.cache_kwargs(HybridCache(model), model))
-        except ValueError:
-            pass
-    return model.generate(input_ids, **kwargs)
+        return sum(layer.stored_bytes() for layer in self.layers if hasattr(layer, "stored_bytes"))

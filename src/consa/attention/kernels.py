@@ -1,49 +1,31 @@
-"""Attention kernels over explicit cache slots: full causal and sliding window, with GQA.
+"""Attention building blocks over explicit cache slots: SDPA, the dense band, FlexAttention, streams.
 
 Every path computes softmax(q·kᵀ·scale + mask)·v where the mask is the composition of
-``masks.causal_mask_mod`` / ``masks.sliding_window_mask_mod`` with the model's padding mask. The
-choice of kernel is a speed decision only:
+``masks.causal_mask_mod`` / ``masks.sliding_window_mask_mod`` with the model's padding mask. Which
+block runs a call is decided by ``select.choose`` from the plan's ``KernelConfig`` (``attend.attention``
+puts them together); here are the pieces that need no kernel of their own:
 
-* SDPA (flash / efficient / math, chosen by torch) whenever the pattern is plain causal or needs no
-  mask at all (decode over a cache that holds only visible keys);
-* for sliding-window prefill (no padding mask, Tq = Tk) the kernel ``SWA_PREFILL`` names:
-  the banded Triton kernel of ``triton_prefill`` (``"triton"``, CUDA), FlexAttention with a cached
-  block mask (``"flex"``, CUDA), block-diagonal causal attention over W-sized chunks merged by
-  log-sum-exp (``"chunked"``: cuDNN / FA2 on CUDA fp16/bf16, flash on CPU) or FlashAttention-2's own
-  local window (``"flash"``, CUDA fp16/bf16);
-* SDPA with a dense boolean mask otherwise (CPU, padding, chunked prefill).
+* SDPA (flash / efficient / math, chosen by torch) and the dense boolean band it takes where the
+  pattern is not plain causal;
+* the slot arithmetic that says when a decode query needs no mask at all (``decode_sees_all``) and
+  when held keys cover every key a query sees (``window_held``);
+* FlexAttention with block masks built in closed form (``flex_sliding``, ``flex_hybrid``; CUDA, with an
+  eager CPU twin for tests);
+* two head groups on two CUDA streams (``overlapped``).
 
 ``reference_attention`` is the dense float64 reference that tests hold every path to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from . import split_causal, triton_prefill
-from .chunked import _flash_window_op, chunked_sliding, flash_sliding
 from .masks import hybrid_mask_mod, offset_mask_mod, sliding_window_mask_mod
-
-
-@dataclass(frozen=True)
-class KeySlots:
-    """Cache slots of a key tensor: the first ``num_sinks`` keys sit at slots 0…S−1, the rest at
-    ``offset``, ``offset``+1, … . Plain keys are ``KeySlots()`` (slot j for key j). Plain ints, so
-    kernel choice never needs a device sync."""
-
-    num_sinks: int = 0
-    offset: int = 0
-
-    def positions(self, length: int, device) -> torch.Tensor:
-        idx = torch.arange(length, device=device)
-        return torch.where(idx < self.num_sinks, idx, idx - self.num_sinks + self.offset)
-
-    def is_identity(self) -> bool:
-        return self.num_sinks == 0 and self.offset == 0
+from .plan import KeySlots
+from .softcap_sinks import flex_score_mod, fold_sink_logits
 
 
 def select_mask_columns(mask: torch.Tensor, slots: KeySlots, length: int) -> torch.Tensor:
@@ -58,68 +40,11 @@ def select_mask_columns(mask: torch.Tensor, slots: KeySlots, length: int) -> tor
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
-def _split_ok(q, k) -> bool:
-    """Causal prefill as uniform split calls (``split_causal.SPLIT_DEPTH``): CUDA fp16/bf16 inference."""
-    d = split_causal.SPLIT_DEPTH
-    return (d > 0 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and split_causal.splits(q.shape[2], d)
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
-
-
-def _sdpa(q, k, v, mask, is_causal, scale, dropout):
+def sdpa(q, k, v, mask, is_causal, scale, dropout):
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout, enable_gqa=gqa
     )
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    window: int | None = None,
-    sinks: int = 0,
-    mask: torch.Tensor | None = None,
-    slots: KeySlots = KeySlots(),
-    dropout: float = 0.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Causal (``window=None``) or sliding-window attention of q [B,Hq,Tq,D] over k, v [B,Hk,Tk,D].
-
-    Queries are the last Tq slots of the sequence (``q_offset = total − Tq``, where total is the
-    number of slots the padding mask spans, or the last key slot + 1). ``mask`` is transformers'
-    boolean padding+causal mask over all slots [B,1,Tq,total] or None (no padding).
-    """
-    tq, tk = q.shape[-2], k.shape[-2]
-    total = mask.shape[-1] if mask is not None else slots.offset + (tk - slots.num_sinks)
-    q_off = total - tq
-    if mask is not None:
-        mask = select_mask_columns(mask, slots, tk)
-
-    if window is None:
-        if mask is None:
-            if tq == 1:
-                return _sdpa(q, k, v, None, False, scale, dropout)
-            if tq == tk and slots.is_identity():
-                if not dropout and _split_ok(q, k):
-                    return split_causal.split_causal(q, k, v, scale, split_causal.SPLIT_DEPTH)
-                return _sdpa(q, k, v, None, True, scale, dropout)
-        # transformers' mask already holds causality; build the band only when there is no mask.
-        band = None if mask is not None else _band(q_off, tq, tk, slots, None, 0, q.device)
-    else:
-        # Decode over a cache that holds only visible keys needs no mask at all.
-        if tq == 1 and decode_sees_all(tk, slots, window, sinks, total):
-            band = None
-            if mask is None:
-                return _sdpa(q, k, v, None, False, scale, dropout)
-        elif mask is None and tq == tk and slots.is_identity() and (kernel := _swa_prefill_kernel(q, k, v, window, backend)):
-            return kernel(q, k, v, window, sinks, scale)
-        else:
-            band = _band(q_off, tq, tk, slots, window, sinks, q.device)
-    if band is not None:
-        mask = band if mask is None else (mask & band)
-    return _sdpa(q, k, v, mask, False, scale, dropout)
 
 
 def decode_sees_all(tk: int, slots: KeySlots, window: int, sinks: int, total: int | None = None) -> bool:
@@ -141,7 +66,7 @@ def window_held(tk: int, slots: KeySlots, window: int, sinks: int, total: int, t
 
 
 @lru_cache(maxsize=32)
-def _band(q_off, tq, tk, slots, window, sinks, device):
+def band(q_off, tq, tk, slots, window, sinks, device):
     """Boolean [Tq, Tk] visibility; cached, since every layer of a forward asks for the same one."""
     q_pos = torch.arange(q_off, q_off + tq, device=device)
     k_pos = slots.positions(tk, device)
@@ -151,14 +76,13 @@ def _band(q_off, tq, tk, slots, window, sinks, device):
 
 
 # ---- FlexAttention (CUDA) ------------------------------------------------------------------------
-def _flex_ok(q: torch.Tensor, backend: str) -> bool:
-    if not q.is_cuda:
-        return False
-    if backend == "flex":
-        return True
-    return q.shape[-2] >= 1024  # below that the dense-mask SDPA is as fast and compiles nothing
+def flex_why_not(q: torch.Tensor) -> str | None:
+    """Why FlexAttention should not run these queries, or None: it runs compiled on CUDA only (the
+    eager CPU path is a test twin, far slower than the dense-mask SDPA)."""
+    return None if q.is_cuda else "FlexAttention runs compiled on CUDA tensors only"
 
 
+FLEX_MIN_QUERIES = 1024  # "auto" takes flex from here: below, the dense-mask SDPA is as fast and compiles nothing
 BLOCK = 128
 
 
@@ -235,116 +159,70 @@ def _hybrid_block_mask(seq_len: int, fa_heads: tuple[bool, ...], window: int, si
 
 
 _compiled_flex = None
-FLEX_KERNEL_OPTIONS: dict | None = None  # e.g. {"BLOCK_M": 128, "BLOCK_N": 64}; None = FlexAttention's defaults
 
 
-def _run_flex(q, k, v, block_mask, scale: float) -> torch.Tensor:
-    """FlexAttention under ``block_mask``: compiled once on CUDA, eager (slow, for the CPU twins) elsewhere."""
+def _lse_request() -> dict:
+    """FlexAttention's keywords asking for the log-sum-exp (``return_aux`` from torch 2.9, else ``return_lse``)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+def _run_flex(q, k, v, block_mask, scale: float, options: tuple = (), softcap: float | None = None,
+              sink_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """FlexAttention under ``block_mask``: compiled once on CUDA, eager (slow, for the CPU twins) elsewhere.
+    ``options``: FlexAttention ``kernel_options`` as (name, value) pairs; () = its defaults. A soft cap
+    is a ``score_mod``; sink logits are folded in from the log-sum-exp (``softcap_sinks``)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     gqa = q.shape[1] != k.shape[1]
+    extra = {"score_mod": flex_score_mod(softcap)} if softcap is not None else {}
+    if sink_logits is not None:
+        extra.update(_lse_request())
     if not q.is_cuda:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # eager flex warns that it is unfused
-            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
+            out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
+    else:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        if options:
+            extra["kernel_options"] = dict(options)
+        out = _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
+    if sink_logits is None:
+        return out
+    out, aux = out
+    return fold_sink_logits(out, getattr(aux, "lse", aux), sink_logits)
 
 
-def flex_sliding(q, k, v, window: int, sinks: int, scale: float) -> torch.Tensor:
-    """Sliding-window prefill with FlexAttention; the block mask is built once per shape and cached."""
-    return _run_flex(q, k, v, _sliding_block_mask(q.shape[-2], k.shape[-2], window, sinks, str(q.device)), scale)
+def flex_sliding(q, k, v, window: int, sinks: int, scale: float, options: tuple = (), *, softcap: float | None = None,
+                 sink_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Sliding-window prefill with FlexAttention; the block mask is built once per shape and cached.
+    A window of at least T is plain causal."""
+    mask = _sliding_block_mask(q.shape[-2], k.shape[-2], min(window, k.shape[-2]), sinks, str(q.device))
+    return _run_flex(q, k, v, mask, scale, options, softcap, sink_logits)
 
 
-HYBRID_PREFILL = "split"  # "split": FA heads on SDPA + SWA heads on their own kernel, merged; "fused": one
-# FlexAttention call over all heads with a per-head block mask; "triton": one launch of triton_prefill's banded
-# kernel over all heads (per-head windows, longest tiles first, written in place: no split, no merge). Both
-# lose on the H200: fused 1.31-1.57x ideal, triton 1.32-1.75x (its causal part runs at ~0.7x cuDNN's speed)
+def flex_causal(q, k, v, scale: float, options: tuple = (), *, softcap: float | None = None,
+                sink_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal prefill with FlexAttention: what soft-capped or sink-logit heads take where SDPA would run."""
+    return flex_sliding(q, k, v, k.shape[-2], 0, scale, options, softcap=softcap, sink_logits=sink_logits)
 
 
-def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float) -> torch.Tensor:
+def flex_hybrid(q, k, v, fa_heads: tuple[bool, ...], window: int, sinks: int, scale: float, options: tuple = (), *,
+                softcap: float | None = None, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Hybrid prefill (Tq = Tk, no padding) in one FlexAttention call: query head h attends causally
     where ``fa_heads[h]``, else over the sliding window. The block mask is built once and cached."""
-    return _run_flex(q, k, v, _hybrid_block_mask(q.shape[-2], tuple(fa_heads), window, sinks, str(q.device)), scale)
+    mask = _hybrid_block_mask(q.shape[-2], tuple(fa_heads), window, sinks, str(q.device))
+    return _run_flex(q, k, v, mask, scale, options, softcap, sink_logits)
 
 
-# ---- sliding-window prefill on flash kernels (CUDA; the chunked one also on CPU) -------------------
-SWA_PREFILL = "auto"  # "flex" | "chunked" | "flash" | "triton" | "auto" (CUDA fp16/bf16: chunked from
-# AUTO_CHUNKED_MIN_WINDOW up, else triton; flex otherwise). H200, torch 2.11, 12 SWA q heads, ms:
-# W=512 (flex / triton): 8K 0.115 / 0.098, 32K 0.437 / 0.382, 128K 1.703 / 1.372;
-# W=4096 (chunked / triton): 32K 1.567 / 1.902 (flex 1.94, flash 2.74)
-AUTO_CHUNKED_MIN_WINDOW = 2048
-PREFILL_OVERLAP = True  # hybrid prefill: SWA heads on a side stream beside the FA heads (CUDA): True, False,
-# or "auto" = up to AUTO_OVERLAP_MAX_TOKENS queries. With OVERLAP_PRIORITY it never lost on the H200:
-# 8K-32K 3-25% faster, 128K within 2% (W=4096 / 50% FA: 72.1 -> 69.0 ms).
-AUTO_OVERLAP_MAX_TOKENS = 32768
-OVERLAP_PRIORITY = "auto"  # overlapped prefill: which head group's stream gets a high priority, so the GPU
-# dispatches its blocks first and the other group's blocks fill the SMs it leaves idle: "fa", "swa", None,
-# or "auto" = the group with the larger estimated time (overlap_priority). H200, 8K / W=512 / 25% FA:
-# 0.284 ms without priorities, 0.226 with the FA heads first.
-SWA_PAIR_COST = {"triton": 2.2, "chunked": 1.4}  # time per visible pair of the SWA kernel, relative to the FA
-# heads' causal SDPA (H200: triton 1.9-2.3 at W=512; chunked at W=4096 1.3-1.4 at 8K, 1.2-1.25 at 32K)
-
-
-def overlap_priority(n_fa: int, n_swa: int, t: int, window: int) -> str | None:
-    """``OVERLAP_PRIORITY`` for a prefill of ``t`` tokens with ``n_fa`` / ``n_swa`` heads (KV or query
-    heads alike: only the ratio counts): "fa", "swa" or None ("auto": the group whose kernel is
-    estimated to take longer, from its visible pairs)."""
-    if OVERLAP_PRIORITY != "auto":
-        return OVERLAP_PRIORITY or None
-    pairs = t * window - window * (window - 1) // 2 if window < t else t * (t + 1) // 2
-    cost = SWA_PAIR_COST["chunked" if window >= AUTO_CHUNKED_MIN_WINDOW else "triton"]
-    return "fa" if n_fa * t * (t + 1) / 2 >= n_swa * pairs * cost else "swa"
-
-
-def overlap_wanted(num_queries: int) -> bool:
-    """``PREFILL_OVERLAP`` for a prefill of this many queries ("auto": up to AUTO_OVERLAP_MAX_TOKENS)."""
-    if PREFILL_OVERLAP == "auto":
-        return 1 < num_queries <= AUTO_OVERLAP_MAX_TOKENS
-    return bool(PREFILL_OVERLAP) and num_queries > 1
-
-
-def overlap_prefill(q: torch.Tensor) -> bool:
-    """Whether a hybrid prefill of these queries runs its SWA heads on a side stream (CUDA, inference)."""
-    return q.is_cuda and overlap_wanted(q.shape[-2]) and not (torch.is_grad_enabled() and q.requires_grad)
-
-
-def _swa_prefill_kernel(q, k, v, window: int, backend: str):
-    """The kernel for sliding-window prefill over plain slots (no mask, Tq = Tk), or None for the
-    dense-mask SDPA. ``backend`` "flex" / "chunked" / "flash" forces one, "auto" reads ``SWA_PREFILL``.
-    Kernels a device or dtype cannot run fall back: flash → chunked → flex → dense SDPA, triton → flex.
-    "triton" is ``triton_prefill``'s banded kernel (K/V tiles shared by the query group)."""
-    if backend not in ("auto", "flex", "chunked", "flash", "triton"):
-        return None
-    kind = SWA_PREFILL if backend == "auto" else backend
-    if kind != "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        kind = "flex"  # the LSE outputs of the aten attention ops (and the Triton kernel) carry no gradient
-    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if kind == "auto":
-        kind = "chunked" if half and window >= AUTO_CHUNKED_MIN_WINDOW else ("triton" if half else "flex")
-    if kind == "triton":
-        if triton_prefill.usable(q, k, v):
-            return triton_prefill.sliding
-        kind = "flex"
-    if kind == "flash" and half and _flash_window_op():
-        return flash_sliding
-    if kind in ("chunked", "flash") and (half or q.device.type == "cpu"):
-        return chunked_sliding  # "flash" falls back to its CPU twin
-    if _flex_ok(q, "flex" if backend == "flex" else "auto"):
-        return flex_sliding
-    return None
-
-
-# ---- hybrid decode (CUDA) ------------------------------------------------------------------------
-DECODE_KERNEL = "auto"  # "auto": both head groups in one Triton split-KV launch (triton_decode) where it
-# applies (CUDA, one query, at most one padding row per sequence, every held key inside the window),
-# else SDPA per group; "sdpa": always SDPA per group
-DECODE_OVERLAP = True  # SDPA decode: run the SWA heads' kernel on a side stream beside the FA heads' one
+# ---- two head groups on two CUDA streams -------------------------------------------------------------
 _side_streams: dict = {}
 
 
@@ -381,15 +259,24 @@ def overlapped(main_fn, side_fn, priority: str | None = None):
 
 
 # ---- dense reference -----------------------------------------------------------------------------
-def reference_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def reference_attention(q, k, v, allowed: torch.Tensor, scale: float, softcap: float | None = None,
+                        sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 softmax attention under an explicit boolean mask broadcastable to [B,Hq,Tq,Tk].
 
-    Rows with no visible key return zeros. GQA by repeating KV heads.
+    Rows with no visible key return zeros. GQA by repeating KV heads. ``softcap``: scores become
+    cap·tanh(score / cap) before the mask; ``sink_logits`` [Hq]: one more logit per query head in the
+    softmax, with no value (transformers' Gemma2 and gpt-oss eager attention).
     """
     g = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(g, dim=1)
     v = v.double().repeat_interleave(g, dim=1)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sink_logits is not None:
+        sink = sink_logits.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhqk,bhkd->bhqd", probs, v).to(q.dtype)

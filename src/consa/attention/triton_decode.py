@@ -11,6 +11,9 @@ callers check it with ``kernels.decode_sees_all``), so the only mask is the opti
 a left-padded batch, read per key slot. Several queries (drafts to verify, short prompt chunks) share
 the programs' rows with the query group and mask by slot: causal, and the window on the SWA heads.
 
+A logit soft cap is a constexpr switch of the split kernel (``SOFTCAP``); learned sink logits join
+the merge kernel's denominator once per query head (``HAS_SINK_LOGITS``), never a split's.
+
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
 imported; tests/conftest.py sets it on machines without CUDA), which is how the CPU tests hold them
 to the float64 reference.
@@ -43,15 +46,37 @@ def available() -> bool:
     return triton is not None
 
 
+LOG2E = 1.4426950408889634
+
+
+def score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, CAP2) for the kernels' log2-domain scores: q·k · qk_scale, or with a soft cap
+    CAP2 · tanh(q·k · qk_scale) = log2 e · cap · tanh(q·k · scale / cap)."""
+    if softcap is None:
+        return scale * LOG2E, 1.0
+    return scale / softcap, softcap * LOG2E
+
+
+def _softcap_tanh(x):
+    """tanh in float32 from one exp (Triton's core has none; the interpreter runs no libdevice):
+    (1 − e^−2|x|) / (1 + e^−2|x|) with x's sign, within ~1e-7 of tanh."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+softcap_tanh = triton.jit(_softcap_tanh) if triton is not None else _softcap_tanh
+
+
 def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
              s_qb, s_qh, s_qt,
              s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
              s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
              s_ob, s_oh, s_os, s_lb, s_lh, s_mb, s_mt,
-             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, TQ, WIN, SINKS, LENP, RING,
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, CAP2, TQ, WIN, SINKS, LENP, RING,
              G: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
              BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MULTI: tl.constexpr,
-             STATIC: tl.constexpr):
+             STATIC: tl.constexpr, SOFTCAP: tl.constexpr):
     """Program (b, p): p < N_FA·NS_FA is split p % NS_FA of FA head p // NS_FA, the rest split the SWA
     heads alike (a flat grid, so short heads launch no empty programs). It writes the softmax-weighted
     values of its key chunk for the head's query group and the chunk's log2-sum-exp (scores in the log2
@@ -135,6 +160,8 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * s_mb + key_slot.to(tl.int64) * s_mt, mask=valid, other=0) != 0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:  # see score_scales
+            qk = CAP2 * softcap_tanh(qk)
         if MULTI:
             dist = pos[:, None] - key_slot[None, :]
             seen = valid[None, :] & (dist >= 0) & ((dist < win) | (key_slot[None, :] < SINKS))
@@ -157,10 +184,12 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
     tl.store(LP + b * s_lb + rows * s_lh + s, m_i + tl.log2(l_i), mask=gmask)
 
 
-def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, s_Ot, N_KV, NS_FA, NS_SW, TQ,
-             G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NS_PAD: tl.constexpr, SB: tl.constexpr):
+def _combine(OP, LP, O, HEADS, SINK_LOGITS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, s_Ot, N_KV, NS_FA, NS_SW, TQ,
+             G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NS_PAD: tl.constexpr, SB: tl.constexpr,
+             HAS_SINK_LOGITS: tl.constexpr):
     """Program (b, row): merge the splits of one query of one query head (row = head · TQ + query)
-    by their log2-sum-exp."""
+    by their log2-sum-exp. With ``HAS_SINK_LOGITS`` the head's sink logit (float32 [Hq]) joins the
+    denominator as one more term with no value."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)  # the row
     head = h // TQ
@@ -169,9 +198,14 @@ def _combine(OP, LP, O, HEADS, s_ob, s_oh, s_os, s_lb, s_lh, s_Ob, s_Oh, s_Ot, N
     offs_all = tl.arange(0, NS_PAD)
     lse = tl.load(LP + b * s_lb + h * s_lh + offs_all, mask=offs_all < ns, other=float("-inf"))
     m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # no visible key at all: the output is 0
-    total = tl.sum(tl.exp2(lse - m), 0)
-    total = tl.where(total > 0, total, 1.0)
+    if HAS_SINK_LOGITS:
+        sink = tl.load(SINK_LOGITS + head) * 1.4426950408889634  # log2 e
+        m = tl.maximum(m, sink)
+        total = tl.sum(tl.exp2(lse - m), 0) + tl.exp2(sink - m)
+    else:
+        m = tl.where(m == float("-inf"), 0.0, m)  # no visible key at all: the output is 0
+        total = tl.sum(tl.exp2(lse - m), 0)
+        total = tl.where(total > 0, total, 1.0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < D
     acc = tl.zeros([D_PAD], tl.float32)
@@ -196,9 +230,6 @@ def _kernels():
 
 def interpreted() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
-
-
-ON_CPU = False  # let the model path take the kernel on CPU tensors under the interpreter (tests only: slow)
 
 
 @lru_cache(maxsize=64)
@@ -239,20 +270,36 @@ def dtype_ok(q: torch.Tensor) -> bool:
 MAX_QUERIES = 16  # most queries per sequence in one call: a decode step (1) or the verification of drafts
 
 
-def usable(q: torch.Tensor, *kv: torch.Tensor) -> bool:
-    """Whether the kernel can take these tensors: 1 to ``MAX_QUERIES`` queries, unit stride on the
-    head dim, a dtype tl.dot takes (``dtype_ok``), no gradient, CUDA (or the interpreter on CPU)."""
-    if triton is None or not (q.is_cuda or (ON_CPU and interpreted())) or not 1 <= q.shape[-2] <= MAX_QUERIES or not dtype_ok(q):
-        return False
+def why_not(q: torch.Tensor, *kv: torch.Tensor, on_cpu: bool = False) -> str | None:
+    """Why the kernel cannot take these tensors, or None: it needs 1 to ``MAX_QUERIES`` queries, unit
+    stride on the head dim, a dtype tl.dot takes (``dtype_ok``), no gradient, and CUDA (or CPU tensors
+    under the interpreter when ``on_cpu``, ``KernelConfig.triton_on_cpu``)."""
+    if triton is None:
+        return "triton is not installed"
+    if not (q.is_cuda or (on_cpu and interpreted())):
+        return "the Triton decode kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1 with triton_on_cpu)"
+    if not 1 <= q.shape[-2] <= MAX_QUERIES:
+        return f"{q.shape[-2]} queries per sequence (the kernel takes 1 to {MAX_QUERIES})"
+    if not dtype_ok(q):
+        return f"dtype {q.dtype} is not one tl.dot takes on this device"
     if any(x.dtype != q.dtype or x.device != q.device or x.stride(-1) != 1 or x.shape[-2] == 0 for x in kv):
-        return False
-    return q.stride(-1) == 1 and not (torch.is_grad_enabled() and q.requires_grad)
+        return "keys and values must match the queries' dtype and device, with unit stride on the head dim and some keys"
+    if q.stride(-1) != 1:
+        return "the queries need unit stride on the head dim"
+    if torch.is_grad_enabled() and q.requires_grad:
+        return "the Triton decode kernel carries no gradient"
+    return None
+
+
+def usable(q: torch.Tensor, *kv: torch.Tensor, on_cpu: bool = False) -> bool:
+    """Whether the kernel can take these tensors (:func:`why_not` finds no reason)."""
+    return why_not(q, *kv, on_cpu=on_cpu) is None
 
 
 def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float, *, mask: torch.Tensor | None = None,
                   swa_sinks: int = 0, swa_offset: int = 0, splits: int | None = None,
                   window: int | None = None, sinks: int = 0, length: torch.Tensor | None = None,
-                  ring: int = 0) -> torch.Tensor:
+                  ring: int = 0, softcap: float | None = None, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the last Tq slots' queries over the held keys of their head's group.
 
     q [B, Hq, Tq, D]; k_fa/v_fa [B, n_fa, T, D] (every slot); k_swa/v_swa [B, n_swa, m, D]; ``heads``
@@ -268,6 +315,9 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     SWA keys a ring of ``swa_sinks`` + ``ring`` slots (static_cache.py), ``window`` required. Every
     size the launch depends on is then a buffer shape, so a captured CUDA graph stays valid.
     Either head group may be empty there (an all-FA or all-SWA layer).
+
+    ``softcap``: scores capped to cap·tanh(s / cap); ``sink_logits`` [Hq]: one more logit per query
+    head in the softmax, with no value (added once, in the merge of the splits).
     """
     b, hq, tq, d = q.shape
     static = length is not None
@@ -297,6 +347,10 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         mask = (mask[:, :, -1] if mask.dim() == 4 else mask).reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
     mask_arg = mask if mask is not None else heads  # any pointer: not read without a mask
     len_arg = length if static else heads  # any pointer: not read unless static
+    if sink_logits is not None and sink_logits.shape != (hq,):
+        raise ValueError(f"sink logits of shape {tuple(sink_logits.shape)} for {hq} query heads")
+    sink_arg = heads if sink_logits is None else sink_logits.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    qk_scale, cap2 = score_scales(scale, softcap)
     partial[(b, n_fa * ns_fa + n_sw * ns_sw)](
         q, k_fa, v_fa, k_swa, v_swa, part, lse, heads, mask_arg,
         q.stride(0), q.stride(1), q.stride(2),
@@ -304,15 +358,17 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         mask_arg.stride(0), mask_arg.stride(-1),
-        n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, scale * 1.4426950408889634,
+        n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, qk_scale, cap2,
         tq, window or 1, sinks, len_arg, max(1, ring),
         G=group, R_PAD=max(16, triton.next_power_of_2(group * tq)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
-        HAS_MASK=mask is not None, MULTI=tq > 1, STATIC=static, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HAS_MASK=mask is not None, MULTI=tq > 1, STATIC=static, SOFTCAP=softcap is not None,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     combine[(b, hq * tq)](
-        part, lse, out, heads, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        part, lse, out, heads, sink_arg, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(2), out.stride(1), n_fa + n_sw, ns_fa, ns_sw, tq,
         G=group, D=d, D_PAD=d_pad, NS_PAD=max(2, triton.next_power_of_2(max(ns_fa, ns_sw))), SB=COMBINE_BLOCK,
+        HAS_SINK_LOGITS=sink_logits is not None,
     )
     return out
 

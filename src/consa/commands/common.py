@@ -79,48 +79,13 @@ def run_on_ranks(args, under_torchrun: bool, body):
         D.shutdown(dist)
 
 
-def check_corpus_vocab(corpus, split: str, vocab_size: int) -> None:
-    """A corpus tokenized with a larger vocabulary than the model's would index past its embedding
-    (an IndexError deep in the forward); refuse it as one line before any work."""
-    meta_path = Path(corpus) / split / "meta.json"
-    if not meta_path.is_file():
-        return  # TokenShards.open reports a missing or broken corpus
-    n = (read_json(meta_path, what="corpus metadata") or {}).get("vocab_size")
-    if isinstance(n, int) and n > vocab_size:
-        raise ConsaError(f"corpus {corpus} was tokenized with a vocabulary of {n} tokens, the model has {vocab_size}; "
-                         "build the corpus with the model's tokenizer (consa data build --tokenizer MODEL_DIR)")
-
-
 def search_batches(args, model, vocab_size: int):
-    """A pure function step -> batch for the search, from a built corpus or random tokens."""
-    import numpy as np
+    """The step -> batch function of ``consa search`` / ``consa heal``: from ``--corpus`` (with
+    ``--retrieval-mix``), or random tokens without one (smoke tests, tiny random models)."""
+    from ..data.batches import corpus_batches, random_batches
 
-    b, t, seed = args.batch_size, args.seq_len, args.seed
-    if args.corpus:
-        from ..data.shards import TokenShards
-        from ..data.tokenizer import load_tokenizer
-        from ..train.batches import MixedSource, corpus_source, retrieval_source, split_batch
-
-        check_corpus_vocab(args.corpus, "train", vocab_size)
-        shards = TokenShards.open(args.corpus, "train")
-        if shards.num_tokens < t + 1:
-            raise ConsaError(f"corpus {args.corpus} holds {shards.num_tokens} tokens, fewer than --seq-len {t}")
-        source = corpus_source(shards)
-        mix = getattr(args, "retrieval_mix", 0.0)
-        if not 0.0 <= mix <= 1.0:
-            raise ConsaError(f"--retrieval-mix must be in [0, 1], got {mix}")
-        if mix > 0:  # long documents mixed with synthetic retrieval rows (GUIDE §1: make long range matter)
-            extra, _ = retrieval_source(shards, load_tokenizer(args.corpus), getattr(args, "retrieval_source", "builtin"))
-            source = MixedSource(source, extra, mix)
-
-        def from_corpus(step: int) -> dict:
-            ids, answers = split_batch(source(b, t, np.random.default_rng([seed, step])))
-            return {"input_ids": ids, "answer_mask": answers}  # answers marked in retrieval rows (--answer-weight)
-
-        return from_corpus
-
-    def random_tokens(step: int) -> dict:  # for smoke tests and tiny random models
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return {"input_ids": torch.randint(0, vocab_size, (b, t), generator=g)}
-
-    return random_tokens
+    if not args.corpus:
+        return random_batches(vocab_size, args.batch_size, args.seq_len, args.seed)
+    return corpus_batches(args.corpus, args.batch_size, args.seq_len, args.seed, vocab_size=vocab_size,
+                          retrieval_mix=getattr(args, "retrieval_mix", 0.0),
+                          retrieval_kind=getattr(args, "retrieval_source", "builtin"))

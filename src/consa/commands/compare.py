@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..experiment_compare import load_runs, write_compare
+    from ..experiment.compare import load_runs, write_compare
     from ..files import output_dir
 
     load_runs(args.workdirs, args.config)  # every workdir checked before anything is written

@@ -100,10 +100,12 @@ def _device(name: str) -> str:
 
 def run(args) -> int:
     from ..allocation import Allocation
+    from ..data.batches import check_corpus_vocab
     from ..eval.runner import DEFAULT_TASKS, EvalConfig, evaluate, write_run
     from ..files import output_dir
     from ..models import load_model
-    from .common import check_corpus_vocab, check_model_dir
+    from ..plots import draw_run
+    from .common import check_model_dir
 
     tasks = DEFAULT_TASKS if args.tasks is None else args.tasks
     if tasks:
@@ -149,7 +151,7 @@ def run(args) -> int:
     result["model"] = str(model_dir)
     result["command"] = "consa " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
     with output_dir(out) as staged:
-        write_run(result, staged)
+        write_run(result, staged, draw_run(result, staged))
     s = result["summary"]
     line = f"consa eval: {result['label']}"
     if s.get("long_nll") is not None:

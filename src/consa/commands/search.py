@@ -42,8 +42,8 @@ def register(sub) -> None:
     p.add_argument("--retrieval-source", default="builtin", help="builtin or tasks (the eval's own generators)")
     p.add_argument("--seq-len", type=positive_int, default=1024,
                    help="search sequence length. Search at the length you deploy at when it fits: searched at half "
-                        "of it, the cut scored 4%% worse there, at a quarter 8%% (within the seed spread; docs/RESULTS.md, "
-                        "run 7), for 20-28%% less search time on a small model")
+                        "of it, the cut scored 4%% worse there, at a quarter 8%% (within the seed spread), for 20-28%% "
+                        "less search time on a small model")
     p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over --nproc processes)")
     p.add_argument("--micro-batch", type=nonneg_int, default=0, metavar="N",
                    help="sequences per forward pass on each process, the gradients summed over the step (the same "
@@ -70,10 +70,10 @@ def register(sub) -> None:
                    help="cosine-decay the gate lr from --gate-lr to this over --steps (default: constant)")
     p.add_argument("--beta-final", type=positive_float_or_off, default=0.2,
                    help="anneal the hard-concrete temperature geometrically from 2/3 to this over --steps ('off': "
-                        "constant 2/3, the default before issue 17)")
+                        "constant 2/3)")
     p.add_argument("--init-log-alpha", type=float, default=0.5,
-                   help="log α of every gate at step 0 (3.0 before issue 17: most gate samples then start clamped "
-                        "at z = 1, where they get no gradient)")
+                   help="log α of every gate at step 0 (at 3.0 most gate samples start clamped at z = 1, where they "
+                        "get no gradient)")
     p.add_argument("--init", choices=["constant", "attention_mass", "duo"], default="constant",
                    help="log α at step 0: all equal, or ranked by the attention-mass score or a short Duo-style run")
     p.add_argument("--init-steps", type=nonneg_int, default=0,
@@ -109,22 +109,26 @@ def run(args) -> int:
 
     from ..errors import ConsaError
     from ..train import distributed as D
-    from ..train.search import Search, SearchConfig
+    from ..train.search import Search
+    from ..train.search_config import (ConstraintConfig, GateConfig, LossConfig, RefineConfig, ScheduleConfig,
+                                       SearchConfig, TargetConfig, WeightsConfig)
     from .common import check_model_dir, load_for, run_on_ranks, search_batches
 
-    cfg = SearchConfig(
-        sparsity=args.sparsity, window=args.window, seq_len=args.seq_len, granularity=args.granularity,
-        sinks=args.sinks, steps=args.steps, until_agreement=args.until_agreement, max_steps=args.max_steps,
-        gate_lr=args.gate_lr, warmup_frac=args.warmup_frac,
-        controller=args.controller, train_weights=args.train_weights, weight_lr=args.weight_lr,
-        lm_weight=args.lm_weight, answer_weight=args.answer_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        refine_evals=args.refine_evals, refine_order=args.refine_order,
-        refine_candidates=args.refine_candidates, reopen_native=args.reopen_native, micro_batch=args.micro_batch,
-        gate_lr_final=args.gate_lr_final, beta_final=args.beta_final, init_log_alpha=args.init_log_alpha, init=args.init, init_steps=args.init_steps,
-        decide_weight=args.decide_weight, decide_frac=args.decide_frac,
-        kv_budget=args.kv_budget, budget_context=args.budget_context, spans=args.spans,
+    cfg = SearchConfig(  # checked as it is made: bad settings cost nothing and write nothing
+        target=TargetConfig(sparsity=args.sparsity, kv_budget=args.kv_budget, budget_context=args.budget_context,
+                            spans=args.spans, window=args.window, granularity=args.granularity, sinks=args.sinks,
+                            reopen_native=args.reopen_native),
+        seq_len=args.seq_len,
+        gates=GateConfig(lr=args.gate_lr, lr_final=args.gate_lr_final, init_log_alpha=args.init_log_alpha,
+                         beta_final=args.beta_final, init=args.init, init_steps=args.init_steps,
+                         decide_weight=args.decide_weight, decide_frac=args.decide_frac),
+        schedule=ScheduleConfig(steps=args.steps, until_agreement=args.until_agreement, max_steps=args.max_steps),
+        constraint=ConstraintConfig(controller=args.controller, warmup_frac=args.warmup_frac),
+        loss=LossConfig(lm_weight=args.lm_weight, answer_weight=args.answer_weight),
+        refine=RefineConfig(evals=args.refine_evals, candidates=args.refine_candidates, order=args.refine_order),
+        weights=WeightsConfig(train=args.train_weights, lr=args.weight_lr),
+        seed=args.seed, checkpoint_every=args.checkpoint_every, micro_batch=args.micro_batch,
     )
-    cfg.validate()  # before loading anything: bad settings cost nothing and write nothing
     under_torchrun, world = D.world_from_args(args.nproc, args.batch_size)
     if not under_torchrun and world > 1:
         from pathlib import Path
@@ -153,12 +157,12 @@ def run(args) -> int:
             print(f"kept the model's native sliding window {native} on layers "
                   f"{[i for i, w in enumerate(st['native_windows']) if w is not None]} ({st['fixed_units']} units, not "
                   f"searched); the sparsity counts the {st['units']} other units (--reopen-native searches all)")
-        if len(st["spans"]) > 1 or cfg.kv_budget is not None:
-            ctx = cfg.budget_context or cfg.seq_len
-            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA, spans {st['spans']}; KV at "
-                  f"{ctx} tokens = {alloc.kv_share(ctx):.4f} of full attention (budget {cfg.kv_budget})")
+        if len(st["spans"]) > 1 or cfg.target.kv_budget is not None:
+            ctx = cfg.target.budget_context or cfg.seq_len
+            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.target.granularity} units on SWA, spans {st['spans']}; KV at "
+                  f"{ctx} tokens = {alloc.kv_share(ctx):.4f} of full attention (budget {cfg.target.kv_budget})")
         else:
-            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.granularity} units on SWA (W={cfg.window}); "
+            print(f"allocation: {st['swa_units']}/{st['units']} {cfg.target.granularity} units on SWA (W={cfg.target.window}); "
                   f"FA share per layer {[round(s, 2) for s in st['fa_share_per_layer']]}")
         print(f"wrote {args.out}/allocation.json")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConsaError
+from .batches import pad_front, stack_rows
 
 _WORKER: dict = {}
 
@@ -72,8 +73,8 @@ class BankSource:
 
     ``curriculum_steps > 0``: a length curriculum. At step s only items up to
     ``shortest + (longest − shortest) · s / curriculum_steps`` tokens are drawn, so the needle starts
-    close to its question and moves away as training goes on (GUIDE §8: the one-hop task trained only
-    with a curriculum). ``set_step`` is called by ``pretrain`` before each batch."""
+    close to its question and moves away as training goes on (small models learned the one-hop task
+    only with a curriculum). ``set_step`` is called by ``pretrain`` before each batch."""
 
     def __init__(self, bank_path: Path, shards, curriculum_steps: int = 0):
         z = np.load(bank_path)
@@ -100,13 +101,9 @@ class BankSource:
         return max(1, int(np.searchsorted(self.sorted_lengths, cap, side="right")))
 
     def row(self, seq_len: int, rng: np.random.Generator):
-        from ..train.batches import pad_front
-
         i = int(self.by_length[int(rng.integers(self.available()))])
         return pad_front(self.tokens[self.offsets[i]: self.offsets[i + 1]], int(self.answer_lens[i]), seq_len,
                          self.shards, rng)
 
     def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
-        from ..train.batches import stack_rows
-
         return stack_rows([self.row(seq_len, rng) for _ in range(batch_size)])

@@ -91,6 +91,24 @@ def write_split(split_dir, docs, *, vocab_size: int, eos_id: int) -> dict:
     return w.close()
 
 
+def _check_tokens(tokens: np.ndarray, offsets: np.ndarray, eos_id: int, vocab_size, where: Path) -> None:
+    """Refuse a tokens.bin whose bytes were overwritten: an id past the vocabulary would index past the
+    model's embedding deep in a forward pass (the corpus vocabulary is checked against the model's
+    separately), and every document must end with eos. One pass over the ids (a memory map): a second
+    or so per GB, cheaper than hashing them against meta.json's sha256."""
+    if not tokens.size:
+        return
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool):
+        top = int(tokens.max())
+        if top >= vocab_size:
+            raise ConsaError(f"corrupt corpus split {where}: {TOKENS_FILE} holds token id {top}, "
+                             f"past the corpus vocabulary of {vocab_size}")
+    ends = np.asarray(tokens[offsets[1:] - 1])
+    if ends.size and not np.all(ends == eos_id):
+        bad = int(np.flatnonzero(ends != eos_id)[0])
+        raise ConsaError(f"corrupt corpus split {where}: document {bad} of {TOKENS_FILE} does not end with eos ({eos_id})")
+
+
 class TokenShards:
     """One split of a built corpus. ``tokens`` is a read-only memmap (documents concatenated, each
     ended by ``eos_id``); ``doc_offsets[i]:doc_offsets[i+1]`` is document i, its eos included."""
@@ -118,13 +136,17 @@ class TokenShards:
         for p in (meta_p, tok_p, off_p):
             if not p.is_file():
                 raise ConsaError(f"{root} is not a consa corpus: {p.relative_to(root)} is missing")
-        try:
-            meta = json.loads(meta_p.read_text())
+        try:  # (a binary meta.json is a UnicodeDecodeError, a ValueError)
+            meta = json.loads(meta_p.read_text(encoding="utf-8"))
             dtype = np.dtype(meta["dtype"])
             eos_id = int(meta["eos_id"])
-            offsets = np.load(off_p, allow_pickle=False)
         except (ValueError, KeyError, TypeError, OSError) as e:
-            raise ConsaError(f"corrupt corpus split {d}: {type(e).__name__}: {e}".splitlines()[0]) from None
+            raise ConsaError(f"corrupt corpus split {d}: {META_FILE}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        try:
+            offsets = np.load(off_p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            why = "it holds pickled objects, which consa never loads" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+            raise ConsaError(f"corrupt corpus split {d}: {OFFSETS_FILE} is not a plain numpy array ({why})".splitlines()[0]) from None
         if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
             raise ConsaError(f"corrupt corpus split {d}: unsupported token dtype {dtype}")
         size = tok_p.stat().st_size
@@ -142,6 +164,7 @@ class TokenShards:
         ):
             raise ConsaError(f"corrupt corpus split {d}: document offsets do not match {TOKENS_FILE} ({n} tokens)")
         tokens = np.memmap(tok_p, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        _check_tokens(tokens, offsets, eos_id, meta.get("vocab_size"), d)
         return cls(tokens, offsets, eos_id, corpus_dir=root, split=split, meta=meta)
 
     def __len__(self) -> int:

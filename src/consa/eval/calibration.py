@@ -3,7 +3,7 @@
 At each context length of a task (accuracy = mean over depths), the check passes when the
 full-attention model scores ≥ ``full_min`` (0.8) **and** the all-SWA model scores ≤ ``swa_max`` (0.2).
 Elsewhere a score says nothing about an allocation: either the base model fails the task anyway
-(GUIDE §7: a first try scored 0% even with full attention) or a window alone solves it. Raw numbers
+(a small base model can score 0% even with full attention) or a window alone solves it. Raw numbers
 are always kept; only the *reported* grid blanks the lengths that fail.
 """
 

@@ -4,7 +4,7 @@ Issue 16 compares methods at *equal KV bytes*, so the bytes are measured from th
 prefill of ``context`` tokens (not computed from the allocation): the hybrid cache for an allocation,
 transformers' own dynamic cache for full attention. The timings run the eager cached path for every
 row (the static CUDA-graph path serves one window per layer only), one sequence, synchronised, after a
-warm-up pass of the same shapes (GPU run 5 timed a first call that compiled kernels: 9.4 s for a prefill).
+warm-up pass of the same shapes (a first call compiles kernels: seconds, not the prefill's time).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def measure(model, allocation, context: int, decode_tokens: int = 16, vocab_low:
     held after the prefill, the prefill seconds and the mean seconds per decoded token. Leaves the model
     detached (plain attention)."""
     from ..attention.cache import HybridCache
+    from ..models import plans_of
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -51,7 +52,7 @@ def measure(model, allocation, context: int, decode_tokens: int = 16, vocab_low:
         apply_allocation(model, allocation)
     else:
         detach(model)
-    new_cache = (lambda: HybridCache(model)) if allocation is not None else DynamicCache
+    new_cache = (lambda: HybridCache(plans_of(model))) if allocation is not None else DynamicCache
     try:
         model.eval()
         for _ in range(warmup):  # the same shapes once, untimed: kernel compilation and autotuning

@@ -71,9 +71,10 @@ def _hybrid_cache(model):
     if getattr(getattr(model, "config", None), "_attn_implementation", None) != "consa":
         return None
     from ..attention.cache import HybridCache
+    from ..models import plans_of
 
     try:
-        return HybridCache(model)
+        return HybridCache(plans_of(model))
     except ValueError:  # some layer is not in fixed mode
         return None
 

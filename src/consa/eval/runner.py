@@ -390,35 +390,16 @@ def format_markdown(result: dict) -> str:
 
 
 # ---- run directory -------------------------------------------------------------------------------
-def write_run(result: dict, out: str | os.PathLike) -> Path:
-    """Write a run directory that ``consa report`` reads: eval.json, eval.md, one retrieval heatmap
-    per task (retrieval_<task>.png) and allocation.png (when the allocation plot is available).
-    Each file is written atomically, eval.json last. Returns the directory."""
-    import sys
-
+def write_run(result: dict, out: str | os.PathLike, figures: Sequence[str] = ()) -> Path:
+    """Write a run directory that ``consa report`` reads: eval.md (linking ``figures``, pictures already
+    in ``out``) and eval.json, each atomically, eval.json last. Measurement draws nothing: the caller
+    draws the figures first (``consa.plots.draw_run``). Returns the directory."""
     from ..files import atomic_write_text
-    from ..plots import plot_retrieval_heatmap
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pngs = []
-    for task, grid in (result.get("retrieval") or {}).items():
-        name = f"retrieval_{task}.png"
-        plot_retrieval_heatmap(grid, out / name, title=f"{task} — {result['label']}")
-        pngs.append(name)
-    if result.get("allocation") is not None:
-        try:
-            from ..heatmap import plot_allocation
-        except ImportError:  # pragma: no cover - optional picture
-            plot_allocation = None
-        if plot_allocation is not None:
-            try:
-                plot_allocation(Allocation.from_dict(result["allocation"]), out / "allocation.png", title=result["label"])
-                pngs.append("allocation.png")
-            except Exception as e:  # the picture is a nicety; never lose the numbers for it
-                print(f"consa eval: allocation picture skipped ({type(e).__name__}: {e})", file=sys.stderr)
-    result["figures"] = pngs
-    md = format_markdown(result) + "".join(f"\n![{p}]({p})\n" for p in pngs)
+    result["figures"] = list(figures)
+    md = format_markdown(result) + "".join(f"\n![{p}]({p})\n" for p in figures)
     atomic_write_text(out / "eval.md", md)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1, default=_jsonable) + "\n")
     return out

@@ -10,7 +10,8 @@ import torch
 from transformers import AttentionInterface
 
 from ..allocation import Allocation
-from ..attention.kernels import attention
+from ..attention.attend import attention
+from ..attention.softcap_sinks import LogitMods, attention_weights
 from ..gates import topk_swa
 from ..models import attach_gates, attention_modules, detach, model_shape, searchable_native
 from .losses import forward_logits, kl_loss
@@ -67,8 +68,9 @@ def _cut(scores, native, granularity, shape, num_swa, window, sinks, method, key
 _MASS_NAME = "consa_mass"
 
 
-def _mass_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain causal attention that also adds, per KV head, the attention mass beyond the window."""
+def _mass_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None, **kwargs):
+    """Plain causal attention that also adds, per KV head, the attention mass beyond the window (the
+    model's own weights: soft-capped, sink logits in the softmax, where the family has them)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     acc = module.consa_mass
     b, hq, t, _ = query.shape
@@ -82,12 +84,13 @@ def _mass_attention(module, query, key, value, attention_mask, scaling=None, dro
         scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, s:e].float(), kk.float()) * scale
         causal = pos[s:e, None] >= pos[None, :]
         visible = causal if attention_mask is None else (attention_mask[:, :, s:e] & causal)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = attention_weights(scores, visible, softcap, s_aux)
         far = (pos[s:e, None] - pos[None, :]) >= w
         mass = (probs * far).sum(-1)  # [B, Hq, q]
         acc["sum"] += mass.view(b, hk, g, -1).sum(dim=(0, 2, 3)).double().cpu()
         acc["count"] += b * g * (e - s)
-    return attention(query, key, value, scale=scale, mask=attention_mask).transpose(1, 2).contiguous(), None
+    out = attention(query, key, value, scale=scale, mask=attention_mask, mods=LogitMods.of(softcap, s_aux))
+    return out.transpose(1, 2).contiguous(), None
 
 
 @torch.no_grad()

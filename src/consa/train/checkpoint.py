@@ -22,20 +22,32 @@ import json
 from contextlib import contextmanager
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConsaError
+from .search_config import flatten
 
+# settings a resumed search must share with its checkpoint, by their flat names (``search_config.FLAT_NAMES``:
+# the flags' names, and the layout of checkpoints written before the config had parts, which still resume)
 _COMPAT_KEYS = ("sparsity", "window", "seq_len", "granularity", "sinks", "steps", "train_weights", "controller", "seed",
                 "kv_budget", "budget_context", "spans", "answer_weight", "beta_final", "gate_lr_final", "decide_weight")
 # what a checkpoint written before the setting existed meant (the schedules: off)
 _COMPAT_DEFAULTS = {"answer_weight": 0.0, "beta_final": None, "gate_lr_final": None, "decide_weight": 0.0}
 _CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "tie_word_embeddings")
+
+
+def _config_value(cfg, key: str):
+    """``cfg.key``, or its per-layer values where it differs by layer (Gemma 4's head_dim: reading it
+    globally raises)."""
+    try:
+        return getattr(cfg, key, None)
+    except Exception:
+        per_layer = getattr(cfg, "per_layer_config", None) or {}
+        return sorted({str(getattr(c, key, None)) for c in (per_layer.values() if isinstance(per_layer, dict) else per_layer)})
 
 
 @torch.no_grad()
@@ -48,7 +60,7 @@ def model_fingerprint(model) -> str:
     from ..models import text_config
 
     cfg = text_config(model)
-    h = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in _CONFIG_KEYS}, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps({k: _config_value(cfg, k) for k in _CONFIG_KEYS}, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
         # through bf16: the same checkpoint loaded in fp32 or bf16 gives the same fingerprint
@@ -58,7 +70,8 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _opt_split(opt: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict, dict]:
+def opt_split(opt: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict, dict]:
+    """An optimiser's state as (tensors for safetensors under ``prefix.``, the JSON rest): no pickle."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -70,7 +83,8 @@ def _opt_split(opt: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict, d
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _opt_join(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str = "opt") -> None:
+def opt_join(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str = "opt") -> None:
+    """Load what :func:`opt_split` wrote back into ``opt``."""
     state: dict = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
@@ -82,11 +96,13 @@ def _opt_join(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _trainable(search) -> dict:
+def trainable_tensors(search) -> dict:
+    """The trainable weights of a run (search or heal) on one process, as ``w.<name>`` tensors."""
     return {f"w.{n}": p.detach().cpu().contiguous() for n, p in search.model.named_parameters() if p.requires_grad}
 
 
-def _dcp_state(search) -> dict:
+def dcp_state(search) -> dict:
+    """The sharded weights and their optimiser state of a run, as a DCP state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(ignore_frozen_params=True)
@@ -138,30 +154,31 @@ def _write_search_state(tmp: Path, search) -> None:
     if sharded:  # collective: every rank writes its shards
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(_dcp_state(search), checkpoint_id=str(tmp / "weights"))
+        dcp.save(dcp_state(search), checkpoint_id=str(tmp / "weights"))
     if d.is_main:
         tensors = {"log_alpha": search.gates.log_alpha.detach().cpu().contiguous(), "rng": search.gen.get_state()}
-        opt_t, opt_meta = _opt_split(search.opt)
+        opt_t, opt_meta = opt_split(search.opt)
         tensors.update(opt_t)
         meta = {
             "step": search.step,
             "controller": search.controller.state_dict(),
             "optimizer": opt_meta,
-            "config": asdict(search.cfg),
+            "config": search.cfg.to_dict(),
             "shape": _shape(search),
             "model": search.fingerprint,
             "world_size": d.world_size,
             "weights": "dcp" if sharded else ("inline" if search.wopt is not None else "none"),
         }
         if search.wopt is not None and not sharded:
-            tensors.update(_trainable(search))
-            wopt_t, meta["weight_optimizer"] = _opt_split(search.wopt, "wopt")
+            tensors.update(trainable_tensors(search))
+            wopt_t, meta["weight_optimizer"] = opt_split(search.wopt, "wopt")
             tensors.update(wopt_t)
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
 
-def _read_meta(ckpt_dir: Path) -> dict:
+def read_meta(ckpt_dir: Path) -> dict:
+    """A checkpoint's state.json, or one clear error."""
     try:
         return json.loads((Path(ckpt_dir) / "state.json").read_text())
     except (OSError, ValueError) as e:
@@ -187,14 +204,14 @@ def check_resumable(out_dir: Path, resume: bool, world_size: int) -> None:
     if resume:
         if not (ckpt_dir / "state.json").is_file():
             raise ConsaError(f"--resume: no checkpoint in {ckpt_dir}")
-        check_world_size(ckpt_dir, _read_meta(ckpt_dir), world_size)
+        check_world_size(ckpt_dir, read_meta(ckpt_dir), world_size)
     elif ckpt_dir.exists() and not (out_dir / "allocation.json").exists() and any(ckpt_dir.iterdir()):
         raise ConsaError(f"{out_dir} holds a checkpoint of an unfinished search; pass --resume or choose another --out")
 
 
 def load_checkpoint(ckpt_dir: Path, search) -> None:
     ckpt_dir = Path(ckpt_dir)
-    meta = _read_meta(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     try:
         tensors = load_file(str(ckpt_dir / "state.safetensors"))
     except (OSError, ValueError) as e:
@@ -206,8 +223,8 @@ def load_checkpoint(ckpt_dir: Path, search) -> None:
     if meta.get("model") not in (None, search.fingerprint):
         raise ConsaError(f"checkpoint {ckpt_dir} was made from another model (same shape, other config or weights); "
                          "resume with the same --model")
-    cfg = asdict(search.cfg)
-    diff = [k for k in _COMPAT_KEYS if meta["config"].get(k, _COMPAT_DEFAULTS.get(k)) != cfg.get(k)]
+    saved, cfg = flatten(meta["config"]), search.cfg.flat()
+    diff = [k for k in _COMPAT_KEYS if saved.get(k, _COMPAT_DEFAULTS.get(k)) != cfg.get(k)]
     if diff:
         raise ConsaError(f"checkpoint {ckpt_dir} was made with other settings ({', '.join(diff)}); rerun with the same ones")
     with torch.no_grad():
@@ -217,14 +234,14 @@ def load_checkpoint(ckpt_dir: Path, search) -> None:
             if key.startswith("w."):
                 params[key[2:]].copy_(v.to(params[key[2:]].device))
     search.gen.set_state(tensors["rng"])
-    _opt_join(search.opt, tensors, meta["optimizer"])
+    opt_join(search.opt, tensors, meta["optimizer"])
     if "weight_optimizer" in meta:
-        _opt_join(search.wopt, tensors, meta["weight_optimizer"], "wopt")
+        opt_join(search.wopt, tensors, meta["weight_optimizer"], "wopt")
     if meta.get("weights") == "dcp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        state = _dcp_state(search)
+        state = dcp_state(search)
         dcp.load(state, checkpoint_id=str(ckpt_dir / "weights"))
         opts = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_model_state_dict(search.model, state["model"], options=opts)

@@ -21,7 +21,7 @@ config.json, heads reordered FA-first) that ``consa.load``, ``consa eval`` (whic
 allocation) and ``consa export`` take, plus ``allocation.json`` (in the export's head order), ``heal.json`` and
 ``metrics.jsonl``. A LoRA run with ``merge=False`` writes the PEFT adapter (``out/adapter``) instead of
 a model, for the original model and head order; ``heal.json`` names the base model directory, so
-``consa.load(out)`` (:func:`load_unmerged`) rebuilds the healed model from the two.
+``consa.load(out)`` (``consa.lora_weights.load_unmerged``) rebuilds the healed model from the two.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import torch
 from ..allocation import Allocation
 from ..errors import ConsaError
 from ..files import atomic_write_text
-from ..attention.hybrid import LayerPlan
+from ..attention.plan import LayerPlan
 from ..models import apply_allocation, attention_modules, detach, model_shape, native_windows
 from .accumulate import backward_micro_batches, batch_rows
-from .checkpoint import _dcp_state, _opt_join, _opt_split, _read_meta, _trainable, model_fingerprint, staged_checkpoint
+from .checkpoint import dcp_state, model_fingerprint, opt_join, opt_split, read_meta, staged_checkpoint, trainable_tensors
 from .distributed import Dist
 from .losses import forward_logits, global_task_loss
 from .search import prepare_student
@@ -121,7 +121,7 @@ def check_out(out_dir: Path, resume: bool, world_size: int = 1) -> None:
             raise ConsaError(f"--resume: the heal in {out_dir} has already finished")
         if not (ckpt / "state.json").is_file():
             raise ConsaError(f"--resume: no checkpoint in {ckpt}")
-        saved = int(_read_meta(ckpt).get("world_size", 1))
+        saved = int(read_meta(ckpt).get("world_size", 1))
         if saved != world_size:
             raise ConsaError(f"checkpoint {ckpt} was written by a heal on {saved} process(es), this one runs on "
                              f"{world_size}; resume with --nproc {saved}")
@@ -160,8 +160,8 @@ class Heal:
         native = native_windows(model)
         apply_allocation(model, allocation, backend=cfg.backend)
         self.attn = attention_modules(model)  # before PEFT wraps the model: the modules stay the same objects
-        self.teacher_plans = [LayerPlan(m.layer_idx, self.shape.num_kv_heads, w, 0, "fixed") if w is not None
-                              else replace(m.consa_plan, mode="full") for m, w in zip(self.attn, native)]
+        self.teacher_plans = [LayerPlan(row, self.shape.num_kv_heads, w, 0, "fixed") if w is not None
+                              else replace(m.consa_plan, mode="full") for row, (m, w) in enumerate(zip(self.attn, native))]
         self.model = prepare_student(model, cfg.train_weights, cfg.lora_rank)
         self.shell = None
         mp = False
@@ -340,15 +340,15 @@ class Heal:
         if d.enabled:  # collective: every rank writes its shards
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(_dcp_state(self), checkpoint_id=str(tmp / "weights"))
+            dcp.save(dcp_state(self), checkpoint_id=str(tmp / "weights"))
         if d.is_main:
             meta = {"kind": "heal", "step": self.step, "config": asdict(self.cfg), "allocation": self.allocation.to_dict(),
                     "shape": [self.shape.num_layers, self.shape.num_kv_heads, self.shape.num_q_heads],
                     "model": self.fingerprint, "world_size": d.world_size, "weights": "dcp" if d.enabled else "inline"}
             tensors = {}
             if not d.enabled:
-                tensors.update(_trainable(self))
-                opt_t, meta["weight_optimizer"] = _opt_split(self.wopt, "wopt")
+                tensors.update(trainable_tensors(self))
+                opt_t, meta["weight_optimizer"] = opt_split(self.wopt, "wopt")
                 tensors.update(opt_t)
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -356,7 +356,7 @@ class Heal:
     def _load(self, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        meta = _read_meta(ckpt_dir)
+        meta = read_meta(ckpt_dir)
         if meta.get("kind") != "heal":
             raise ConsaError(f"{ckpt_dir} is not a heal checkpoint")
         if meta.get("model") != self.fingerprint:
@@ -377,12 +377,12 @@ class Heal:
                 for key, v in tensors.items():
                     if key.startswith("w."):
                         params[key[2:]].copy_(v.to(params[key[2:]].device))
-            _opt_join(self.wopt, tensors, meta["weight_optimizer"], "wopt")
+            opt_join(self.wopt, tensors, meta["weight_optimizer"], "wopt")
         else:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-            state = _dcp_state(self)
+            state = dcp_state(self)
             dcp.load(state, checkpoint_id=str(ckpt_dir / "weights"))
             opts = StateDictOptions(ignore_frozen_params=True, strict=False)
             set_model_state_dict(self.model, state["model"], options=opts)
@@ -396,46 +396,6 @@ class Heal:
                 atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
 
 
-def load_unmerged(path, *, dtype=None, device=None, backend: str = "auto"):
-    """The healed model of a ``merge=False`` LoRA heal (its output folder, or the adapter folder in it): the
-    base model ``heal.json`` names, the stored allocation applied, then the adapter (a ``PeftModel``;
-    ``merge_and_unload()`` gives a plain model). Same order as :class:`Heal` (allocation, then PEFT), so
-    the logits are the merged output's."""
-    from ..export import ExportError
-    from ..export import load as load_export
-    from ..files import read_json
-
-    p = Path(path)
-    out, adapter = (p, p / "adapter") if (p / "adapter" / "adapter_config.json").is_file() else (p.parent, p)
-    record = out / "heal.json"
-    if not record.is_file():
-        raise ExportError(f"{p} holds a PEFT adapter but no consa heal record ({record}): load its base model and "
-                          "apply the adapter with peft")
-    base = (read_json(record, "heal record", ExportError) or {}).get("source_model")
-    if not base:
-        raise ExportError(f"{record} names no base model directory (the heal was given a model in memory): load the "
-                          f"base model and apply {adapter} with peft")
-    if not Path(base).is_dir():
-        raise ExportError(f"the base model directory {base} named in {record} no longer exists (the adapter in "
-                          f"{adapter} needs it)")
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ExportError(f"loading the LoRA adapter {adapter} needs PEFT: pip install 'consa[peft]'") from None
-    alloc = Allocation.load(out / "allocation.json")
-    model = load_export(base, dtype=dtype, backend=backend)
-    alloc.check_matches(model_shape(model))
-    apply_allocation(model, alloc, backend=backend)
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"cannot load the adapter {adapter} onto {base}: {first}") from None
-    if device:
-        model.to(device)
-    return model.eval()
-
-
 def heal(model, allocation, batches, out, *, steps: int | None = None, tokens: int | None = None, seq_len: int | None = None,
          batch_size: int = 4, retrieval_mix: float = 0.0, resume: bool = False, progress: bool = True, **settings):
     """Fine-tune ``model`` under the fixed ``allocation`` towards its own full-attention outputs; write ``out``.
@@ -447,8 +407,6 @@ def heal(model, allocation, batches, out, *, steps: int | None = None, tokens: i
     ``settings``: the other :class:`HealConfig` fields (``lr``, ``lora_rank``, ``merge``, ``lm_weight``, …).
     Returns the healed model (allocation applied; consa.load(out) gives the same model back).
     """
-    from types import SimpleNamespace
-
     if (steps is None) == (tokens is None):
         raise ConsaError("give steps or tokens (exactly one)")
     source_dir = None
@@ -464,13 +422,12 @@ def heal(model, allocation, batches, out, *, steps: int | None = None, tokens: i
         seq_len = seq_len or first.shape[1]
         per_step = first.numel()
     else:
-        from ..commands.common import search_batches
+        from ..data.batches import corpus_batches
 
         if seq_len is None:
             raise ConsaError("seq_len is needed to cut corpus windows")
-        args = SimpleNamespace(batch_size=batch_size, seq_len=seq_len, seed=settings.get("seed", 0), corpus=str(batches),
-                               retrieval_mix=retrieval_mix, retrieval_source="builtin")
-        batches = search_batches(args, model, model.config.get_text_config().vocab_size)
+        batches = corpus_batches(batches, batch_size, seq_len, settings.get("seed", 0), retrieval_mix=retrieval_mix,
+                                 vocab_size=model.config.get_text_config().vocab_size)
         per_step = batch_size * seq_len
     if tokens is not None:
         steps = steps_for_tokens(tokens, per_step, 1)

@@ -16,16 +16,16 @@ Determinism: the batch of step ``s`` is drawn from ``numpy.random.default_rng([s
 whatever happened before, so a run resumed from a checkpoint replays exactly the steps an
 unbroken run would have taken (bit-identical on CPU; up to kernel non-determinism on GPU).
 
-Batches come from a *batch source* (``batches.py``): any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``,
+Batches come from a *batch source* (``consa.data.batches``): any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``,
 or a dict ``{"input_ids": LongTensor[B, T], "answer_mask": BoolTensor[B, T]}`` whose mask marks the
 tokens that answer a retrieval question. The default draws windows of the corpus shards and, with
-``retrieval_mix > 0``, replaces that share of rows by synthetic retrieval sequences (GUIDE §7:
-retrieval never worked when the base model had not seen any in pretraining).
+``retrieval_mix > 0``, replaces that share of rows by synthetic retrieval sequences (retrieval
+never worked in a small base model whose pretraining had seen none).
 
 ``answer_weight`` adds ``answer_weight × mean cross-entropy over the answer tokens`` to the LM loss.
 Why: in a 4K-token retrieval row only the 1–5 answer tokens need the long-range look-up, so under
 the plain LM loss they carry ~0.1% of the gradient, and a 31M-parameter model learned the answers'
-format but not the copy (docs/RESULTS.md, run 1). The logged ``loss`` stays the plain LM loss.
+format but not the copy. The logged ``loss`` stays the plain LM loss.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ..errors import ConsaError
 from ..files import atomic_write_text, ordinary_modes, temp_dir
 from ..presets import get_preset, preset_config
 from .compile import compile_blocks, uncompile
-from .batches import BatchSource, MixedSource, corpus_source, open_shards, retrieval_source, split_batch
+from ..data.batches import BatchSource, MixedSource, corpus_source, open_shards, retrieval_source, split_batch
 
 CHECKPOINT = "checkpoint"
 LOG_FILE = "pretrain_log.json"

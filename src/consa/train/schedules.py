@@ -1,4 +1,4 @@
-"""Options for a faster, more decisive ConSA search (issue 17, item 1): every one is off by default.
+"""Options for a faster, more decisive ConSA search (``GateConfig`` holds their settings and checks them).
 
 * ``beta_at``: hard-concrete temperature annealing. A lower β makes each sample z closer to {0, 1},
   so the student trains on the binary hybrids it will be cut to. At fixed log α it also lowers
@@ -8,7 +8,8 @@
   the search begins with the order a cheap method found instead of a tie.
 * ``decide_penalty``: mean P(1−P) over the gates; 0 for decided gates, its gradient pushes each
   undecided gate away from 0.5 towards the side it is on.
-These are pure functions of the step; ``Search`` applies them (``train/search.py``).
+These are pure functions of the step; ``Search`` applies them (``train/search.py``). All but the
+β anneal are off by default.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 
 import torch
 
-from ..errors import ConsaError
 from ..gates import BETA
 
 INITS = ("constant", "attention_mass", "duo")
@@ -74,42 +74,25 @@ def rank_init(scores, center: float, spread: float) -> torch.Tensor:
     return torch.tensor([center + spread * ((r / (n - 1) if n > 1 else 0.5) - 0.5) for r in rank], dtype=torch.float32)
 
 
-def validate(cfg) -> None:
-    """One-line errors for the options of ``SearchConfig`` that this module implements."""
-    if cfg.beta_final is not None and not 0.0 < cfg.beta_final <= 10.0:
-        raise ConsaError(f"beta_final must be in (0, 10], got {cfg.beta_final}")
-    if cfg.gate_lr_final is not None and not 0.0 <= cfg.gate_lr_final:
-        raise ConsaError(f"gate_lr_final must be >= 0, got {cfg.gate_lr_final}")
-    if cfg.init not in INITS:
-        raise ConsaError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
-    if cfg.init_steps < 0:
-        raise ConsaError(f"init_steps must be >= 0, got {cfg.init_steps}")
-    if not cfg.init_spread >= 0.0:
-        raise ConsaError(f"init_spread must be >= 0, got {cfg.init_spread}")
-    if not cfg.decide_weight >= 0.0:
-        raise ConsaError(f"decide_weight must be >= 0, got {cfg.decide_weight}")
-    if not 0.0 < cfg.decide_frac <= 1.0:
-        raise ConsaError(f"decide_frac must be in (0, 1], got {cfg.decide_frac}")
-
-
 def init_scores(model, cfg, batch_fn, num_swa: int) -> tuple[torch.Tensor, int]:
-    """Per-unit scores for ``cfg.init`` (higher = keep FA) and the tokens spent on them, computed on
-    the bare model (before the search attaches its gates). attention_mass: the training-free score
-    on ``init_steps`` batches taken from steps the search never reaches; duo: the α of a Duo-style
-    run of ``init_steps`` steps on the search's first batches."""
+    """Per-unit scores for ``cfg.gates.init`` (higher = keep FA) and the tokens spent on them, computed on
+    the bare model (before the search attaches its gates); ``cfg`` is the search's ``SearchConfig``.
+    attention_mass: the training-free score on ``init_steps`` batches taken from steps the search never
+    reaches; duo: the α of a Duo-style run of ``init_steps`` steps on the search's first batches."""
     from .baselines import attention_mass_allocation, duo_allocation
 
-    n = cfg.init_steps or DEFAULT_INIT_STEPS[cfg.init]
+    g, t = cfg.gates, cfg.target
+    n = g.init_steps or DEFAULT_INIT_STEPS[g.init]
     tokens = 0
-    if cfg.init == "attention_mass":
+    if g.init == "attention_mass":
         batches = [batch_fn(2_000_000_011 + i) for i in range(n)]
         tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
-        alloc = attention_mass_allocation(model, cfg.granularity, num_swa, cfg.window, batches, sinks=cfg.sinks,
-                                          reopen_native=cfg.reopen_native)
+        alloc = attention_mass_allocation(model, t.granularity, num_swa, t.window, batches, sinks=t.sinks,
+                                          reopen_native=t.reopen_native)
         scores = alloc.meta["scores"]
     else:
-        alloc = duo_allocation(model, cfg.granularity, num_swa, cfg.window, batch_fn, steps=n, sinks=cfg.sinks,
-                               seed=cfg.seed, backend=cfg.backend, reopen_native=cfg.reopen_native)
+        alloc = duo_allocation(model, t.granularity, num_swa, t.window, batch_fn, steps=n, sinks=t.sinks,
+                               seed=cfg.seed, backend=cfg.backend, reopen_native=t.reopen_native)
         first = batch_fn(0)
         tokens = n * int(first["input_ids"].numel()) if "input_ids" in first else 0
         scores = alloc.meta["alpha"]

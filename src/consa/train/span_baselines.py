@@ -1,4 +1,4 @@
-"""Baselines for a KV budget with per-unit spans (issue 16): a MoA-style profile and one uniform span.
+"""Baselines for a KV budget with per-unit spans: a MoA-style profile and one uniform span.
 
 * :func:`profile_allocation` (after MoA, Fu et al. 2024, arXiv 2406.14909): a first-order estimate of
   each unit's loss increase for each span, from forward/backward passes on calibration data with

@@ -1,5 +1,5 @@
-"""The experiment's ``heal`` stage: heal every allocation of a sparsity with the same tokens, then
-evaluate it next to the unhealed one.
+"""The ``heal`` stage (only with a ``heal`` section): heal every allocation of a sparsity with the same
+tokens (``consa.train.heal``), then evaluate it next to the unhealed one.
 
 Every allocation starts from the same base weights and sees the same batches (one batch function,
 seeded apart from the search's), so before/after compares methods at an equal budget after the cut.
@@ -19,14 +19,12 @@ import json
 import shutil
 import time
 
-from .errors import ConsaError
+from ..batches import search_batch_fn, training_data
+from ..config import method_list
+from ..scoring import eval_config, long_ppl, mean_retrieval, save_run, short_ppl
+from ..workdir import PartialStage, free_device, method_key, require, resolve_device, resolve_dtype, say
 
 SUFFIX = "-healed"
-
-
-def heal_budgets(h) -> list[int]:
-    """``heal.tokens`` as a list (one int or several)."""
-    return list(h.tokens) if isinstance(h.tokens, (list, tuple)) else [h.tokens]
 
 
 def token_label(n: int) -> str:
@@ -39,38 +37,17 @@ def token_label(n: int) -> str:
 
 def budget_suffix(h, tokens: int) -> str:
     """"" with one budget (the layout of single-budget workdirs), else "-<label>"."""
-    return "" if len(heal_budgets(h)) == 1 else f"-{token_label(tokens)}"
-
-
-def validate_heal(cfg) -> None:
-    h = cfg.heal
-    budgets = heal_budgets(h)
-    if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in budgets):
-        raise ConsaError(f"heal.tokens must be an integer >= 1 or a non-empty list of them, got {h.tokens!r}")
-    if len(set(budgets)) != len(budgets):
-        raise ConsaError(f"heal.tokens lists a budget twice: {h.tokens!r}")
-    bad_t = [t for t in (h.sparsities or []) if t not in cfg.search.sparsities]
-    bad_m = [m for m in (h.methods or []) if m not in cfg.search.methods]
-    if bad_t or bad_m:
-        raise ConsaError(f"heal.sparsities / heal.methods must be among the search's (not: {bad_t + bad_m})")
-    if not isinstance(h.best_rules, int) or isinstance(h.best_rules, bool) or h.best_rules < 0:
-        raise ConsaError(f"heal.best_rules must be an integer >= 0, got {h.best_rules!r}")
-    if h.batch_size < 1 or not h.lr > 0 or h.lora_rank < 0 or h.lm_weight < 0:
-        raise ConsaError("heal.batch_size must be >= 1, heal.lr > 0, heal.lora_rank and heal.lm_weight >= 0")
-    if not 0 <= h.retrieval_share <= 1 or not 0 <= h.warmup_frac <= 1:
-        raise ConsaError("heal.retrieval_share and heal.warmup_frac must lie in [0, 1]")
+    return "" if len(h.budgets()) == 1 else f"-{token_label(tokens)}"
 
 
 def heal_targets(cfg, evals=None) -> list[tuple[float, str]]:
     """(sparsity, allocation file stem) of every allocation the stage heals: ``heal.methods`` (default:
     every search method), plus, with ``heal.best_rules`` = N and the eval stage's runs in ``evals``, the N
     rule allocations (``rules.RULES`` but random) with the lowest long-range PPL at each sparsity."""
-    from .experiment import _method_list
-
     h = cfg.heal
     sparsities = h.sparsities or cfg.search.sparsities
     methods = set(h.methods or cfg.search.methods)
-    stems = [stem for stem, name, gran, _ in _method_list(cfg) if f"{name}-{gran}" in methods]
+    stems = [stem for stem, name, gran, _ in method_list(cfg) if f"{name}-{gran}" in methods]
     out = []
     for t in sparsities:
         best = best_rules(cfg, evals, t, h.best_rules) if (h.best_rules and evals is not None) else []
@@ -81,56 +58,52 @@ def heal_targets(cfg, evals=None) -> list[tuple[float, str]]:
 def best_rules(cfg, evals, t: float, n: int) -> list[str]:
     """The ``n`` rule allocations of sparsity ``t`` with the lowest long-range PPL in the eval stage's
     runs (ties: higher retrieval first); fewer where fewer rules were evaluated."""
-    from .experiment import _method_list, method_key
-    from .rules import RULES
+    from ...rules import RULES
 
     scored = []
-    for stem, name, _gran, _seed in _method_list(cfg):
+    for stem, name, _gran, _seed in method_list(cfg):
         p = evals / method_key(t) / stem / "eval.json"
         if name in RULES and name != "random" and p.is_file():
             res = json.loads(p.read_text())
-            if _long_ppl(res) is not None:
-                scored.append((_long_ppl(res), -(_retrieval(res) or 0.0), stem))
+            if long_ppl(res) is not None:
+                scored.append((long_ppl(res), -(mean_retrieval(res) or 0.0), stem))
     return [stem for *_k, stem in sorted(scored)[:n]]
 
 
-def run_heal_stage(wd, deadline: float | None = None) -> dict:
+def run(wd, deadline: float | None = None) -> dict:
     import torch
 
-    from .allocation import Allocation
-    from .data.shards import TokenShards
-    from .data.tokenizer import load_tokenizer
-    from .eval.runner import evaluate, retrieval_items, write_run
-    from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, method_key, search_batch_fn
-    from .models import load_model
-    from .rules import RULES
-    from .train.heal import Heal, HealConfig, steps_for_tokens
+    from ...allocation import Allocation
+    from ...data.tokenizer import load_tokenizer
+    from ...eval.runner import evaluate, retrieval_items
+    from ...models import load_model
+    from ...rules import RULES
+    from ...train.heal import Heal, HealConfig, steps_for_tokens
 
     cfg, h = wd.cfg, wd.cfg.heal
     if h is None:
         return {"skipped": "no heal section in the config"}
     full_path = wd.evals / "full" / "eval.json"
-    _require(wd.done("eval") and full_path.is_file(), "heal", f"the eval runs in {wd.evals}", "eval", wd)
+    require(wd.done("eval") and full_path.is_file(), "heal", f"the eval runs in {wd.evals}", "eval", wd)
     base = wd.base_model_dir()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     base_model = load_model(base, dtype=torch.float32, device=str(device))  # fp32 masters (bf16 autocast on CUDA)
     tok = load_tokenizer(base)
     ecfg = eval_config(cfg, wd.corpus)
     items = retrieval_items(tok, ecfg)
     full = json.loads(full_path.read_text())
-    shards = TokenShards.open(wd.corpus, "train")
-    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and h.retrieval_share > 0) else None
+    shards, bank = training_data(wd, h.retrieval_share)
     seq_len = int(h.seq_len or cfg.search.seq_len or cfg.context)
     # one batch function for every allocation: the same tokens, other than the search's (seed offset)
     batch_fn = search_batch_fn(shards, bank, h.batch_size, seq_len, h.retrieval_share, cfg.seed + 1009)
-    eval_dtype = _dtype(cfg.eval.dtype, device)  # evaluate healed weights as the unhealed ones were
+    eval_dtype = resolve_dtype(cfg.eval.dtype, device)  # evaluate healed weights as the unhealed ones were
     n_done, n_skipped = 0, 0
     # smaller budgets first: under a time budget every allocation gets the small heal before any large one
     targets = heal_targets(cfg, wd.evals)
     if h.best_rules:
-        _say(f"heal: the {h.best_rules} best rules by long-range PPL: " + "; ".join(
+        say(f"heal: the {h.best_rules} best rules by long-range PPL: " + "; ".join(
             f"t={t} {stem}" for t, stem in targets if stem.rsplit('-', 1)[0] in RULES))
-    pieces = [(b, t, stem) for b in sorted(heal_budgets(h)) for t, stem in targets]
+    pieces = [(b, t, stem) for b in sorted(h.budgets()) for t, stem in targets]
     for budget, t, stem in pieces:
         sfx = budget_suffix(h, budget)
         out = wd.evals / method_key(t) / f"{stem}{SUFFIX}{sfx}"
@@ -153,63 +126,48 @@ def run_heal_stage(wd, deadline: float | None = None) -> dict:
         r["heal"] = {"tokens": steps * h.batch_size * seq_len, "steps": steps, "seconds": round(seconds, 2),
                      "first_loss": heal.history[0]["loss"], "final_loss": heal.history[-1]["loss"], "lr": h.lr,
                      "lora_rank": h.lora_rank, "lm_weight": h.lm_weight}
-        write_run(r, out)
+        save_run(r, out)
         if not h.keep_models:
             for f in list(run_dir.glob("*.safetensors")) + list(run_dir.glob("*.safetensors.index.json")):
                 f.unlink()
         n_done += 1
-        _say(f"heal: t={t} {stem} ({token_label(budget)} tokens): KL {r['heal']['first_loss']:.4f} -> "
+        say(f"heal: t={t} {stem} ({token_label(budget)} tokens): KL {r['heal']['first_loss']:.4f} -> "
              f"{r['heal']['final_loss']:.4f} in {seconds:.1f} s; long Δnll {r['summary']['delta_long_nll']}")
         del model, heal
     del base_model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(device)
     if n_skipped:
-        raise _Partial(f"heal: {n_skipped} heals left for a later call (time budget reached)")
-    per = [steps_for_tokens(b, h.batch_size, seq_len) for b in heal_budgets(h)]
+        raise PartialStage(f"heal: {n_skipped} heals left for a later call (time budget reached)")
+    per = [steps_for_tokens(b, h.batch_size, seq_len) for b in h.budgets()]
     tokens = [n * h.batch_size * seq_len for n in per]
     one = len(per) == 1
     return {"healed": n_done, "tokens_per_allocation": tokens[0] if one else tokens, "steps": per[0] if one else per,
             "rows": heal_rows(wd)}
 
 
-def _long_ppl(res: dict):
-    return ((res.get("quality") or {}).get("long") or {}).get("ppl")
-
-
-def _retrieval(res: dict):
-    """Mean over tasks of the calibrated retrieval (raw where no length passed calibration)."""
-    s = res["summary"]
-    vals = [v if v is not None else s["retrieval_raw"].get(k) for k, v in (s.get("retrieval") or {}).items()]
-    vals = [v for v in vals if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def heal_rows(wd) -> list[dict]:
     """Before/after numbers of every healed allocation and budget on disk."""
-    from .experiment import method_key
-
     full_path = wd.evals / "full" / "eval.json"
     if not full_path.is_file():
         return []
     full = json.loads(full_path.read_text())
-    f_long, f_short = _long_ppl(full), ((full.get("quality") or {}).get("short") or {}).get("ppl")
+    f_long, f_short = long_ppl(full), short_ppl(full)
     rows = []
     h = wd.cfg.heal
-    for (t, stem), budget in ((ts, b) for ts in heal_targets(wd.cfg, wd.evals) for b in heal_budgets(h)):
+    for (t, stem), budget in ((ts, b) for ts in heal_targets(wd.cfg, wd.evals) for b in h.budgets()):
         pb = wd.evals / method_key(t) / stem / "eval.json"
         pa = wd.evals / method_key(t) / f"{stem}{SUFFIX}{budget_suffix(h, budget)}" / "eval.json"
         if not (pb.is_file() and pa.is_file()):
             continue
         before, after = json.loads(pb.read_text()), json.loads(pa.read_text())
-        lb, la = _long_ppl(before), _long_ppl(after)
-        sa = ((after.get("quality") or {}).get("short") or {}).get("ppl")
+        lb, la = long_ppl(before), long_ppl(after)
+        sa = short_ppl(after)
         gap = (lb - f_long) if (lb is not None and f_long is not None) else None
         rows.append({"sparsity": t, "method": stem, "tokens": after["heal"]["tokens"],
                      "long_ratio_before": lb / f_long if lb and f_long else None,
                      "long_ratio_after": la / f_long if la and f_long else None,
                      "short_ratio_after": sa / f_short if sa and f_short else None,
-                     "retrieval_before": _retrieval(before), "retrieval_after": _retrieval(after),
+                     "retrieval_before": mean_retrieval(before), "retrieval_after": mean_retrieval(after),
                      "gap_closed_by_heal": (lb - la) / gap if (gap is not None and la is not None and gap > 1e-9) else None,
                      "kl_first": after["heal"]["first_loss"], "kl_final": after["heal"]["final_loss"]})
     return sorted(rows, key=lambda r: (r["sparsity"], r["tokens"], r["long_ratio_after"] or 0))

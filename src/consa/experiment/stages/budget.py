@@ -1,4 +1,5 @@
-"""The experiment's ``budget`` stage (issue 16): methods compared at equal KV bytes instead of equal unit counts.
+"""The ``budget`` stage (only with a ``budget`` section): methods compared at equal KV bytes instead of equal
+unit counts.
 
 For every KV budget b (share of full attention's KV at ``context`` tokens, sinks included) each method
 makes one allocation that holds at most b, on the same base model and batches:
@@ -19,47 +20,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from .errors import ConsaError
-
-BUDGET_METHODS = ("consa_spans-kv_head", "consa_spans-layer", "consa-kv_head", "consa-layer", "duo-kv_head",
-                  "attn_mass-kv_head", "moa-kv_head", "moa-layer", "uniform-kv_head")
-
-
-@dataclass
-class BudgetStage:
-    """Methods at equal KV bytes (this module's docstring)."""
-
-    kv_budgets: list = field(default_factory=lambda: [0.25, 0.125])
-    context: int | None = None  # default: the base model's context
-    spans: str = "64,128,256,512,1024,full"
-    methods: list = field(default_factory=lambda: ["consa_spans-kv_head", "consa-kv_head", "duo-kv_head",
-                                                   "moa-kv_head", "uniform-kv_head"])
-    steps: int | None = None  # learned methods' steps; default: the search stage's
-    profile_batches: int = 4  # MoA-style profile: batches of the search's batch function
-    decode_tokens: int = 32  # decode steps timed per row (0: no timing, bytes only)
-
-
-def validate_budget(cfg) -> None:
-    from .budget import parse_menu
-
-    b = cfg.budget
-    bad = [m for m in b.methods if m not in BUDGET_METHODS]
-    if bad:
-        raise ConsaError(f"unknown budget methods {bad}; choose from {', '.join(BUDGET_METHODS)}")
-    if not b.kv_budgets or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in b.kv_budgets):
-        raise ConsaError(f"budget.kv_budgets must be shares in (0, 1), got {b.kv_budgets!r}")
-    try:
-        parse_menu(b.spans)
-    except ConsaError as e:
-        raise ConsaError(f"budget.spans: {e}") from None
-    if b.steps is not None and b.steps < 1 or b.profile_batches < 1 or b.decode_tokens < 0:
-        raise ConsaError("budget.steps and budget.profile_batches must be >= 1, budget.decode_tokens >= 0")
-
-
-def budget_key(b: float) -> str:
-    return f"b{b:g}"
+from ...errors import ConsaError
+from ...files import atomic_write_text
+from ..batches import search_batch_fn, training_data
+from ..scoring import eval_config, full_eval, long_ppl, mean_retrieval, save_run
+from ..workdir import PartialStage, budget_key, free_device, require, resolve_device, resolve_dtype, say
 
 
 def _context(cfg) -> int:
@@ -68,11 +35,12 @@ def _context(cfg) -> int:
 
 def make_allocation(model, name: str, gran: str, kv_budget: float, cfg, batch_fn, out_dir):
     """(allocation, tokens spent after the base model, extra record) of one method at one budget."""
-    from .budget import parse_menu, problem, swa_units_for_budget
-    from .models import model_shape, searchable_native
-    from .train.search import Search, SearchConfig
-    from .train.span_baselines import profile_allocation, uniform_span_allocation
-    from .train.baselines import attention_mass_allocation, duo_allocation
+    from ...budget import parse_menu, problem, swa_units_for_budget
+    from ...models import model_shape, searchable_native
+    from ...train.baselines import attention_mass_allocation, duo_allocation
+    from ...train.search import Search
+    from ...train.search_config import ConstraintConfig, GateConfig, LossConfig, ScheduleConfig, SearchConfig, TargetConfig
+    from ...train.span_baselines import profile_allocation, uniform_span_allocation
 
     s, b = cfg.search, cfg.budget
     shape, native = model_shape(model), searchable_native(model)
@@ -81,12 +49,13 @@ def make_allocation(model, name: str, gran: str, kv_budget: float, cfg, batch_fn
     menu = parse_menu(b.spans)
     tokens_per_step = s.batch_size * seq_len
     if name in ("consa_spans", "consa"):
-        scfg = SearchConfig(sparsity=None, window=None if name == "consa_spans" else cfg.W, seq_len=seq_len,
-                            granularity=gran, steps=steps, gate_lr=s.gate_lr, controller=s.controller,
-                            warmup_frac=s.warmup_frac, seed=cfg.seed, checkpoint_every=0, backend=s.backend,
-                            kv_budget=kv_budget, budget_context=ctx, answer_weight=s.answer_weight,
-                            beta_final=s.beta_final, init_log_alpha=s.init_log_alpha,
-                            spans=b.spans if name == "consa_spans" else f"{cfg.W},full")
+        target = TargetConfig(window=None if name == "consa_spans" else cfg.W, granularity=gran, kv_budget=kv_budget,
+                              budget_context=ctx, spans=b.spans if name == "consa_spans" else f"{cfg.W},full")
+        scfg = SearchConfig(target, seq_len=seq_len, schedule=ScheduleConfig(steps=steps),
+                            gates=GateConfig(lr=s.gate_lr, beta_final=s.beta_final, init_log_alpha=s.init_log_alpha),
+                            constraint=ConstraintConfig(controller=s.controller, warmup_frac=s.warmup_frac),
+                            loss=LossConfig(answer_weight=s.answer_weight), seed=cfg.seed, checkpoint_every=0,
+                            backend=s.backend)
         resume = (out_dir / "checkpoint" / "state.json").is_file()
         alloc = Search(model, scfg, batch_fn, out_dir, progress=cfg.progress).run(resume=resume)
         summ = json.loads((out_dir / "search.json").read_text())
@@ -110,30 +79,24 @@ def make_allocation(model, name: str, gran: str, kv_budget: float, cfg, batch_fn
     raise ConsaError(f"unknown budget method {name!r}")
 
 
-def run_budget_stage(wd, deadline: float | None = None) -> dict:
-    import torch
-
-    from .allocation import Allocation
-    from .data.shards import TokenShards
-    from .data.tokenizer import load_tokenizer
-    from .eval import kv_cost
-    from .eval.runner import evaluate, retrieval_items, write_run
-    from .experiment import BankSource, _device, _dtype, _Partial, _require, _say, eval_config, full_eval, search_batch_fn
-    from .files import atomic_write_text
-    from .models import detach, load_model
+def run(wd, deadline: float | None = None) -> dict:
+    from ...allocation import Allocation
+    from ...data.tokenizer import load_tokenizer
+    from ...eval import kv_cost
+    from ...eval.runner import evaluate, retrieval_items
+    from ...models import detach, load_model
 
     cfg = wd.cfg
     if cfg.budget is None:
         return {"skipped": "no budget section in the config"}
     base = wd.base_model_dir()
-    _require(base is not None and wd.done("pretrain"), "budget", f"the base model in {wd.base}", "pretrain", wd)
-    device = _device(cfg.device)
+    require(base is not None and wd.done("pretrain"), "budget", f"the base model in {wd.base}", "pretrain", wd)
+    device = resolve_device(cfg.device)
     s = cfg.search
-    shards = TokenShards.open(wd.corpus, "train")
-    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
+    shards, bank = training_data(wd, s.retrieval_share)
     seq_len = int(s.seq_len or cfg.context)
     batch_fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, cfg.seed)
-    model = load_model(base, dtype=_dtype(s.dtype, device), device=str(device))
+    model = load_model(base, dtype=resolve_dtype(s.dtype, device), device=str(device))
     # 1) allocations (the search's dtype)
     n_made = 0
     for kb in cfg.budget.kv_budgets:
@@ -144,7 +107,7 @@ def run_budget_stage(wd, deadline: float | None = None) -> dict:
             if path.is_file() and rec_path.is_file():
                 continue
             if deadline is not None and time.time() > deadline:
-                raise _Partial("budget: allocations left for a later call (time budget reached)")
+                raise PartialStage("budget: allocations left for a later call (time budget reached)")
             name, gran = m.rsplit("-", 1)
             t0 = time.time()
             alloc, tokens, extra = make_allocation(model, name, gran, kb, cfg, batch_fn, wd.search_runs / f"{budget_key(kb)}-{m}")
@@ -159,11 +122,11 @@ def run_budget_stage(wd, deadline: float | None = None) -> dict:
                    "seconds": round(time.time() - t0, 2), "tokens_after_base": tokens, **extra}
             atomic_write_text(rec_path, json.dumps(rec, indent=1, default=str) + "\n")
             n_made += 1
-            _say(f"budget: b={kb} {m}: KV {rec['kv_share_computed']:.4f} of full, spans {rec['spans']}, "
+            say(f"budget: b={kb} {m}: KV {rec['kv_share_computed']:.4f} of full, spans {rec['spans']}, "
                  f"{rec['fa_units']}/{rec['units']} FA units, {rec['seconds']} s")
     del model
     # 2) evaluations + measured KV bytes (the eval's dtype)
-    model = load_model(base, dtype=_dtype(cfg.eval.dtype, device), device=str(device))
+    model = load_model(base, dtype=resolve_dtype(cfg.eval.dtype, device), device=str(device))
     tok = load_tokenizer(base)
     ecfg = replace(eval_config(cfg, wd.corpus), keep_spans=True)
     items = retrieval_items(tok, ecfg)
@@ -180,28 +143,26 @@ def run_budget_stage(wd, deadline: float | None = None) -> dict:
             if (out / "eval.json").is_file():
                 continue
             if deadline is not None and time.time() > deadline:
-                raise _Partial("budget: evaluations left for a later call (time budget reached)")
+                raise PartialStage("budget: evaluations left for a later call (time budget reached)")
             alloc = Allocation.load(wd.alloc / budget_key(kb) / f"{m}.json")
             r = evaluate(model, tok, alloc, ecfg, baselines=full["baselines"], label=m, log=None, items=items)
             r["kv"] = kv_cost.measure(model, alloc, ctx, dec)
-            write_run(r, out)
+            save_run(r, out)
             n_eval += 1
-            _say(f"budget: eval b={kb} {m}: long Δnll {r['summary']['delta_long_nll']}, KV bytes {r['kv']['kv_bytes']}")
+            say(f"budget: eval b={kb} {m}: long Δnll {r['summary']['delta_long_nll']}, KV bytes {r['kv']['kv_bytes']}")
     del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(device)
     return {"allocations": n_made, "evaluations": n_eval, "rows": budget_rows(wd)}
 
 
 def budget_rows(wd) -> list[dict]:
-    from .experiment_heal import _long_ppl, _retrieval
-
+    """The numbers of every budget run on disk, one row per (budget, method)."""
     cfg = wd.cfg
     full_path, full_kv_path = wd.evals / "full" / "eval.json", wd.evals / budget_key(0) / "full-kv.json"
     if cfg.budget is None or not full_path.is_file():
         return []
     full = json.loads(full_path.read_text())
-    f_long = _long_ppl(full)
+    f_long = long_ppl(full)
     f_kv = json.loads(full_kv_path.read_text()) if full_kv_path.is_file() else None
     rows = []
     for kb in cfg.budget.kv_budgets:
@@ -211,12 +172,12 @@ def budget_rows(wd) -> list[dict]:
                 continue
             r, meta = json.loads(p.read_text()), json.loads(mp.read_text())
             kv = r.get("kv") or {}
-            lp = _long_ppl(r)
+            lp = long_ppl(r)
             rows.append({"kv_budget": kb, "method": m, "spans": meta.get("spans"), "fa_units": meta.get("fa_units"),
                          "units": meta.get("units"), "kv_share_computed": meta.get("kv_share_computed"),
                          "kv_bytes": kv.get("kv_bytes"),
                          "kv_share_measured": kv["kv_bytes"] / f_kv["kv_bytes"] if (f_kv and kv.get("kv_bytes")) else None,
-                         "long_ratio": lp / f_long if (lp and f_long) else None, "retrieval": _retrieval(r),
+                         "long_ratio": lp / f_long if (lp and f_long) else None, "retrieval": mean_retrieval(r),
                          "retrieval_raw": r["summary"].get("retrieval_raw"),
                          "prefill_ratio": kv["prefill_s"] / f_kv["prefill_s"] if (f_kv and kv.get("prefill_s")) else None,
                          "decode_ratio": (kv["decode_s_per_token"] / f_kv["decode_s_per_token"]

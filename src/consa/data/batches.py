@@ -1,18 +1,21 @@
-"""Batch sources for pretraining: corpus windows, synthetic retrieval rows, task rows, and their mix.
+"""Batches for every trainer: corpus windows, synthetic retrieval rows, task rows, their mixes, and the
+step -> batch function that the search, heal and the experiment share.
 
 A batch source is any callable ``(batch_size, seq_len, rng) -> LongTensor[B, T]``, or a dict
 ``{"input_ids": LongTensor[B, T], "answer_mask": BoolTensor[B, T]}`` whose mask marks the tokens that
 answer a retrieval question (``consa.train.pretrain`` weights them with ``answer_weight``). They draw
 only from the ``rng`` they are given, so the batch of a step is a pure function of (seed, step), and a
-resumed run replays exactly what an unbroken run would have drawn. The search and heal batch functions
-(``consa.experiment.search_batch_fn``, the retrieval bank) reuse the same row builders.
+resumed run replays exactly what an unbroken run would have drawn. :func:`step_batches` turns a source
+into the ``step -> batch`` function of the search and heal (:func:`corpus_batches` builds the one of a
+corpus directory); pretraining draws from a source directly. The retrieval bank (``bank.py``) is a
+source too, built on the same row helpers.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +44,7 @@ def split_batch(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor]
 
 def open_shards(corpus_dir: str | Path, split: str = "train"):
     """One split of a corpus built by ``consa data build``."""
-    from ..data.shards import TokenShards
+    from .shards import TokenShards
 
     return TokenShards.open(corpus_dir, split)
 
@@ -63,7 +66,7 @@ class RetrievalSource:
 
     Each sequence is a corpus window (the haystack) with ``num_pairs`` "key → value" statements
     inserted at random depths, ending with ``num_queries`` of the keys (a subset, so the last answer
-    cannot be guessed by elimination; GUIDE §8) asked back with their values. Half the sequences
+    cannot be guessed by elimination) asked back with their values. Half the sequences
     use prose (``The magic number for kalomi is 48213.`` … ``What is the magic number for
     kalomi? The magic number for kalomi is 48213.``), half code (``kalomi = 48213`` …
     ``assert kalomi == 48213``): the phrasing of the eval tasks, with keys of its own.
@@ -149,7 +152,7 @@ class TasksSource:
     module is not there."""
 
     def __init__(self, shards, tokenizer, tasks: tuple[str, ...] | None = None, digits: int = 5):
-        from ..data.tasks import TASKS, make_items
+        from .tasks import TASKS, make_items
 
         self.make_items, self.shards, self.tok, self.digits = make_items, shards, tokenizer, digits
         self.tasks = tuple(tasks or TASKS)
@@ -226,3 +229,81 @@ def retrieval_source(shards, tokenizer, kind: str = "builtin", *, pairs: int = 4
             if kind == "tasks":
                 raise ConsaError(f"retrieval source 'tasks' needs consa.data.tasks ({e})") from None
     return RetrievalSource(shards, tokenizer, num_pairs=pairs, num_queries=queries, value_digits=digits), "builtin"
+
+
+class ShareSource:
+    """``batch_size − n`` rows of ``base`` then ``n = round(share · batch_size)`` rows of ``extra``, in that
+    order: the same share in every batch (:class:`MixedSource` draws the share per batch and shuffles)."""
+
+    def __init__(self, base: BatchSource, extra: BatchSource, share: float):
+        self.base, self.extra, self.share = base, extra, float(share)
+
+    def __call__(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+        n = int(round(self.share * batch_size))
+        parts = []
+        if batch_size - n:
+            parts.append(split_batch(self.base(batch_size - n, seq_len, rng)))
+        if n:
+            parts.append(split_batch(self.extra(n, seq_len, rng)))
+        return {"input_ids": torch.cat([p[0] for p in parts]), "answer_mask": torch.cat([p[1] for p in parts])}
+
+
+BatchFn = Callable[[int], dict]
+
+
+def step_batches(source: BatchSource, batch_size: int, seq_len: int, seed: int | Sequence[int]) -> BatchFn:
+    """``step -> {"input_ids", "answer_mask"}``: one batch of ``source`` drawn with
+    ``numpy.random.default_rng([*seed, step])``. A pure function of the step, as the search and heal need
+    (a resumed run, the held-out batches of refinement and the other ranks all see the same batches)."""
+    key = [int(x) for x in seed] if isinstance(seed, (list, tuple)) else [int(seed)]
+
+    def batch(step: int) -> dict:
+        ids, answers = split_batch(source(batch_size, seq_len, np.random.default_rng([*key, step])))
+        return {"input_ids": ids, "answer_mask": answers}
+
+    return batch
+
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> BatchFn:
+    """Uniform random tokens, a pure function of the step: for smoke tests and tiny random models."""
+
+    def batch(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return {"input_ids": torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)}
+
+    return batch
+
+
+def check_corpus_vocab(corpus, split: str, vocab_size: int) -> None:
+    """A corpus tokenized with a larger vocabulary than the model's would index past its embedding
+    (an IndexError deep in the forward); refuse it as one line before any work."""
+    from ..files import read_json
+
+    meta_path = Path(corpus) / split / "meta.json"
+    if not meta_path.is_file():
+        return  # TokenShards.open reports a missing or broken corpus
+    n = read_json(meta_path, what="corpus metadata", expect=dict).get("vocab_size")
+    if isinstance(n, int) and n > vocab_size:
+        raise ConsaError(f"corpus {corpus} was tokenized with a vocabulary of {n} tokens, the model has {vocab_size}; "
+                         "build the corpus with the model's tokenizer (consa data build --tokenizer MODEL_DIR)")
+
+
+def corpus_batches(corpus: str | Path, batch_size: int, seq_len: int, seed: int, *, vocab_size: int | None = None,
+                   retrieval_mix: float = 0.0, retrieval_kind: str = "builtin") -> BatchFn:
+    """The search / heal batch function of a corpus directory (``consa data build``): windows of its train
+    split, with ``retrieval_mix`` of the rows synthetic retrieval sequences (:func:`retrieval_source`,
+    their answers marked for ``answer_weight``). ``vocab_size``: the model's, checked against the corpus."""
+    if vocab_size is not None:
+        check_corpus_vocab(corpus, "train", vocab_size)
+    if not 0.0 <= retrieval_mix <= 1.0:
+        raise ConsaError(f"--retrieval-mix must be in [0, 1], got {retrieval_mix}")
+    shards = open_shards(corpus, "train")
+    if shards.num_tokens < seq_len + 1:
+        raise ConsaError(f"corpus {corpus} holds {shards.num_tokens} tokens, fewer than --seq-len {seq_len}")
+    source = corpus_source(shards)
+    if retrieval_mix > 0:  # long documents mixed with synthetic retrieval rows: make long range matter
+        from .tokenizer import load_tokenizer
+
+        extra, _ = retrieval_source(shards, load_tokenizer(corpus), retrieval_kind)
+        source = MixedSource(source, extra, retrieval_mix)
+    return step_batches(source, batch_size, seq_len, seed)

@@ -1,6 +1,6 @@
 """``consa compare``: one experiment repeated on several base models (and search seeds), pooled.
 
-Each workdir is one base-model seed, read as the experiment report reads it (``experiment_report.collect``);
+Each workdir is one base-model seed, read as the experiment report reads it (``report.collect``);
 with ``search.search_seeds`` each learned method has one row per search seed. Every (sparsity, method) gets
 the mean ± sd of its long-range PPL ratio and retrieval over all its runs (bases × search seeds), the mean of
 each base, its search tokens and seconds, and its mean FA share per layer. A claim ("A beats B") counts only
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConsaError
+from ..errors import ConsaError
+from .config import ExperimentConfig
+from .report import collect, paper_pattern
+from .workdir import Workdir
 
 LEARNED_PREFIXES = ("consa-", "consa_refined-", "duo-", "attn_mass-")
 
 
 def load_runs(roots: list[str | Path], config: str | Path | None = None) -> list[dict]:
     """``collect`` of every workdir, with its config (``WORKDIR/experiment.json`` unless ``config``)."""
-    from .experiment import ExperimentConfig, Workdir
-    from .experiment_report import collect
-
     if len(roots) < 1:
         raise ConsaError("compare needs at least one experiment workdir")
     out = []
@@ -54,8 +54,7 @@ def _stats(vals: list) -> tuple[float | None, float | None]:
 
 def pool(runs: list[dict]) -> dict:
     """{sparsity: {method: pooled record}} over every run of every workdir."""
-    from .experiment_report import paper_pattern
-    from .rules import RULES
+    from ..rules import RULES
 
     out: dict[float, dict] = {}
     for i, run in enumerate(runs):

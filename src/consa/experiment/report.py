@@ -1,6 +1,7 @@
-"""The experiment's ``report`` stage: one table per sparsity, the structure of the data-driven
-allocations, heatmaps, and the heal / budget sections when the config has them (``experiment.py``
-drives it; ``collect`` gathers every eval run on disk into one dict)."""
+"""The ``report`` stage: ``WORKDIR/report/results.md`` + ``results.json`` + figures: one table per sparsity,
+the structure of the data-driven allocations, heatmaps, and the heal / budget sections when the config
+has them. ``collect`` gathers every eval run on disk into one dict (``compare.py`` pools it over workdirs).
+It reads the other stages' outputs only; their tables come from the stage modules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiment import STAGES, Workdir, _calibration_summary, _method_list, _require, method_key
+from .config import method_list
+from .scoring import calibration_summary
+from .workdir import STAGES, Workdir, budget_key, method_key, require
+
 
 def _fmt(v, d=3):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
@@ -43,14 +47,14 @@ def collect(wd: Workdir) -> dict:
             r[tname] = retrieval.get(tname)
         return r
 
-    from .eval.calibration import reported_mean
+    from ..eval.calibration import reported_mean
 
     def raw_means(ret: dict) -> dict:
         return {k: reported_mean({"accuracy": g["accuracy"]}) for k, g in (ret or {}).items()}
 
-    cal = _calibration_summary(full)
+    cal = calibration_summary(full)
     passed = {tname: any(r["pass"] for r in cal.get(tname, [])) for tname in tasks}
-    from .eval.calibration import reported_grid
+    from ..eval.calibration import reported_grid
 
     full_row = row_from(full, fq, full["summary"]["retrieval"])
     full_row["raw"] = full["summary"]["retrieval_raw"]
@@ -63,7 +67,7 @@ def collect(wd: Workdir) -> dict:
     for t in cfg.search.sparsities:
         rows = {}
         groups: dict[str, list] = {}
-        for stem, name, gran, seed in _method_list(cfg):
+        for stem, name, gran, seed in method_list(cfg):
             p = wd.evals / method_key(t) / stem / "eval.json"
             mp = wd.alloc / method_key(t) / f"{stem}.meta.json"
             if not p.is_file():
@@ -219,21 +223,21 @@ def plot_fa_shares(res: dict, path: Path) -> Path:
     return path
 
 
-def stage_report(wd: Workdir) -> dict:
-    from .allocation import Allocation
-    from .files import atomic_write_text
-    from .heatmap import plot_allocation
+def run(wd: Workdir, deadline: float | None = None) -> dict:
+    from ..allocation import Allocation
+    from ..files import atomic_write_text
+    from ..heatmap import plot_allocation
+    from .stages.budget import format_budget
+    from .stages.heal import format_heal
 
     cfg = wd.cfg
-    _require(wd.done("eval") and (wd.evals / "full" / "eval.json").is_file(), "report", f"the eval runs in {wd.evals}", "eval", wd)
+    require(wd.done("eval") and (wd.evals / "full" / "eval.json").is_file(), "report", f"the eval runs in {wd.evals}", "eval", wd)
     res = collect(wd)
     wd.report.mkdir(parents=True, exist_ok=True)
     figs = [plot_fa_shares(res, wd.report / "fa_share_per_layer.png").name]
     groups = [(method_key(t), ("consa-kv_head", "consa-layer", "duo-kv_head", "attn_mass-kv_head"), f"t={t}")
               for t in cfg.search.sparsities]
     if cfg.budget is not None:
-        from .experiment_budget import budget_key
-
         groups += [(budget_key(kb), ("consa_spans-kv_head", "consa_spans-layer", "moa-kv_head", "moa-layer"),
                     f"KV budget {kb:g}") for kb in cfg.budget.kv_budgets]
     for key, stems, what in groups:
@@ -261,12 +265,8 @@ def stage_report(wd: Workdir) -> dict:
           f"{_fmt(res['all_swa_long_nll'], 4)}.", "",
           format_tables(res), "### Structure of the data-driven allocations", "", format_structure(res)]
     if cfg.heal is not None:
-        from .experiment_heal import format_heal
-
         md += ["", format_heal(wd)]
     if cfg.budget is not None:
-        from .experiment_budget import format_budget
-
         md += ["", format_budget(wd)]
     md += [f"![{f}]({f})" for f in figs]
     atomic_write_text(wd.report / "results.md", "\n".join(md) + "\n")

@@ -1,4 +1,5 @@
-"""The experiment's ``search`` stage: every allocation of every sparsity, on one base model.
+"""The ``search`` stage: every allocation of every sparsity, on one base model, in
+``WORKDIR/alloc/s<t>/<method>.json``.
 
 Learned methods (ConSA per unit kind, Duo-style) train gates on the same batch function; with
 ``search.search_seeds`` each seed searches once with its own seed and batches (``<method>-seed<s>``),
@@ -13,13 +14,15 @@ from __future__ import annotations
 import json
 import time
 
-from .errors import ConsaError
-from .experiment import (LEARNED, BankSource, _device, _dtype, _method_list, _Partial, _require,
-                         _say, method_key, search_batch_fn)
+from ...errors import ConsaError
+from ...files import atomic_write_text
+from ..batches import search_batch_fn, training_data
+from ..config import LEARNED, method_list
+from ..workdir import PartialStage, free_device, method_key, require, resolve_device, resolve_dtype, say
 
 
 def _duo(model, gran, k, W, batch_fn, s, cfg, seed: int):
-    from .train.baselines import duo_allocation
+    from ...train.baselines import duo_allocation
 
     return duo_allocation(model, gran, k, W, batch_fn, steps=s.steps, lr=s.duo_lr, l1=s.duo_l1,
                           seed=seed, progress=cfg.progress, backend=s.backend)
@@ -34,14 +37,16 @@ def _refined(model, scfg, batch_fn, out_dir, searched, evals: int):
     import torch
     from safetensors.torch import load_file
 
-    from .train.search import Search
+    from ...train.search import Search
 
     gates = out_dir / "gates.safetensors"
     if not gates.is_file() or not searched.is_file():
         raise ConsaError(f"consa_refined needs the finished ConSA search in {out_dir} (gates.safetensors) and its "
                          f"record {searched}: run that search first")
     rec = json.loads(searched.read_text())
-    search = Search(model, dataclasses.replace(scfg, refine_evals=evals, init="constant"), batch_fn, out_dir, progress=False)
+    scfg = dataclasses.replace(scfg, refine=dataclasses.replace(scfg.refine, evals=evals),
+                               gates=dataclasses.replace(scfg.gates, init="constant"))
+    search = Search(model, scfg, batch_fn, out_dir, progress=False)
     log_alpha = load_file(str(gates))["log_alpha"]
     if log_alpha.shape != search.gates.log_alpha.shape:
         raise ConsaError(f"{gates} holds {tuple(log_alpha.shape)} gates, the search here has {tuple(search.gates.log_alpha.shape)}")
@@ -61,24 +66,33 @@ def search_seed(cfg, seed: int | None) -> int:
     return cfg.seed + 1000 * int(seed or 0)
 
 
-def run_search_stage(wd, deadline: float | None = None) -> dict:
-    import torch
+def search_config(cfg, s, t: float, gran: str, seq_len: int, seed: int, refine_evals: int):
+    """The ``consa.train.search.SearchConfig`` of one ConSA search of the stage at sparsity ``t``."""
+    from ...train.search_config import ConstraintConfig, LossConfig, RefineConfig, ScheduleConfig, SearchConfig, TargetConfig
 
-    from .allocation import Allocation, swa_count
-    from .data.shards import TokenShards
-    from .models import detach, load_model, model_shape
-    from .rules import rule_allocation
-    from .train.baselines import attention_mass_allocation
-    from .train.search import AUTO_REFINE_EVALS, Search, SearchConfig
+    return SearchConfig(TargetConfig(sparsity=t, window=cfg.W, granularity=gran), seq_len=seq_len, gates=s.gate_config(),
+                        schedule=ScheduleConfig(steps=s.steps, until_agreement=s.until_agreement, max_steps=s.max_steps),
+                        constraint=ConstraintConfig(controller=s.controller, warmup_frac=s.warmup_frac),
+                        loss=LossConfig(answer_weight=s.answer_weight),
+                        refine=RefineConfig(evals=refine_evals, candidates=s.refine_candidates, order=s.refine_order),
+                        seed=seed, checkpoint_every=0, backend=s.backend)
+
+
+def run(wd, deadline: float | None = None) -> dict:
+    from ...allocation import Allocation, swa_count
+    from ...models import detach, load_model, model_shape
+    from ...rules import rule_allocation
+    from ...train.baselines import attention_mass_allocation
+    from ...train.search import Search
+    from ...train.search_config import AUTO_REFINE_EVALS
 
     cfg, s = wd.cfg, wd.cfg.search
     base = wd.base_model_dir()
-    _require(base is not None and wd.done("pretrain"), "search", f"the base model in {wd.base}", "pretrain", wd)
-    device = _device(cfg.device)
-    model = load_model(base, dtype=_dtype(s.dtype, device), device=str(device))
+    require(base is not None and wd.done("pretrain"), "search", f"the base model in {wd.base}", "pretrain", wd)
+    device = resolve_device(cfg.device)
+    model = load_model(base, dtype=resolve_dtype(s.dtype, device), device=str(device))
     shape = model_shape(model)
-    shards = TokenShards.open(wd.corpus, "train")
-    bank = BankSource(wd.bank, shards) if (wd.bank.is_file() and s.retrieval_share > 0) else None
+    shards, bank = training_data(wd, s.retrieval_share)
     seq_len = int(s.seq_len or cfg.context)
     W = cfg.W
     batch_fn = search_batch_fn(shards, bank, s.batch_size, seq_len, s.retrieval_share, cfg.seed)
@@ -87,7 +101,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
     for t in s.sparsities:
         d = wd.alloc / method_key(t)
         d.mkdir(parents=True, exist_ok=True)
-        for stem, name, gran, seed in _method_list(cfg):
+        for stem, name, gran, seed in method_list(cfg):
             path = d / f"{stem}.json"
             rec_path = d / f"{stem}.meta.json"
             if path.is_file() and rec_path.is_file():
@@ -105,15 +119,7 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
             tokens = 0
             if name in ("consa", "consa_refined"):
                 side_by_side = f"consa_refined-{gran}" in s.methods  # then consa keeps the plain top-k cut
-                scfg = SearchConfig(sparsity=t, window=W, seq_len=seq_len, granularity=gran, steps=s.steps,
-                                    until_agreement=s.until_agreement, max_steps=s.max_steps,
-                                    gate_lr=s.gate_lr, controller=s.controller, warmup_frac=s.warmup_frac,
-                                    seed=sseed, checkpoint_every=0, backend=s.backend,
-                                    refine_evals=0 if side_by_side else s.refine_evals, refine_order=s.refine_order,
-                                    refine_candidates=s.refine_candidates,
-                                    beta_final=s.beta_final, init_log_alpha=s.init_log_alpha, gate_lr_final=s.gate_lr_final, init=s.init,
-                                    init_steps=s.init_steps, init_spread=s.init_spread, decide_weight=s.decide_weight, decide_frac=s.decide_frac,
-                                    answer_weight=s.answer_weight)
+                scfg = search_config(cfg, s, t, gran, seq_len, sseed, 0 if side_by_side else s.refine_evals)
                 out_dir = wd.search_runs / (f"{method_key(t)}-{gran}" + (f"-seed{seed}" if seeded else ""))
             if name == "consa_refined":
                 searched = d / f"{stem.replace('consa_refined-', 'consa-', 1)}.meta.json"
@@ -151,14 +157,11 @@ def run_search_stage(wd, deadline: float | None = None) -> dict:
             rec = {"stem": stem, "method": name, "granularity": gran, "seed": seed, "sparsity": t, "units": n_units,
                    "swa_units": k, "swa_heads": sum(1 for row in alloc.fa for b in row if not b),
                    "seconds": round(time.time() - t0, 2), "tokens_after_base": tokens, **extra}
-            from .files import atomic_write_text
-
             atomic_write_text(rec_path, json.dumps(rec, indent=1) + "\n")
             records[f"{method_key(t)}/{stem}"] = rec
-            _say(f"search: t={t} {stem}: {k}/{n_units} SWA in {rec['seconds']} s")
+            say(f"search: t={t} {stem}: {k}/{n_units} SWA in {rec['seconds']} s")
     del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(device)
     if n_skipped:
-        raise _Partial(f"search: {n_skipped} searches left for a later call (time budget reached)")
+        raise PartialStage(f"search: {n_skipped} searches left for a later call (time budget reached)")
     return {"allocations": len(records), "window": W, "seq_len": seq_len, "train_tokens_per_learned_method": train_tokens}
