@@ -57,7 +57,7 @@ class PoolStep:
         self.pos[:r, 0].copy_(torch.tensor(lengths[:r]), non_blocking=True)
         self.ids[:r, 0].copy_(torch.tensor(ids[:r]), non_blocking=True)
         if not self.graphs:
-            return self._forward(r, self.pool.decode_cache(lengths[:r]))[:width]
+            return self._forward(r, self.pool.decode_cache(lengths[:r], self.pos[:r, 0]))[:width]
         if r not in self._graphs:
             self._capture(r)
         graph, logits = self._graphs[r]

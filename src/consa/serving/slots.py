@@ -288,10 +288,13 @@ class SlotPool:
         self._view.set_length(length)
         return self._view
 
-    def decode_cache(self, lengths: list[int]) -> RowsCache:
-        """The cache for one decode step of rows 0…len(lengths)−1 at ``lengths`` (tokens each holds before it)."""
+    def decode_cache(self, lengths: list[int], pos: torch.Tensor | None = None) -> RowsCache:
+        """The cache for one decode step of rows 0…len(lengths)−1 at ``lengths`` (tokens each holds before it);
+        ``pos``: the same lengths already on the device (a caller's step buffer), so they are not copied again."""
         self.check_lengths(lengths)
-        return self._rows.prepare(torch.tensor(lengths, dtype=torch.long, device=self.device), max(lengths) + 1)
+        if pos is None:
+            pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        return self._rows.prepare(pos, max(lengths) + 1)
 
     def static_cache(self, pos: torch.Tensor) -> RowsCache:
         """The cache for a decode step to capture: rows 0…len(pos)−1 at the lengths the device buffer
