@@ -18,7 +18,8 @@ Columns: request throughput and output tok/s over the makespan (first send → l
 TPOT p50/p99, peak memory (CUDA), the largest running batch, and the decode steps at that batch
 against the read-bandwidth ceiling: bytes a step touches (weights + the KV its rows read) / step time
 / the bandwidth of a reduction over a buffer far larger than L2, measured in the same run (CUDA).
-TTFT p50 at the lowest rate is also given against one bare prefill of a prompt (``ttft_vs_prefill``).
+TTFT p50 under light load (``--light`` requests sent one at a time, before the rates; without them the lowest
+rate) is also given against one bare prefill of a prompt (``ttft_vs_prefill``).
 
     PYTHONPATH=src python benchmarks/serve_load.py --smoke --out serve_load.json     # CPU, tiny, ~1 min
     PYTHONPATH=src python benchmarks/serve_load.py --shape 0.6b --prompt-len 8192 --new-tokens 256 \\
@@ -64,11 +65,15 @@ async def _one(client, prompt, new, at, t0):
 
 
 async def _drive(url, prompts, new, arrivals):
+    """``arrivals`` (seconds from the start) of every request, or None: one at a time, each sent when the
+    previous one has finished (light load: nothing else runs beside a request)."""
     import httpx
 
     t0 = time.perf_counter() + 0.05
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        if arrivals is None:
+            return [await _one(client, p, new, 0.0, time.perf_counter()) for p in prompts]
         return await asyncio.gather(*(_one(client, p, new, a, t0) for p, a in zip(prompts, arrivals)))
 
 
@@ -140,16 +145,17 @@ def _peak() -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
 
 
-def kv_read_bytes(pool, rows: int, read: int) -> int:
-    """Bytes of KV a decode step over ``rows`` rows reading ``read`` FA slots touches (FA up to
-    ``read``, each SWA ring whole): what this implementation reads."""
+def kv_read_bytes(pool, rows: int, fa_slots: int) -> int:
+    """Bytes of KV a decode step over ``rows`` rows touches, ``fa_slots`` the FA slots its rows read
+    together (each row its own length, the Triton path; the torch path reads every row up to the
+    longest and logs that) and each SWA ring whole: what this implementation reads."""
     total = 0
     for parts in pool.parts:
         for p in parts:
             lay = p.layer
-            per_slot = lay.fa_keys.shape[1] * read + lay.swa_keys.shape[1] * lay.swa_keys.shape[2]
-            total += 2 * per_slot * lay.fa_keys.shape[-1] * lay.fa_keys.element_size()
-    return rows * total
+            slots = lay.fa_keys.shape[1] * fa_slots + rows * lay.swa_keys.shape[1] * lay.swa_keys.shape[2]
+            total += 2 * slots * lay.fa_keys.shape[-1] * lay.fa_keys.element_size()
+    return total
 
 
 # ---- the rows ---------------------------------------------------------------------------------------------
@@ -164,7 +170,8 @@ def serve_row(model, alloc_name, rate, prompts, new, args, bw, weight_bytes, sch
     arrivals, t = [], 0.0
     for _ in prompts:
         arrivals.append(t)
-        t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
+        t += 0.0 if math.isinf(rate) or rate == 0 else rng.expovariate(rate)
+    arrivals = None if rate == 0 else arrivals  # 0: one request at a time
     _peak_reset()
     with BackgroundServer(app.starlette()) as srv:
         ctx = mp.get_context("spawn")
@@ -175,15 +182,16 @@ def serve_row(model, alloc_name, rate, prompts, new, args, bw, weight_bytes, sch
         proc.join()
     if isinstance(got, dict):
         raise RuntimeError(f"load client: {got['error']}")
-    row = {"row": "serve", "alloc": alloc_name, "rate": rate, "requests": len(prompts), "slots": sched.pool.num_slots,
+    row = {"row": "serve", "alloc": alloc_name, "rate": "one at a time" if rate == 0 else rate, "requests": len(prompts),
+           "slots": sched.pool.num_slots,
            **summarize(got, new), "peak_gib": _peak(), "http_errors": sum(r["status"] != 200 for r in got)}
     trace, sched.trace = sched.trace, None
     if trace:
         top = max(t[1] for t in trace)
         at_top = [t for t in trace if t[1] == top]
         step = statistics.median(t[3] for t in at_top)
-        read = max(t[2] for t in at_top)
         rows = max(t[0] for t in at_top)
+        read = max(t[2] for t in at_top if t[0] == rows)
         touched = weight_bytes + kv_read_bytes(sched.pool, rows, read)
         row.update(max_running=top, decode_step_ms_at_max=step * 1e3, decode_bytes_at_max=touched,
                    pct_read_bw_at_max=None if bw is None else 100 * touched / step / bw)
@@ -259,7 +267,7 @@ def build(args, S):
         model = tiny_model("qwen3", vocab_size=1000, num_layers=2, num_heads=8, num_kv_heads=4, hidden_size=64,
                            max_position_embeddings=4096)
         return model, lambda spec: S.allocation(model, spec), consa
-    model = S.build(args.shape)
+    model = S.build(args.shape, "cuda")
     return model, lambda spec: S.allocation(model, spec), consa
 
 
@@ -271,6 +279,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rates", default="2,8,inf", help="requests/s, comma-separated (inf: all at once)")
+    ap.add_argument("--light", type=int, default=4, help="requests sent one at a time first (light load: TTFT against a "
+                    "bare prefill); 0: none")
     ap.add_argument("--allocs", default="25:512,full")
     ap.add_argument("--rows", default="serve,fixed,hf")
     ap.add_argument("--hf-requests", type=int, default=8, help="requests for transformers' generate_batch (0: skip)")
@@ -371,6 +381,9 @@ def main(argv=None):
                                   max_queue=len(prompts) + 1, plans=plans, kernel=args.kernel,
                                   graphs=False if args.no_graphs else None)
                 report.setdefault("bare_prefill_s", {})[spec] = None
+                if args.light:
+                    attempt(f"serve {spec} one at a time",
+                            lambda: serve_row(model, spec, 0, prompts[: args.light], args.new_tokens, args, bw, weight_bytes, sched))
                 for rate in rates:
                     attempt(f"serve {spec} rate {rate}",
                             lambda: serve_row(model, spec, rate, prompts, args.new_tokens, args, bw, weight_bytes, sched))
@@ -390,7 +403,7 @@ def main(argv=None):
         attempt("hf generate_batch", lambda: hf_row(model, prompts[: args.hf_requests], args.new_tokens, args))
     for row in report["rows"]:
         pre = (report.get("bare_prefill_s") or {}).get(row["alloc"])
-        lowest = min(rates)
+        lowest = "one at a time" if args.light else min(rates)
         if row["row"] == "serve" and row["rate"] == lowest and pre and row.get("ttft_p50_s"):
             row["ttft_vs_prefill"] = row["ttft_p50_s"] / pre
     report["wall_s"] = time.perf_counter() - t0
@@ -418,7 +431,7 @@ def print_table(report):
               f"{_f(r.get('pct_read_bw_at_max'), '{:.0f}%')} |")
     for spec, s in (report.get("bare_prefill_s") or {}).items():
         ttft = [r.get("ttft_vs_prefill") for r in report["rows"] if r["alloc"] == spec and r.get("ttft_vs_prefill")]
-        print(f"bare prefill ({spec}, B=1, first prompt): {_f(s)} s" + (f"; TTFT p50 at the lowest rate = {ttft[0]:.2f}× it" if ttft else ""))
+        print(f"bare prefill ({spec}, B=1, first prompt): {_f(s)} s" + (f"; TTFT p50 under the lightest load = {ttft[0]:.2f}× it" if ttft else ""))
     for s in report["skipped"]:
         print("skipped:", s)
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import consa
+from consa import consa_free
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache
@@ -52,14 +49,9 @@ def _consa_path(model, alloc, ids, mask):
     return logits, gen
 
 
-STOCK_SCRIPT = textwrap.dedent(
+STOCK_SCRIPT = consa_free.script(
     """
     import json, sys, torch
-    class NoConsa:
-        def find_spec(self, name, path=None, target=None):
-            if name == "consa" or name.startswith("consa."):
-                raise ImportError("consa must not be imported here")
-    sys.meta_path.insert(0, NoConsa())
     from transformers import AutoModelForCausalLM
     jobs = json.loads(sys.argv[1])
     results = {}
@@ -97,8 +89,7 @@ def test_native_export_loads_without_consa(tmp_path):
         ids, mask = _ids(model.config.vocab_size)
         expected[fam] = _consa_path(model, alloc, ids, mask)
         jobs[fam] = {"dir": str(out), "ids": ids.tolist(), "mask": mask.tolist()}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300)
+    proc = consa_free.run(STOCK_SCRIPT, json.dumps(jobs), modules_cache=tmp_path / "hf_modules", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for fam in NATIVE:

@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import consa
+from consa import consa_free
 from consa.compat import cache_kwargs
 from consa.allocation import Allocation
 from consa.attention.cache import HybridCache
@@ -66,14 +63,9 @@ def _cases():
     }
 
 
-SCRIPT = textwrap.dedent(
+SCRIPT = consa_free.script(
     """
     import importlib, json, sys, torch
-    class NoConsa:
-        def find_spec(self, name, path=None, target=None):
-            if name == "consa" or name.startswith("consa."):
-                raise ImportError("No module named 'consa' (hidden by the test)")
-    sys.meta_path.insert(0, NoConsa())
     try:
         import consa
         sys.exit("consa is importable")
@@ -122,13 +114,8 @@ def test_headwise_exports_serve_without_consa(tmp_path):
                                  do_sample=False, pad_token_id=0, eos_token_id=None)
         expected[name] = (logits, gen, mask.bool(), alloc, model.config.head_dim)
         jobs[name] = {"dir": str(out), "ids": ids.tolist(), "mask": mask.tolist(), "new": NEW}
-    env = dict(os.environ)  # PYTHONPATH entries that hold consa go; others (e.g. another transformers) stay
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p and not os.path.exists(os.path.join(p, "consa")))
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
     result_file = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(jobs), str(result_file)], capture_output=True,
-                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
+    proc = consa_free.run(SCRIPT, json.dumps(jobs), result_file, modules_cache=tmp_path / "hf_modules", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(result_file.read_text())
     for name, (logits, gen, valid, alloc, head_dim) in expected.items():

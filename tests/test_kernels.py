@@ -149,3 +149,25 @@ def test_overlapped_prefill_equals_serial_on_gpu(priority):
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, serial, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masked_gqa_sdpa_takes_a_fused_kernel():
+    """A prompt chunk over cached keys (GQA and a boolean mask, bf16): consa's SDPA call must run on the
+    memory-efficient kernel, not SDPA's math fallback (with ``enable_gqa`` and a mask only math remains,
+    and it holds [B, Hq, Tq, Tk] float32 scores): forcing the efficient backend must not raise, and the
+    result equals the dense reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from consa.attention.kernels import reference_attention, sdpa
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 12, 37, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, 101, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    allowed = torch.arange(101, device="cuda")[None, :] <= torch.arange(64, 101, device="cuda")[:, None]
+    allowed[:, :5] = False  # padding
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        out = sdpa(q, k, v, allowed[None, None], False, 0.125, 0.0)
+    want = reference_attention(q.double(), k.double(), v.double(), allowed, 0.125)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2**-7)

@@ -23,7 +23,8 @@ PACKAGE = "consa"
 
 # layer -> module patterns (dotted, below ``consa``; ``*`` any name, ``**`` any depth)
 LAYERS = {
-    "method": ["allocation", "budget", "constraint", "gates", "rules", "errors", "files", "compat", "presets", "interrupts"],
+    "method": ["allocation", "budget", "constraint", "gates", "rules", "errors", "files", "compat", "presets", "interrupts",
+               "consa_free"],
     "attention": ["attention", "attention.**"],
     "data": ["data", "data.**", "recall_task"],
     "models": ["models", "export", "export_native", "export_code", "export_code.**", "families", "lora_weights", "tiny"],

@@ -82,21 +82,24 @@ def test_every_request_equals_generate_alone(kind, one_thread):
 
 
 @pytest.mark.skipif(not triton_decode.interpreted(), reason="runs the Triton decode kernel on CPU tensors (interpreter)")
-@pytest.mark.parametrize("kind", ["heads", "spans"])
-def test_fa_heads_through_the_triton_kernel(kind, monkeypatch, one_thread):
-    """The FA heads' decode through consa's Triton kernel (the CUDA path; here its interpreter): rows at
-    different lengths share one launch, a padding mask per row; the same tokens as generate alone."""
+@pytest.mark.parametrize("kind", ["heads", "spans", "full"])
+def test_decode_through_the_triton_kernels(kind, monkeypatch, one_thread):
+    """A decode step through consa's Triton kernels (the CUDA path; here its interpreter): rows at
+    different lengths share one write and one attention launch per head group, each row at its own
+    length (no padding mask); the same tokens as generate alone."""
     model, _ = _model(kind)
-    calls = []
-    real = triton_decode.hybrid_decode
-    monkeypatch.setattr(triton_decode, "hybrid_decode", lambda *a, **k: calls.append(k["mask"].sum(-1).tolist()) or real(*a, **k))
+    calls, writes = [], []
+    real, real_write = triton_decode.hybrid_decode, triton_decode.write_static
+    monkeypatch.setattr(triton_decode, "hybrid_decode", lambda *a, **k: calls.append((k["length"].tolist(), k.get("mask"))) or real(*a, **k))
+    monkeypatch.setattr(triton_decode, "write_static", lambda *a: writes.append(a[7].tolist()) or real_write(*a))
     prompts = _prompts(3, seed=4, lengths=(2, 9, 5))
     want = [_alone(model, p, 4) for p in prompts]
     sched = Scheduler(model, num_slots=3, max_len=24, prefill_tokens=32, kernel="triton")
     reqs = [sched.submit(Request(p, 4)) for p in prompts]
     _drive(sched, {}, {})
     assert [r.output for r in reqs] == want
-    assert [3, 10, 6] in calls  # the first decode step: each row at its own length
+    assert ([3, 10, 6], None) in calls  # the first decode step: each row at its own length
+    assert [2, 9, 5] in writes  # ... writing its new key at its own slot
 
 
 def test_cancellation_leaves_the_others_unchanged(one_thread):
@@ -214,3 +217,17 @@ def test_graphs_need_cuda():
     model, _ = _model("heads")
     with pytest.raises(ValueError, match="CUDA"):
         Scheduler(model, num_slots=2, max_len=16, graphs=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "lfm2"])
+def test_mixed_decoders_are_refused_in_one_line(family):
+    """A decoder with linear-attention or convolution layers beside its attention layers: the slot pool
+    has no room for their states, so the scheduler refuses it at once, naming those layers."""
+    from consa.families import tiny_model as family_model
+
+    model = family_model(family)
+    shape = consa.model_shape(model)
+    consa.apply_allocation(model, Allocation("kv_head", shape, 4, tuple((True,) * shape.num_kv_heads for _ in range(shape.num_layers)), 0))
+    with pytest.raises(ValueError, match=r"attention layers only.*(linear_attention|conv)") as e:
+        Scheduler(model, num_slots=2, max_len=32)
+    assert "\n" not in str(e.value)

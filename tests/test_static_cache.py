@@ -205,3 +205,36 @@ def test_write_kernel_equals_torch_write(fa_kv, n_kv, sinks, window, steps, monk
         assert torch.equal(getattr(layers[0], name), getattr(layers[1], name)), name
     assert int(layers[0].length) == int(layers[1].length) == steps
     assert len(calls) == steps  # the first layer took the kernel, the second the torch ops
+
+
+@KERNEL
+@pytest.mark.parametrize("fa_kv,n_kv,hq,window,sinks,totals", [([1], 3, 9, 5, 2, (23, 4, 11)), ([], 2, 4, 6, 1, (17, 2, 30)),
+                                                                 ([0, 1], 2, 6, 3, 0, (1, 29, 8))])
+def test_per_row_lengths_equal_reference(fa_kv, n_kv, hq, window, sinks, totals, monkeypatch):
+    """The static mode with one length per row (the server's slot pool: sequences at their own lengths):
+    rows filled to different lengths (ring wrapped or not) and stacked into one batch; each row's
+    output equals its own reference, and the write kernel puts each row's key at its own slot."""
+    monkeypatch.setattr(triton_decode, "BLOCK_N", 16)
+    max_len, d = 32, 24
+    layers = [_filled_layer(fa_kv, n_kv, window, sinks, max_len, t, b=1, d=d, seed=i) for i, t in enumerate(totals)]
+    stack = lambda name: torch.cat([getattr(lay, name) for lay, *_ in layers])  # noqa: E731
+    kf, vf, ksw, vsw = (stack(n) for n in ("fa_keys", "fa_values", "swa_keys", "swa_values"))
+    q = torch.randn(len(totals), hq, 1, d, generator=torch.Generator().manual_seed(7)).to(DEV)
+    heads = triton_decode.head_tables(n_kv, tuple(fa_kv), q.device)
+    length = torch.tensor(totals, device=DEV)
+    ring = layers[0][0].ring
+    got = triton_decode.hybrid_decode(q, kf, vf, ksw, vsw, heads, 0.3, swa_sinks=sinks, window=window, sinks=sinks,
+                                      length=length, ring=ring, splits=3)
+    for r, (_, k_all, v_all, _) in enumerate(layers):
+        want = _reference(q[r : r + 1], k_all, v_all, fa_kv, window, sinks, 0.3)
+        torch.testing.assert_close(got[r : r + 1].transpose(1, 2).double(), want, atol=1e-5, rtol=0)
+    # one more key per row, each at its own slot: the rows' buffers as if each took a decode step alone
+    g = torch.Generator().manual_seed(9)
+    k_new, v_new = (torch.randn(len(totals), n_kv, 1, d, generator=g).to(DEV) for _ in range(2))
+    triton_decode.write_static(k_new, v_new, kf, vf, ksw, vsw, heads, length, sinks, ring)
+    for r, (lay, *_) in enumerate(layers):
+        lay.update(k_new[r : r + 1], v_new[r : r + 1])
+        for name, buf in (("fa_keys", kf), ("fa_values", vf), ("swa_keys", ksw), ("swa_values", vsw)):
+            assert torch.equal(buf[r : r + 1], getattr(lay, name)), (r, name)
+    with pytest.raises(ValueError, match="lengths of shape"):
+        triton_decode.hybrid_decode(q, kf, vf, ksw, vsw, heads, 0.3, window=window, length=length[:2], ring=ring)

@@ -87,8 +87,12 @@ def main(repo: Path) -> int:
                 p = m.group(1).rstrip(".,;:")
                 if any(c in p for c in "*{<$") or "WORK" in p:
                     continue
+                p, _, name = p.partition("::")  # pytest's file::test (or file::NAME) form
                 if not (repo / p).exists():
                     warnings.append(f"{md.relative_to(repo)}:{no}: `{p}` not in the tree")
+                elif name and not re.search(rf"^(def |class )?{re.escape(name.split('::')[0].split('[')[0])}\b",
+                                             (repo / p).read_text(), re.M):
+                    broken.append(f"{md.relative_to(repo)}:{no}: `{p}` has no `{name}`")
     for w in warnings:
         print("warning:", w)
     for b in broken:

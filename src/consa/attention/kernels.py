@@ -41,7 +41,13 @@ def select_mask_columns(mask: torch.Tensor, slots: KeySlots, length: int) -> tor
 
 
 def sdpa(q, k, v, mask, is_causal, scale, dropout):
+    """SDPA with GQA. On CUDA a mask with ``enable_gqa`` leaves only SDPA's math backend (it materialises
+    the [B, Hq, Tq, Tk] scores in float32: a later prompt chunk over 8K keys spends ~1 GiB a layer), so
+    there the KV heads are repeated instead and the memory-efficient kernel takes the mask."""
     gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        group = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout, enable_gqa=gqa
     )

@@ -145,8 +145,9 @@ class StaticHybridLayer(CacheLayerMixin):
         held = None
         if start and self.swa_kv:  # the window the first new query still sees, gathered before it is overwritten
             first = min(start, max(self.sinks, start - (self.window - 1)))  # a chunk may start among the sinks
-            slots = torch.cat([torch.arange(min(self.sinks, start)), torch.arange(first, start)])
-            idx = self._ring_index(slots).to(self.device)
+            dev = self.device  # index tensors made on the device: a host copy would wait for the GPU every layer
+            slots = torch.cat([torch.arange(min(self.sinks, start), device=dev), torch.arange(first, start, device=dev)])
+            idx = self._ring_index(slots)
             held = (self.swa_keys.index_select(2, idx), self.swa_values.index_select(2, idx),
                     KeySlots() if first <= self.sinks else KeySlots(self.sinks, first))
         if self.fa_kv:
@@ -154,10 +155,11 @@ class StaticHybridLayer(CacheLayerMixin):
             self.fa_values[:, :, start:end] = take(v, self._fa_sel)
         new_k, new_v = take(k, self._swa_sel), take(v, self._swa_sel)
         if self.swa_kv:  # of the new slots the ring keeps the sinks and the last M (two ranges, no Python loop)
-            keep = torch.cat([torch.arange(start, max(start, min(end, self.sinks))),
-                              torch.arange(min(end, max(start, self.sinks, end - self.ring)), end)])
-            src = (keep - start).to(self.device)
-            idx = self._ring_index(keep).to(self.device)
+            dev = self.device
+            keep = torch.cat([torch.arange(start, max(start, min(end, self.sinks)), device=dev),
+                              torch.arange(min(end, max(start, self.sinks, end - self.ring)), end, device=dev)])
+            src = keep - start
+            idx = self._ring_index(keep)
             self.swa_keys.index_copy_(2, idx, new_k.index_select(2, src))
             self.swa_values.index_copy_(2, idx, new_v.index_select(2, src))
         self.seen = end

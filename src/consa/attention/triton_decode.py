@@ -73,7 +73,7 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
              s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft,
              s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
              s_ob, s_oh, s_os, s_lb, s_lh, s_mb, s_mt,
-             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, CAP2, TQ, WIN, SINKS, LENP, RING,
+             N_FA, NS_FA, NS_SW, T_FA, T_SW, SW_SINKS, SW_DELTA, CHUNK, qk_scale, CAP2, TQ, WIN, SINKS, LENP, S_LEN, RING,
              G: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
              BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MULTI: tl.constexpr,
              STATIC: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -87,13 +87,14 @@ def _partial(Q, KF, VF, KS, VS, OP, LP, HEADS, MASK,
     before, and on the SWA heads only inside the window ``WIN`` or among the first ``SINKS`` slots.
 
     With ``STATIC`` (a preallocated cache, static_cache.py) the slots written so far are read on the
-    device from ``LENP`` (so a captured CUDA graph replays at any length and never reads past it): the
+    device from ``LENP`` (so a captured CUDA graph replays at any length and never reads past it; row b's
+    at ``LENP + b·S_LEN``: one length for the batch with S_LEN = 0, one per row else): the
     FA keys are the first of them, the SWA keys a ring of ``SW_SINKS`` sinks + ``RING`` slots where
     slot t ≥ SW_SINKS sits at SW_SINKS + (t − SW_SINKS) mod RING; a key outside ``WIN`` is dropped."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     if STATIC:
-        T_FA = tl.load(LENP).to(tl.int32)
+        T_FA = tl.load(LENP + b * S_LEN).to(tl.int32)
         T_SW = tl.minimum(T_FA, SW_SINKS + RING)
     # The two branches pick the tensor (and its strides) a program reads: in a Triton kernel that is
     # a branch on the program id, not a gather.
@@ -311,7 +312,8 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
     Returns [B, Tq, Hq, D] in q's dtype; a query that sees no key gets 0.
 
     A static cache (one query): ``length`` is a device int64 tensor holding the slots written, the
-    query's own included; k_fa/v_fa are the preallocated buffers (read up to ``length`` only), the
+    query's own included, one for the batch ([1]) or one per row ([B]: sequences at their own lengths,
+    the slot pool of continuous batching); k_fa/v_fa are the preallocated buffers (read up to ``length`` only), the
     SWA keys a ring of ``swa_sinks`` + ``ring`` slots (static_cache.py), ``window`` required. Every
     size the launch depends on is then a buffer shape, so a captured CUDA graph stays valid.
     Either head group may be empty there (an all-FA or all-SWA layer).
@@ -347,6 +349,7 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         mask = (mask[:, :, -1] if mask.dim() == 4 else mask).reshape(mask.shape[0], mask.shape[-1]).expand(b, -1).view(torch.uint8)
     mask_arg = mask if mask is not None else heads  # any pointer: not read without a mask
     len_arg = length if static else heads  # any pointer: not read unless static
+    s_len = _length_stride(length, b) if static else 0
     if sink_logits is not None and sink_logits.shape != (hq,):
         raise ValueError(f"sink logits of shape {tuple(sink_logits.shape)} for {hq} query heads")
     sink_arg = heads if sink_logits is None else sink_logits.detach().to(device=q.device, dtype=torch.float32).contiguous()
@@ -359,7 +362,7 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         mask_arg.stride(0), mask_arg.stride(-1),
         n_fa, ns_fa, ns_sw, t_fa, t_sw, swa_sinks, swa_offset - swa_sinks, chunk, qk_scale, cap2,
-        tq, window or 1, sinks, len_arg, max(1, ring),
+        tq, window or 1, sinks, len_arg, s_len, max(1, ring),
         G=group, R_PAD=max(16, triton.next_power_of_2(group * tq)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PRECISION=precision,
         HAS_MASK=mask is not None, MULTI=tq > 1, STATIC=static, SOFTCAP=softcap is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -374,15 +377,16 @@ def hybrid_decode(q, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, scale: float
 
 
 # ---- the static cache's decode write ---------------------------------------------------------------
-def _write(K, V, KF, VF, KS, VS, HEADS, LENP,
+def _write(K, V, KF, VF, KS, VS, HEADS, LENP, S_LEN,
            s_kb, s_kh, s_vb, s_vh,
            s_kfb, s_kfh, s_kft, s_vfb, s_vfh, s_vft, s_ksb, s_ksh, s_kst, s_vsb, s_vsh, s_vst,
            N_FA, SINKS, RING, D: tl.constexpr, D_PAD: tl.constexpr):
     """Program (b, i): write the new key and value of the i-th KV head in kernel order (FA heads, then
-    SWA heads) at the slot ``LENP`` holds: FA heads at that index, SWA heads at their ring index."""
+    SWA heads) at the slot ``LENP`` holds (row b's at ``LENP + b·S_LEN``): FA heads at that index, SWA
+    heads at their ring index."""
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
-    pos = tl.load(LENP)
+    pos = tl.load(LENP + b * S_LEN)
     h = tl.load(HEADS + i).to(tl.int64)
     offs = tl.arange(0, D_PAD)
     m = offs < D
@@ -400,6 +404,15 @@ def _write(K, V, KF, VF, KS, VS, HEADS, LENP,
     tl.store(vp + offs, v, mask=m)
 
 
+def _length_stride(length: torch.Tensor, batch: int) -> int:
+    """The kernels' stride between rows' lengths: 0 for one length ([1]), else that of a [B] tensor."""
+    if length.numel() == 1:
+        return 0
+    if length.dim() != 1 or length.numel() != batch:
+        raise ValueError(f"lengths of shape {tuple(length.shape)} for a batch of {batch}: give [1] or [{batch}]")
+    return length.stride(0)
+
+
 @lru_cache(maxsize=1)
 def _write_kernel():
     return triton.jit(_write, do_not_specialize=("N_FA", "SINKS", "RING"))
@@ -407,7 +420,8 @@ def _write_kernel():
 
 def write_static(k, v, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, length: torch.Tensor, sinks: int, ring: int) -> None:
     """One launch for a static cache's decode write (``static_cache``): k/v [B, H_kv, 1, D] go to slot
-    ``length`` (a device tensor, not read on the host) of the FA buffers and the SWA ring; ``heads``
+    ``length`` (a device tensor, not read on the host; [1] for the batch or [B] per row) of the FA
+    buffers and the SWA ring; ``heads``
     from :func:`head_tables`. The caller bumps ``length`` afterwards."""
     b, n_kv, _, d = k.shape
     n_fa, n_sw = k_fa.shape[1], k_swa.shape[1]
@@ -416,7 +430,7 @@ def write_static(k, v, k_fa, v_fa, k_swa, v_swa, heads: torch.Tensor, length: to
     elif n_sw == 0:
         k_swa, v_swa = k_fa, v_fa
     _write_kernel()[(b, n_kv)](
-        k, v, k_fa, v_fa, k_swa, v_swa, heads, length,
+        k, v, k_fa, v_fa, k_swa, v_swa, heads, length, _length_stride(length, b),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_fa.stride(0), k_fa.stride(1), k_fa.stride(2), v_fa.stride(0), v_fa.stride(1), v_fa.stride(2),
         k_swa.stride(0), k_swa.stride(1), k_swa.stride(2), v_swa.stride(0), v_swa.stride(1), v_swa.stride(2),

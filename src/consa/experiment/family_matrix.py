@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import consa_free
+from ..consa_free import HIDE_CONSA
 from ..families import VOCAB, matrix_entries, routes_attention, tiny_model
 
 @dataclass
@@ -34,13 +36,8 @@ class FamilyResult:
 # ---- search -> export -> load without consa, per family --------------------------------------------
 WINDOW, SEQ, NEW_TOKENS, PAD = 3, 12, 4, 2
 ATOL = 1e-4
-LOADER = r'''
+LOADER = HIDE_CONSA + r'''
 import json, sys
-class _NoConsa:  # this process must serve the exports without consa
-    def find_spec(self, name, path=None, target=None):
-        if name == "consa" or name.startswith("consa."):
-            raise ImportError("consa is hidden from this process")
-sys.meta_path.insert(0, _NoConsa())
 import torch, transformers
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
@@ -261,18 +258,12 @@ def _load_without_consa(jobs: dict, workdir) -> dict:
     """Load every export in one process that cannot import consa (a meta-path finder hides it; the
     script asserts it stayed out) and return its logits and greedy tokens per job."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     workdir = Path(workdir)
     (workdir / "jobs.json").write_text(json.dumps(jobs))
-    env = dict(os.environ, HF_MODULES_CACHE=str(workdir / "hf_modules"), TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p and not os.path.exists(os.path.join(p, "consa")))
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(workdir / "jobs.json"), str(workdir / "loaded.json")],
-                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=1800)
+    proc = consa_free.run(LOADER, workdir / "jobs.json", workdir / "loaded.json", modules_cache=workdir / "hf_modules",
+                          timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"the consa-free loader failed: {proc.stderr[-2000:]}")
     return json.loads((workdir / "loaded.json").read_text())

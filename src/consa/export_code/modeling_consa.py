@@ -16,15 +16,19 @@ attention with linear-attention or convolution layers has allocation rows for it
 only, named in the record's ``layers``; its other layers keep transformers' own cache layers.
 
 When the ``consa`` package is importable, its kernels and per-head hybrid KV cache serve the model
-(``consa.generate``); otherwise :func:`reference_attention` below does, in plain PyTorch, over
-transformers' default cache (correct, but without consa's memory savings or speed). The allocation is
-read from the config key ``consa`` (written by ``consa export``). Pure PyTorch + transformers; this file
-must not import consa outside the ``try`` below.
+(``consa.generate``); otherwise :func:`reference_attention` below does, in plain PyTorch, and keeps the
+savings: SWA heads hold their sinks and the window's last W − 1 slots only (:class:`ReferenceHybridCache`
+for plain ``generate``, :class:`ReferenceHybridStaticCache` for ``cache_implementation="static"``, whose
+fixed shapes let transformers compile the decode step); attention goes in blocks of query rows over the
+keys in range (never a score matrix over every query and key), or through FlexAttention for a whole
+unpadded prompt on CUDA. The allocation is read from the config key ``consa`` (written by ``consa
+export``). Pure PyTorch + transformers; this file must not import consa outside the ``try`` below.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ from types import SimpleNamespace
 
 import torch
 import transformers
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -88,30 +92,43 @@ def span_groups(wins: tuple) -> list[tuple[int, list[int]]]:
 
 @dataclass
 class HeldKV:
-    """Keys (or values) of one layer of a :class:`ReferenceHybridCache`: the FA heads' at every slot,
-    each span group's (``span_groups`` order) at its own slots only (sinks and its window's tail),
-    ``total`` slots so far."""
+    """Keys (or values) of one layer of a :class:`ReferenceHybridCache` (or of its static twin): the FA
+    heads' at every slot, each span group's (``span_groups`` order) at its own slots only (sinks and its
+    window's tail), ``total`` slots so far. ``swa_slots`` may hold -1 for an empty slot (static ring);
+    ``q_pos``: the new queries' slots when they are not the last ones of ``total`` (static cache)."""
 
     fa: torch.Tensor  # [B, n_fa, total, D]
     swa: list  # per span group: [B, n_g, m_g, D]
     swa_slots: list  # per span group: [m_g] int64
     total: int
+    q_pos: torch.Tensor | None = None
 
 
-def _attend(q, k, v, k_pos, q_pos, mask, window, sinks, scale, softcap=None, sink_logits=None):
-    """Dense attention of q over k, v held at slots ``k_pos``; ``window`` None = causal. ``softcap``:
-    scores become cap·tanh(score / cap) (Gemma2); ``sink_logits``: one more softmax logit per query
-    head, with no value (gpt-oss)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+# Attention is computed in blocks of query rows so that no score matrix spans every (query, key) pair:
+# a block holds at most about BLOCK_ELEMENTS fp32 scores (and at most MAX_BLOCK_ROWS rows), over the keys
+# its rows can see only (an SWA group: the sinks and the block's window range). Small problems (decode,
+# a short prompt) take one block without any host sync, so a compiled decode step traces cleanly.
+BLOCK_ELEMENTS = 1 << 24
+MAX_BLOCK_ROWS = 512
+
+
+def _attend_block(q, k, v, k_pos, q_pos, mask, window, sinks, scale, softcap, sink_logits):
+    """Dense attention of the query rows ``q`` [B, Hq, tq, D] over ``k``/``v`` [B, Hk, n, D] held at slots
+    ``k_pos`` [n] (-1: empty slot); ``mask``: transformers' mask with its rows for these queries and its
+    columns indexed by slot, or None (causal). GQA by broadcasting (no repeated keys), fp32."""
+    b, hq, tq, d = q.shape
+    hk, n = k.shape[1], k.shape[-2]
+    group = hq // hk
+    qf = q.float().reshape(b, hk, group * tq, d)  # query head j·group + i belongs to KV head j
+    scores = torch.matmul(qf, k.float().transpose(-1, -2)).view(b, hq, tq, n) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if mask is None:
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
     else:  # transformers' boolean mask (or an additive one: 0 where allowed), columns = slots
-        allowed = mask.index_select(-1, k_pos)
+        allowed = mask.index_select(-1, k_pos.clamp(min=0))
         allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    allowed = allowed & (k_pos >= 0)
     if window is not None:
         allowed = allowed & (((q_pos[:, None] - k_pos[None, :]) < window) | (k_pos[None, :] < sinks))
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -120,18 +137,139 @@ def _attend(q, k, v, k_pos, q_pos, mask, window, sinks, scale, softcap=None, sin
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs.nan_to_num(0.0), v)  # a row with nothing allowed (padding) gives zeros
+    probs = probs.nan_to_num(0.0).view(b, hk, group * tq, n)  # a row with nothing allowed (padding): zeros
+    return torch.matmul(probs, v.float()).view(b, hq, tq, -1)
+
+
+def _attend(q, k, v, k_pos, q_pos, mask, window, sinks, scale, softcap=None, sink_logits=None):
+    """Attention of q [B, Hq, tq, D] over k, v [B, Hk, n, D] held at slots ``k_pos``; ``window`` None =
+    causal. ``softcap``: scores become cap·tanh(score / cap) (Gemma2); ``sink_logits``: one more softmax
+    logit per query head, with no value (gpt-oss). ``mask``: [B|1, 1, tq|1, slots] or None.
+
+    Exact, in blocks of query rows: each block sees only the keys its rows may attend (slots up to its
+    last query, or up to the last column its mask allows; an SWA group: its sinks and the block's window
+    range), so the peak extra memory is O(rows × keys in range), never O(tq × n)."""
+    b, hq, tq, _ = q.shape
+    n = k.shape[-2]
+    if tq == 1 or b * hq * tq * n <= BLOCK_ELEMENTS:
+        return _attend_block(q, k, v, k_pos, q_pos, mask, window, sinks, scale, softcap, sink_logits)
+    pos = k_pos.cpu()
+    if bool((pos[1:] < pos[:-1]).any()):  # a static ring: order its slots once
+        order = torch.argsort(k_pos)
+        k, v, k_pos, pos = k.index_select(2, order), v.index_select(2, order), k_pos[order], pos[order.cpu()]
+    qp = q_pos.cpu()
+    in_range = n if window is None else min(n, MAX_BLOCK_ROWS + window + sinks)
+    rows = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMENTS // (b * hq * max(1, in_range))))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
+    mask_rows = mask is not None and mask.shape[-2] > 1
+    for r0 in range(0, tq, rows):
+        r1 = min(tq, r0 + rows)
+        m = None if mask is None else (mask[..., r0:r1, :] if mask_rows else mask)
+        last = int(qp[r0:r1].max())
+        if m is not None:  # a mask may open later slots (bidirectional spans): keep every column it allows
+            cols = (m if m.dtype == torch.bool else m == 0).flatten(0, -2).any(0).nonzero()
+            if cols.numel():
+                last = max(last, int(cols.max()))
+        hi = int(torch.searchsorted(pos, torch.tensor(last), right=True))
+        if window is None:
+            keep = slice(0, hi)
+        else:
+            lo = int(torch.searchsorted(pos, torch.tensor(int(qp[r0:r1].min()) - window + 1)))
+            sink_hi = min(lo, int(torch.searchsorted(pos, torch.tensor(sinks))))
+            keep = slice(lo, hi) if sink_hi == 0 else None
+            if keep is None:
+                idx = torch.cat([torch.arange(sink_hi), torch.arange(lo, max(lo, hi))]).to(k.device)
+        if keep is not None:
+            kb, vb, kp = k[..., keep, :], v[..., keep, :], k_pos[keep]
+        else:
+            kb, vb, kp = k.index_select(2, idx), v.index_select(2, idx), k_pos.index_select(0, idx)
+        out[:, :, r0:r1] = _attend_block(q[:, :, r0:r1], kb, vb, kp, q_pos[r0:r1], m, window, sinks, scale,
+                                         softcap, sink_logits)
+    return out
+
+
+# FlexAttention (torch's block-sparse attention) serves a whole unpadded prompt on CUDA: the causal,
+# window and sink pattern as a BlockMask (blocks nobody sees are skipped), softcap as a score_mod, sink
+# logits from the log-sum-exp. None: on CUDA when torch has it; False: never; True: also elsewhere
+# (uncompiled there, for tests); the environment variable CONSA_EXPORT_FLEX=0 / 1 sets it. Any failure
+# falls back to the blocked path, once and for all.
+USE_FLEX = {"0": False, "1": True}.get(os.environ.get("CONSA_EXPORT_FLEX", ""))
+_FLEX: dict = {}
+
+
+def _flex_functions():
+    if "fns" not in _FLEX:
+        try:
+            from torch.nn.attention import flex_attention as fx
+
+            compiled = torch.compile(fx.flex_attention, dynamic=False) if torch.cuda.is_available() else None
+            _FLEX["fns"] = (fx.create_block_mask, fx.flex_attention, compiled, getattr(fx, "AuxRequest", None))
+        except Exception:  # noqa: BLE001 - a torch without FlexAttention: the blocked path serves
+            _FLEX["fns"] = None
+    return _FLEX["fns"]
+
+
+def _flex_attend(q, k, v, window, sinks, scale, softcap, sink_logits):
+    """Causal (or windowed with ``sinks``) attention of a whole prompt: q [B, Hq, T, D] over k, v
+    [B, Hk, T, D] at slots 0 … T − 1, no padding. fp32 out, or None where FlexAttention cannot serve."""
+    fns = _flex_functions()
+    if fns is None or k.shape[-2] != q.shape[-2] or q.dtype != k.dtype:
+        return None
+    create_block_mask, flex, compiled, aux_request = fns
+    t = q.shape[-2]
+    if window is None:
+        def mask_mod(b, h, qi, ki):
+            return ki <= qi
+    else:
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & ((qi - ki < window) | (ki < sinks))
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, qi, ki):
+            return softcap * torch.tanh(score / softcap)
+    try:
+        cuda = q.is_cuda and compiled is not None
+        block_mask = create_block_mask(mask_mod, None, None, t, t, device=q.device, _compile=cuda)
+        kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        fn = compiled if cuda else flex
+        if aux_request is not None:
+            out, aux = fn(q, k, v, return_aux=aux_request(lse=True), **kw)
+            lse = aux.lse
+        else:
+            out, lse = fn(q, k, v, return_lse=True, **kw)
+    except Exception as e:  # noqa: BLE001 - an unsupported shape or build: the blocked path serves
+        _FLEX["fns"] = None
+        warnings.warn(f"FlexAttention failed ({type(e).__name__}: {e}); using the blocked attention", stacklevel=2)
+        return None
+    out = out.float()
+    if sink_logits is not None:  # the sink's share of the softmax: out · e^lse / (e^lse + e^sink)
+        out = out * torch.sigmoid(lse.float() - sink_logits.float().view(1, -1, 1))[..., None]
+    return out
+
+
+def _head_spec(module, fa_kv, wins, device):
+    """[(KV heads, window)] of the FA heads then each span group, as index tensors on ``device``; cached."""
+    cache = getattr(module, "_consa_reference_spec", None)
+    if cache is None:
+        cache = {}
+        if not isinstance(module, SimpleNamespace):
+            module._consa_reference_spec = cache
+    if device not in cache:
+        spec = [([h for h, b in enumerate(fa_kv.tolist()) if b], None)] + [(heads, w) for w, heads in span_groups(wins)]
+        cache[device] = [(torch.tensor(heads, dtype=torch.long, device=device), w) for heads, w in spec]
+    return cache[device]
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         sliding_window=None, softcap=None, **kwargs):
-    """Per-head hybrid attention, dense: FA heads see every earlier slot, SWA heads the last ``window``
-    slots of their own (self included) plus the first ``sinks`` slots. Slots are cache positions, as in
+    """Per-head hybrid attention: FA heads see every earlier slot, SWA heads the last ``window`` slots of
+    their own (self included) plus the first ``sinks`` slots. Slots are cache positions, as in
     transformers' own sliding window; ``attention_mask`` is transformers' boolean (or additive) mask, or
     None when plain causal. GQA: a KV head's window holds for its whole query group. ``key``/``value``
-    are tensors holding every slot, or :class:`HeldKV` from the reference cache. ``softcap`` (Gemma2)
+    are tensors holding every slot, or :class:`HeldKV` from the reference caches. ``softcap`` (Gemma2)
     and ``s_aux`` (gpt-oss: a learned sink logit per query head) are computed as the family's own
-    eager attention does."""
+    eager attention does. Exact and memory-bounded: query rows go in blocks, each over the keys it may
+    see only (:func:`_attend`)."""
     sink_logits = kwargs.get("s_aux")
     if dropout and module.training:
         raise NotImplementedError("the shipped consa attention is for inference (no attention dropout)")
@@ -139,25 +277,29 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     b, h, tq, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     group, dev = h // fa_kv.numel(), query.device
-    spec = [(fa_kv.nonzero().flatten().to(dev), None)]
-    spec += [(torch.tensor(heads, device=dev), w) for w, heads in span_groups(wins)]
-    q_heads = lambda idx: (idx[:, None] * group + torch.arange(group, device=dev)).flatten()  # noqa: E731
+    spec = _head_spec(module, fa_kv, wins, dev)
+    offsets = torch.arange(group, device=dev)
     if not isinstance(key, torch.Tensor):  # HeldKV, maybe of another load of this file (each export loads its own)
         total, mask = key.total, attention_mask
-        groups = [(spec[0][0], key.fa, value.fa, torch.arange(total, device=dev), None)]
+        q_pos = getattr(key, "q_pos", None)
+        groups = [(spec[0][0], key.fa, value.fa, torch.arange(key.fa.shape[-2], device=dev), None)]
         groups += [(idx, kg, vg, slots.to(dev), w) for (idx, w), kg, vg, slots in zip(spec[1:], key.swa, value.swa, key.swa_slots)]
     else:  # every slot held (or a transformers sliding layer's contiguous tail): local slots
-        total = key.shape[-2]
+        total, q_pos = key.shape[-2], None
         mask = None if attention_mask is None else attention_mask[..., -total:]
         k_pos = torch.arange(total, device=dev)
         groups = [(idx, key.index_select(1, idx), value.index_select(1, idx), k_pos, w) for idx, w in spec]
-    q_pos = torch.arange(total - tq, total, device=dev)
+    if q_pos is None:
+        q_pos = torch.arange(total - tq, total, device=dev)
+    # a whole unpadded prompt (every key at slots 0 … tq − 1) may go through FlexAttention
+    flex = (query.is_cuda if USE_FLEX is None else USE_FLEX) and tq > 1 and mask is None and total == tq
     out = query.new_empty(b, h, tq, d, dtype=torch.float32)
     for idx, k, v, k_pos, w in groups:
         if idx.numel():
-            qi = q_heads(idx)
-            out[:, qi] = _attend(query.index_select(1, qi), k, v, k_pos, q_pos, mask, w, sinks, scale, softcap,
-                                 None if sink_logits is None else sink_logits.index_select(0, qi))
+            qi = (idx[:, None] * group + offsets).flatten()
+            q, sl = query.index_select(1, qi), None if sink_logits is None else sink_logits.index_select(0, qi)
+            o = _flex_attend(q, k, v, w, sinks, scale, softcap, sl) if flex and k.shape[-2] == tq else None
+            out[:, qi] = o if o is not None else _attend(q, k, v, k_pos, q_pos, mask, w, sinks, scale, softcap, sl)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -241,6 +383,134 @@ class ReferenceHybridCache(Cache):
         super().__init__(layers=layers)
 
 
+class ReferenceHybridStaticLayer(CacheLayerMixin):
+    """One layer of :class:`ReferenceHybridStaticCache`, fixed shapes for transformers' static / compiled
+    decode: FA heads ``max_cache_len`` slots written by ``index_copy_`` at the cache position, each span
+    group of SWA heads a ring of ``sinks + window − 1`` slots (the sinks, then the window's tail: all a
+    later query can see, as :class:`ReferenceHybridLayer` keeps), written in place without host sync.
+    ``update`` returns the ring as it was plus the new keys, so a prefill longer than the ring attends
+    exactly; ``cumulative_length`` is a tensor, as in transformers' ``StaticLayer``."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, fa_kv: torch.Tensor, window: int, sinks: int, wins: tuple | None = None, max_cache_len: int = 0):
+        super().__init__()
+        if wins is None:
+            wins = tuple(None if b else window for b in fa_kv.tolist())
+        self.fa_idx = fa_kv.nonzero().flatten()
+        self.groups = [(w, torch.tensor(heads)) for w, heads in span_groups(wins)]
+        self.window, self.sinks, self.max_cache_len = window, sinks, max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def ring(self, w: int) -> int:
+        """Slots of a span group of window ``w``: the sinks and the window's last w − 1 (at least one)."""
+        return self.sinks + max(w - 1, 1)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, d, dv = key_states.shape[0], key_states.shape[-1], value_states.shape[-1]
+        self.fa_idx = self.fa_idx.to(self.device)
+        self.groups = [(w, idx.to(self.device)) for w, idx in self.groups]
+        sizes = [(self.fa_idx.numel(), self.max_cache_len)] + [(idx.numel(), self.ring(w)) for w, idx in self.groups]
+        self.keys = [torch.zeros(b, nh, m, d, dtype=self.dtype, device=self.device) for nh, m in sizes]
+        self.values = [torch.zeros(b, nh, m, dv, dtype=value_states.dtype, device=self.device) for nh, m in sizes]
+        self.ring_slots = [torch.full((self.ring(w),), -1, dtype=torch.long, device=self.device) for w, _ in self.groups]
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _compiling():  # fixed addresses: no recompilation or cudagraph skip for in-place writes
+            for t in self.keys + self.values + self.ring_slots + [self.cumulative_length]:
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def _ring_sources(self, first, n: int, w: int):
+        """(new token feeding each ring slot, whether one does) when tokens ``first`` … ``first + n − 1``
+        arrive (``first`` a 0-d tensor): slot j < sinks holds position j, slot sinks + r the latest position
+        p ≥ sinks with (p − sinks) mod (w − 1) = r. No host sync, no duplicate writes."""
+        s, m = self.sinks, max(w - 1, 1)
+        j = torch.arange(self.ring(w), device=self.device)
+        last = first + (n - 1)
+        p = torch.where(j < s, j, last - torch.remainder(last - j, m))
+        ok = (p >= first) & (p <= last) & ((j < s) | (p >= s))
+        return (p - first).clamp(0, n - 1), ok
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        first = self.cumulative_length.clone()
+        pos = torch.arange(n, device=self.device) + first
+        self.cumulative_length.add_(n)
+        out = []
+        sources = [self._ring_sources(first, n, w) for w, _ in self.groups]
+        # an eager prefill into an empty cache (one sync, never in the compiled decode step) attends the
+        # prompt alone: slots 0 … n − 1, no empty ring slots (FlexAttention may serve it on CUDA)
+        prompt = n > 1 and not _compiling() and int(first) == 0
+        new_slots = [pos if prompt else torch.cat([held, pos]) for held in self.ring_slots]
+        for held, x in ((self.keys, key_states), (self.values, value_states)):
+            held[0].index_copy_(2, pos, x.index_select(1, self.fa_idx))
+            swa = []
+            for g, ((_, idx), (src, ok)) in enumerate(zip(self.groups, sources)):
+                new = x.index_select(1, idx)
+                swa.append(new if prompt else torch.cat([held[g + 1], new], dim=-2))  # a copy: the ring is written below
+                held[g + 1].copy_(torch.where(ok[:, None], new.index_select(2, src), held[g + 1]))
+            if prompt:
+                out.append(HeldKV(held[0][..., :n, :], swa, new_slots, n))
+            else:
+                out.append(HeldKV(held[0], swa, new_slots, self.max_cache_len, pos))
+        for slots, (src, ok) in zip(self.ring_slots, sources):
+            slots.copy_(torch.where(ok, pos.index_select(0, src), slots))
+        return out[0], out[1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for t in self.keys + self.values:
+                t.zero_()
+            for t in self.ring_slots:
+                t.fill_(-1)
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            for held in (self.keys, self.values):
+                for t in held:
+                    t.copy_(t.index_select(0, beam_idx))
+
+    def stored_elements(self) -> int:
+        return sum(t.numel() for t in self.keys + self.values) if self.is_initialized else 0
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+class ReferenceHybridStaticCache(Cache):
+    """The per-head hybrid KV cache with fixed shapes (``cache_implementation="static"`` without consa):
+    FA heads ``max_cache_len`` slots, SWA heads a ring of sinks + window − 1; compileable. Other layers
+    (linear attention, convolutions) get what transformers' own static cache gives them."""
+
+    def __init__(self, config, max_cache_len: int):
+        record = config.consa
+        rows = record.get("layers") or list(range(len(record["allocation"]["fa"])))
+        layers = [None] * len(rows)
+        if record.get("layers") is not None:
+            layers = list(StaticCache(config=config, max_cache_len=max_cache_len).layers)
+        for i in rows:
+            plan = layer_plan(SimpleNamespace(config=config, layer_idx=i))
+            layers[i] = ReferenceHybridStaticLayer(*plan, max_cache_len=max_cache_len)
+        super().__init__(layers=layers)
+
+
 def reference_mask(*args, mask_function=None, local_size=None, **kwargs):
     """transformers' SDPA mask, except that the sliding mask a model asks for comes back causal: the
     windows (per layer and head) are the allocation's to apply, and a layer consa reopened to full
@@ -275,9 +545,13 @@ def _prepare_cache(base):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         brought = any(model_kwargs.get(k) is not None for k in CACHE_KEYS)
         out = base._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+        text = self.config.get_text_config(decoder=True)
         for k in CACHE_KEYS:
             if not brought and type(model_kwargs.get(k)) is DynamicCache:
-                model_kwargs[k] = hybrid_cache(self.config.get_text_config(decoder=True))
+                model_kwargs[k] = hybrid_cache(text)
+            elif not brought and not HAVE_CONSA and type(model_kwargs.get(k)) is StaticCache:
+                # cache_implementation="static": the per-head static cache, as large as transformers' one
+                model_kwargs[k] = ReferenceHybridStaticCache(text, model_kwargs[k].get_max_length())
         return out
 
     return _prepare_cache_for_generation

@@ -97,10 +97,14 @@ class Scheduler:
 
     def __init__(self, model, *, num_slots: int, max_len: int, prefill_tokens: int = 512, max_queue: int = 64,
                  plans=None, kernel: str = "auto", graphs: bool | None = None):
-        from ..models import plans_of
+        from ..models import is_attention_kind, layer_kinds, plans_of
 
         if prefill_tokens < 1 or max_queue < 0:
             raise ValueError(f"prefill_tokens must be >= 1 and max_queue >= 0 (got {prefill_tokens}, {max_queue})")
+        others = sorted({k for k in layer_kinds(model) if not is_attention_kind(k)})
+        if others:  # their recurrent / convolution states would need slots of their own
+            raise ValueError(f"continuous batching holds attention layers only, and this decoder also has "
+                             f"{', '.join(others)} layers; generate with consa.generate instead")
         register()
         self.model = model
         self.plans = plans if plans is not None else plans_of(model)
@@ -232,9 +236,13 @@ class Scheduler:
         logits = self.decode_step(lengths, ids, width)
         rows = torch.tensor([r.slot for r in reqs], device=self.device)
         tokens = self._choose(reqs, logits.index_select(0, rows))  # on the host: the step has finished
-        if self.trace is not None:  # (rows computed, rows decoding, FA slots read, seconds)
+        if self.trace is not None:  # (rows computed, rows decoding, FA slots its rows read together, seconds)
             r = self.decode_step.width_for(width)
-            self.trace.append((r, len(reqs), max(lengths[:r]) + 1, time.perf_counter() - t0))
+            if self.pool.reads_own_length():
+                fa = sum(lengths[:r]) + r
+            else:  # the torch path: every row up to the longest (eager) or whole buffers (captured)
+                fa = r * (self.pool.max_len if self.decode_step.graphs else max(lengths[:r]) + 1)
+            self.trace.append((r, len(reqs), fa, time.perf_counter() - t0))
         for req, tok in zip(reqs, tokens):
             self._emit(req, tok)
 

@@ -21,11 +21,12 @@ The decode attention runs through the attention function registered as ``consa_s
 (:func:`register`), which takes this cache's :class:`RowsKV` and hands everything else to consa's own
 ``consa`` function: the model and its plans are unchanged, only the name on the config differs.
 
-Kernels: the SWA heads (a ring of W + S per row: few bytes) run SDPA with a mask per row. The FA heads
-(the bytes that matter) run consa's Triton decode kernel where it runs (CUDA): its static mode reads
-one length for the whole batch, so it is given the longest row's and a padding mask per row, which
-drops each row's slots past its own length; elsewhere they run SDPA with the same mask. Either way a
-row's FA keys are read up to the longest row's length.
+Kernels: where consa's Triton decode kernels run (CUDA; CPU tests under the interpreter with
+``kernel="triton"``), a step is two launches a layer, as in the fixed-batch engine: the write of every
+row's new key at its own slot, and the attention of both head kinds, each row reading its own length
+(FA heads their first ``length`` slots, SWA heads their ring). Elsewhere (``kernel="torch"``) the FA
+heads run SDPA with a padding mask per row up to the longest row, and the SWA heads SDPA over their
+ring with a mask per row.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class _Part:
     swa_kv: torch.Tensor
     fa_q: torch.Tensor
     swa_q: torch.Tensor
+    kv: torch.Tensor | None  # the group's KV heads, None when it is the whole layer (no selection needed)
+    q: torch.Tensor | None  # their query heads (same)
+    heads: torch.Tensor  # the Triton decode kernel's head table over the group's own KV heads
 
 
 def _parts(plan: LayerPlan, pool_layer, group: int, device) -> list[_Part]:
@@ -100,7 +104,10 @@ def _parts(plan: LayerPlan, pool_layer, group: int, device) -> list[_Part]:
         swa = [kv[i] for i in sub.swa_kv]
         idx = lambda heads: torch.tensor(heads, dtype=torch.long, device=device)  # noqa: E731
         qs = lambda heads: idx([h * group + j for h in heads for j in range(group)])  # noqa: E731
-        out.append(_Part(sub.window, sub.sinks, inner.ring, inner, idx(fa), idx(swa), qs(fa), qs(swa)))
+        whole = kv == list(range(plan.num_kv_heads))
+        heads = triton_decode.head_tables(len(kv), tuple(sub.fa_kv), torch.device(device))
+        out.append(_Part(sub.window, sub.sinks, inner.ring, inner, idx(fa), idx(swa), qs(fa), qs(swa),
+                         None if whole else idx(kv), None if whole else qs(kv), heads))
     return out
 
 
@@ -122,8 +129,17 @@ class RowsLayer(CacheLayerMixin):
         if key_states.shape[-2] != 1 or key_states.shape[0] != self.cache.rows.numel():
             raise ValueError("the slot pool's decode cache takes one token for each of its rows (prompts go through prefill_view)")
         if self is self.cache.layers[0]:
-            self.cache.begin_step()
+            self.cache.begin_step(key_states)
         rows, pos = self.cache.rows, self.cache.pos
+        if self.cache.use_kernel(key_states):  # one launch per group: each row at its own slot
+            r = rows.numel()
+            for p in self.parts:
+                lay = p.layer
+                k, v = (key_states, value_states) if p.kv is None else (key_states.index_select(1, p.kv), value_states.index_select(1, p.kv))
+                triton_decode.write_static(k, v, lay.fa_keys[:r], lay.fa_values[:r], lay.swa_keys[:r], lay.swa_values[:r],
+                                           p.heads, pos, p.sinks, p.ring)
+            kv = RowsKV(self)
+            return kv, kv
         for p in self.parts:
             lay = p.layer
             if p.fa_kv.numel():
@@ -151,6 +167,8 @@ class RowsLayer(CacheLayerMixin):
         b, hq, _, d = q.shape
         c = self.cache
         length, read = c.length, c.read
+        if c.use_kernel(q):
+            return self._attend_kernel(q, scale, mods)
         out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
         for p in self.parts:
             lay = p.layer
@@ -168,6 +186,27 @@ class RowsLayer(CacheLayerMixin):
                 k, v = lay.swa_keys[:b], lay.swa_values[:b]
                 out.index_copy_(1, p.swa_q, _grouped(q.index_select(1, p.swa_q), k, v, seen, scale, mods_of_heads(mods, p.swa_q)))
         return out[:, None]
+
+    def _attend_kernel(self, q: torch.Tensor, scale: float, mods: LogitMods | None) -> torch.Tensor:
+        """Both head kinds of each group in one launch of the Triton decode kernel's static mode, each
+        row reading its own length: FA heads their first ``length`` slots, SWA heads their ring."""
+        b = q.shape[0]
+        length, read = self.cache.length, self.cache.read  # read: the longest row + 1 (eager), whole buffers (captured)
+        if len(self.parts) == 1 and self.parts[0].q is None:
+            p = self.parts[0]
+            lay = p.layer
+            return triton_decode.hybrid_decode(q, lay.fa_keys[:b, :, :read], lay.fa_values[:b, :, :read], lay.swa_keys[:b],
+                                               lay.swa_values[:b],
+                                               p.heads, scale, swa_sinks=p.sinks, window=p.window, sinks=p.sinks,
+                                               length=length, ring=p.ring, **mod_kwargs(mods))
+        out = torch.empty(b, 1, q.shape[1], q.shape[-1], dtype=q.dtype, device=q.device)
+        for p in self.parts:
+            lay = p.layer
+            o = triton_decode.hybrid_decode(q.index_select(1, p.q), lay.fa_keys[:b, :, :read], lay.fa_values[:b, :, :read], lay.swa_keys[:b],
+                                            lay.swa_values[:b], p.heads, scale, swa_sinks=p.sinks, window=p.window,
+                                            sinks=p.sinks, length=length, ring=p.ring, **mod_kwargs(mods_of_heads(mods, p.q)))
+            out.index_copy_(2, p.q, o)
+        return out
 
 
 def _grouped(q, k, v, seen, scale, mods: LogitMods | None = None) -> torch.Tensor:
@@ -210,6 +249,7 @@ class RowsCache(Cache):
         self._all_rows = torch.arange(pool.num_slots, device=pool.device)
         self.rows = self.pos = self.length = self.fa_seen = self.read_len = None
         self.read = 1
+        self._kernel: bool | None = None  # decided at the first step (the model's dtype and device)
         super().__init__(layers=[RowsLayer(self, parts) for parts in pool.parts])
 
     def prepare(self, pos: torch.Tensor, read: int | None = None) -> "RowsCache":
@@ -219,10 +259,19 @@ class RowsCache(Cache):
         self.rows, self.pos, self.read = self._all_rows[: pos.numel()], pos, read or self.max_len
         return self
 
-    def begin_step(self) -> None:
+    def use_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this step's writes and attention go through the Triton decode kernels (per-row lengths)."""
+        if self._kernel is None:
+            self._kernel = self.kernel != "torch" and triton_decode.usable(x, on_cpu=self.kernel == "triton")
+        return self._kernel
+
+    def begin_step(self, x: torch.Tensor) -> None:
         """What every layer of the step shares, computed on the device from ``pos`` (so a captured step
-        recomputes it at each replay): lengths after the write, the FA slots each row sees, the longest."""
+        recomputes it at each replay): lengths after the write; for the torch path also the FA slots
+        each row sees and the longest row. ``x``: this step's keys (which path runs: :meth:`use_kernel`)."""
         self.length = self.pos + 1
+        if self.use_kernel(x):
+            return
         self.fa_seen = torch.arange(self.read, device=self.pos.device)[None, :] < self.length[:, None]
         self.read_len = self.length.max().reshape(1)
 
@@ -301,6 +350,11 @@ class SlotPool:
         ``pos`` will hold at each replay; whole FA buffers are handed to the kernel, which reads up to
         the longest row."""
         return self._rows.prepare(pos, None)
+
+    def reads_own_length(self) -> bool:
+        """Whether decode steps read each row's FA keys up to its own length (the Triton path), known
+        after the first step; else up to the longest row's."""
+        return bool(self._rows._kernel)
 
     def check_lengths(self, lengths: list[int]) -> None:
         if not 1 <= len(lengths) <= self.num_slots:
