@@ -371,4 +371,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from consa.train.distributed import exit_process
+
+    exit_process(main())

@@ -183,3 +183,23 @@ def test_teacher_pass_keeps_layers_gathered_for_the_student_pass(tmp_path):
     counts = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
     assert counts["consa"] < counts["plain"]
     assert counts["plain"] - counts["consa"] == 5  # one per FSDP group (4 decoder layers + the root)
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_exit_process_flushes_and_keeps_the_code(torchrun, tmp_path):
+    """A rank under torchrun leaves through os._exit (no interpreter teardown, where gloo's threads may
+    abort it) with its exit code, its printed and logged output flushed; elsewhere a plain sys.exit."""
+    code = ("import logging, sys\n"
+            "from consa.train.distributed import exit_process\n"
+            f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+            "logging.getLogger('consa').info('logged line')\n"
+            "print('printed line', end='')\n"
+            "import atexit; atexit.register(lambda: print(' atexit ran', end=''))\n"
+            "exit_process(3)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if torchrun:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stdout == ("printed line" if torchrun else "printed line atexit ran")  # os._exit skips atexit
+    assert "logged line" in (tmp_path / "log.txt").read_text()

@@ -73,4 +73,6 @@ def _run(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .train.distributed import exit_process
+
+    exit_process(main())

@@ -36,6 +36,22 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ENV_KEYS)
 
 
+def exit_process(code: int) -> None:
+    """End a command's process with ``code``. A rank under torchrun skips the interpreter's teardown
+    (output flushed, logging shut down first): objects still holding the destroyed process group's mesh
+    (the sharded model a command returns) are freed during finalization, where gloo's worker threads
+    now and then abort a rank ("terminate called without an active exception", SIGABRT) after the job
+    itself succeeded."""
+    if not launched_by_torchrun():
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
 @dataclass
 class Dist:
     """This process's place in the job. ``Dist()`` is the single-process job (no process group)."""
