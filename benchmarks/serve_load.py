@@ -288,6 +288,7 @@ def main(argv=None):
     ap.add_argument("--kv-budget-gib", type=float, default=0.0, help="the server's KV pool (0: 85%% of free memory; CPU 1)")
     ap.add_argument("--max-batch", type=int, default=256, help="most sequences the server holds")
     ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--idle-prefill", type=int, default=0, help="prompt tokens per step while nothing decodes (0: 4 × chunk)")
     ap.add_argument("--kernel", default="auto", choices=("auto", "torch"), help="the server's FA decode attention")
     ap.add_argument("--no-graphs", action="store_true", help="the server's decode steps eager (default: CUDA graphs on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
@@ -378,6 +379,7 @@ def main(argv=None):
                 report["skipped"].append(f"serve {spec}: no sequence of {max_len} tokens fits the KV budget")
             else:
                 sched = Scheduler(model, num_slots=slots, max_len=max_len, prefill_tokens=args.prefill_chunk,
+                                  idle_prefill_tokens=max(args.idle_prefill or 4 * args.prefill_chunk, args.prefill_chunk),
                                   max_queue=len(prompts) + 1, plans=plans, kernel=args.kernel,
                                   graphs=False if args.no_graphs else None)
                 report.setdefault("bare_prefill_s", {})[spec] = None

@@ -102,13 +102,35 @@ def test_decode_through_the_triton_kernels(kind, monkeypatch, one_thread):
     assert [2, 9, 5] in writes  # ... writing its new key at its own slot
 
 
+def test_prompts_go_in_whole_while_nothing_decodes(one_thread, monkeypatch):
+    """Chunks of ``prefill_tokens`` only while some request decodes (to keep its stream flowing); with
+    none decoding a prompt takes up to ``idle_prefill_tokens`` a step (a first chunk of a whole prompt
+    is the hybrid prefill of an empty row). Tokens equal generate alone either way."""
+    model, _ = _model("heads")
+    prompts = _prompts(3, seed=6, lengths=(30, 21, 9))
+    want = [_alone(model, p, 6) for p in prompts]
+    sched = Scheduler(model, num_slots=3, max_len=48, prefill_tokens=7, idle_prefill_tokens=24, max_queue=4)
+    chunks = []
+    real = sched._prefill
+    monkeypatch.setattr(sched, "_prefill", lambda req, n: chunks.append((req.id, req.done_prompt, n)) or real(req, n))
+    reqs = [Request(p, 6) for p in prompts]
+    _drive(sched, {0: reqs[:1], 4: reqs[1:]}, {})
+    assert [r.output for r in reqs] == want
+    ids = [r.id for r in reqs]
+    # nothing decodes at steps 0-1: 24 then 6 tokens; later arrivals meet a decoding stream: chunks of 7
+    assert [c for c in chunks if c[0] == ids[0]] == [(ids[0], 0, 24), (ids[0], 24, 6)]
+    assert [c[2] for c in chunks if c[0] == ids[1]] == [7, 7, 7]
+    with pytest.raises(ValueError, match="idle_prefill_tokens"):
+        Scheduler(model, num_slots=1, max_len=48, prefill_tokens=8, idle_prefill_tokens=4)
+
+
 def test_cancellation_leaves_the_others_unchanged(one_thread):
     """Requests cancelled while queued, mid-prompt and mid-decode end at once with their tokens so
     far; the slot goes to the next request, and every other request still equals generate."""
     model, _ = _model("heads")
     prompts = _prompts(8, seed=5, lengths=(30, 4, 9, 2, 17, 6, 25, 3))
     want = [_alone(model, p, 10) for p in prompts]
-    sched = Scheduler(model, num_slots=2, max_len=48, prefill_tokens=8, max_queue=16)
+    sched = Scheduler(model, num_slots=2, max_len=48, prefill_tokens=8, idle_prefill_tokens=8, max_queue=16)
     reqs = [Request(p, 10) for p in prompts]
     # r0 (30 tokens) is mid-prompt at step 1; r1 decodes by step 3; r7 never leaves the queue
     cancels = {1: [reqs[0]], 3: [reqs[1]], 2: [reqs[7]]}

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                    help="KV cache memory (default: 85%% of the free GPU memory after loading; 2 GiB on CPU)")
     p.add_argument("--prefill-chunk", type=positive_int, default=2048,
                    help="prompt tokens per step, interleaved with decode steps (default: 2048)")
+    p.add_argument("--idle-prefill", type=positive_int,
+                   help="prompt tokens per step while nothing decodes: a prompt that fits goes in whole "
+                        "(default: 4 × --prefill-chunk)")
     p.add_argument("--default-max-tokens", type=positive_int, default=16,
                    help="max_tokens of a completion that names none (default: 16, as OpenAI's)")
     p.add_argument("--shutdown-timeout", type=positive_float, default=30.0,
@@ -167,6 +170,7 @@ def run(args) -> int:
         slots = min(fit, args.max_batch)
         try:
             sched = Scheduler(model, num_slots=slots, max_len=max_len, prefill_tokens=args.prefill_chunk,
+                              idle_prefill_tokens=max(args.idle_prefill or 4 * args.prefill_chunk, args.prefill_chunk),
                               max_queue=args.max_queue, plans=plans, graphs=False if args.eager else None)
         except ValueError as e:
             raise ConsaError(str(e)) from None

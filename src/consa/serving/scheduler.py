@@ -6,7 +6,9 @@ Requests wait in a bounded FIFO queue; at each step boundary the scheduler
 2. admits queued requests into free slots,
 3. runs prompt chunks of admitted requests, oldest first, up to ``prefill_tokens`` tokens in all
    (one forward per chunk through a view of the request's row; a chunk that ends the prompt
-   chooses the first new token),
+   chooses the first new token); while no request is decoding there is no stream to keep flowing,
+   so the budget is ``idle_prefill_tokens`` instead (a prompt that fits goes in whole, through the
+   hybrid prefill kernels of an empty row, the path of a bare prefill),
 4. runs one decode step over every request that has its first token (one forward, each row at its
    own length), and retires the requests that end (end token, ``max_tokens``, or the slot is full).
 
@@ -90,17 +92,21 @@ class Scheduler:
     """Continuous batching of ``model`` (a fixed consa allocation on every layer) over a slot pool.
 
     ``num_slots``: sequences held at once; ``max_len``: tokens per sequence (prompt + new);
-    ``prefill_tokens``: prompt tokens per step (the chunk size); ``max_queue``: waiting requests
+    ``prefill_tokens``: prompt tokens per step (the chunk size) while some request decodes;
+    ``idle_prefill_tokens``: the same while none does (default: 4 × ``prefill_tokens``, which also
+    bounds the prefill activations); ``max_queue``: waiting requests
     before :meth:`submit` raises :class:`QueueFull`; ``kernel``: the FA heads' decode attention
     (:class:`~consa.serving.slots.SlotPool`); ``graphs``: replay decode steps from CUDA graphs
     (:class:`~consa.serving.pool_step.PoolStep`; None = on CUDA)."""
 
     def __init__(self, model, *, num_slots: int, max_len: int, prefill_tokens: int = 512, max_queue: int = 64,
-                 plans=None, kernel: str = "auto", graphs: bool | None = None):
+                 plans=None, kernel: str = "auto", graphs: bool | None = None, idle_prefill_tokens: int | None = None):
         from ..models import is_attention_kind, layer_kinds, plans_of
 
-        if prefill_tokens < 1 or max_queue < 0:
-            raise ValueError(f"prefill_tokens must be >= 1 and max_queue >= 0 (got {prefill_tokens}, {max_queue})")
+        idle_prefill_tokens = 4 * prefill_tokens if idle_prefill_tokens is None else idle_prefill_tokens
+        if prefill_tokens < 1 or max_queue < 0 or idle_prefill_tokens < prefill_tokens:
+            raise ValueError(f"prefill_tokens must be >= 1, idle_prefill_tokens >= prefill_tokens and max_queue >= 0 "
+                             f"(got {prefill_tokens}, {idle_prefill_tokens}, {max_queue})")
         others = sorted({k for k in layer_kinds(model) if not is_attention_kind(k)})
         if others:  # their recurrent / convolution states would need slots of their own
             raise ValueError(f"continuous batching holds attention layers only, and this decoder also has "
@@ -112,6 +118,7 @@ class Scheduler:
         self.pool = SlotPool.for_model(model, num_slots, max_len, self.plans, kernel=kernel)
         self.decode_step = PoolStep(model, self.pool, graphs)
         self.max_len, self.prefill_tokens, self.max_queue = max_len, prefill_tokens, max_queue
+        self.idle_prefill_tokens = idle_prefill_tokens
         self.device = next(model.parameters()).device
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.queue: collections.deque[Request] = collections.deque()
@@ -198,7 +205,7 @@ class Scheduler:
             req.slot = self.free.pop()
             self.running[req.slot] = req
         decoding = [r for r in self.running.values() if r.done_prompt == len(r.prompt)]
-        budget = self.prefill_tokens
+        budget = self.prefill_tokens if decoding else self.idle_prefill_tokens
         for req in sorted((r for r in self.running.values() if r.done_prompt < len(r.prompt)), key=lambda r: r.id):
             if budget <= 0:
                 break
