@@ -190,6 +190,24 @@ def test_eager_only_options_log_one_line_naming_them(kw, option, caplog, monkeyp
     assert len(lines) == 1 and option in lines[0] and "eager" in lines[0]
 
 
+def test_a_model_the_engine_cannot_hold_is_logged_once_on_cuda(caplog, monkeypatch):
+    """A decoder with linear-attention layers (Qwen3.5) cannot live in the static cache: on CUDA
+    ``consa.generate`` takes the eager path and says so once, naming why; on CPU (always eager) nothing."""
+    from consa.families import tiny_model as family_model
+
+    model = family_model("qwen3_5_text")
+    shape = consa.model_shape(model)
+    consa.apply_allocation(model, Allocation("kv_head", shape, 4, tuple((True,) * shape.num_kv_heads for _ in range(shape.num_layers)), 0))
+    monkeypatch.setattr(options, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="consa"):
+        assert serving.static_by_default(model, {}, on_cuda=False) is False
+        assert not [r for r in caplog.records if r.name == "consa"]
+        for _ in range(3):
+            assert serving.static_by_default(model, {}, on_cuda=True) is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "consa"]
+    assert len(lines) == 1 and "mixes attention with other layers" in lines[0] and "eager path" in lines[0]
+
+
 def test_everyday_options_keep_the_static_path(caplog):
     model = _model()
     with caplog.at_level(logging.WARNING, logger="consa"):

@@ -60,8 +60,13 @@ def static_supported(model, kwargs: dict) -> str | None:
 
 def static_by_default(model, kwargs: dict, *, on_cuda: bool) -> bool:
     """The path ``consa.generate`` takes when not told: static on CUDA (captured steps) for a model the
-    engine can hold, unless an option needs transformers' loop: then one log line names it."""
-    if not on_cuda or model_blocker(model) is not None:
+    engine can hold, unless an option needs transformers' loop. On CUDA the eager path is never silent:
+    one log line names what sent the call there (a model the engine cannot hold, or an option)."""
+    if not on_cuda:
+        return False
+    blocker = model_blocker(model)
+    if blocker is not None:
+        options.log_eager(f"this model ({blocker})", verb="takes")
         return False
     option = options.eager_reason(model, kwargs)
     if option:

@@ -57,12 +57,12 @@ class EagerOnly(ValueError):
         self.option = option
 
 
-def log_eager(option: str) -> None:
-    """One log line per option per process: the call runs on the (slower) eager path, and why."""
+def log_eager(option: str, verb: str = "needs") -> None:
+    """One log line per option (or model) per process: the call runs on the (slower) eager path, and why."""
     if option not in _logged:
         _logged.add(option)
-        log.warning("consa.generate: %s needs the eager path (model.generate with a HybridCache, several times "
-                    "slower than the static engine); later calls with it take it without this message", option)
+        log.warning("consa.generate: %s %s the eager path (model.generate with a HybridCache, several times "
+                    "slower than the static engine); later calls with it take it without this message", option, verb)
 
 
 @dataclass
