@@ -114,7 +114,7 @@ def reload_without_consa(folder: Path, ids, new: int, device: str, work: Path, t
     proc = consa_free.run(LOADER, job, out, modules_cache=work / "hf_modules", timeout=max(30.0, timeout), cwd=str(work))
     if proc.returncode != 0:
         raise RuntimeError(f"the consa-free reload failed: {proc.stderr.strip()[-1500:]}")
-    return torch.load(out)
+    return torch.load(out, weights_only=True)  # a dict of tensors and a class name: nothing to unpickle
 
 
 # ---- one shape --------------------------------------------------------------------------------------------

@@ -68,6 +68,20 @@ open(sys.argv[2], "w").write(json.dumps(out))
 '''
 
 
+def _stopped(r, stage: str, e: Exception) -> None:
+    """Record why family ``r`` stopped at ``stage``: a ConsaError's one-line refusal as it is, anything
+    else as a traceback (its first line the reason, the whole in the details)."""
+    import traceback
+
+    from ..errors import ConsaError
+
+    if isinstance(e, ConsaError):
+        r.reason = str(e)
+        return
+    r.reason = f"traceback in {stage}: {type(e).__name__}: {_first_line(e)}"
+    r.details["traceback"] = traceback.format_exc()
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return (s.splitlines()[0] if s else type(e).__name__)[:300]
@@ -155,10 +169,8 @@ def check_families(entries, workdir, *, steps: int = 2, log=None) -> list[Family
     allocation and a layer-wise one (native where transformers serves it) → one consa-free process
     loads every export and compares logits and greedy tokens with consa's hybrid. A row that stops
     early says why in ``reason``."""
-    import traceback
     from pathlib import Path
 
-    from ..errors import ConsaError
     from ..export import export, native_blocker
 
     workdir = Path(workdir)
@@ -187,12 +199,8 @@ def check_families(entries, workdir, *, steps: int = 2, log=None) -> list[Family
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 searched = _search(model, workdir / slug / "search", steps)
-        except ConsaError as e:
-            r.reason = str(e)
-            continue
         except Exception as e:
-            r.reason = f"traceback in search: {type(e).__name__}: {_first_line(e)}"
-            r.details["traceback"] = traceback.format_exc()
+            _stopped(r, "search", e)
             continue
         r.stage = "export"
         ids, mask = _inputs(model.config.get_text_config().vocab_size)
@@ -214,12 +222,8 @@ def check_families(entries, workdir, *, steps: int = 2, log=None) -> list[Family
                             raise ValueError(f"the export changed weights outside attention: {changed}")
                     expected[(name, kind)] = _consa_outputs(model, alloc, ids, mask)
                     jobs[f"{slug}/{kind}"] = {"dir": str(out), "ids": ids.tolist(), "mask": mask.tolist(), "new": NEW_TOKENS}
-        except ConsaError as e:
-            r.reason = str(e)
-            continue
         except Exception as e:
-            r.reason = f"traceback in export: {type(e).__name__}: {_first_line(e)}"
-            r.details["traceback"] = traceback.format_exc()
+            _stopped(r, "export", e)
             continue
         r.stage = "load"
         if log:
